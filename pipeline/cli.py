@@ -1,0 +1,398 @@
+"""Command line: click commands that build configs and wire the engine to tracking.
+
+`python -m pipeline COMMAND --help` lists each command's options; the MLproject entry points
+call these commands with the same parameter names.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import signal
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import click
+import torch
+
+from pipeline import data as datasets
+from pipeline import engine, plots, tracking
+from pipeline.config import MAX_EPOCHS, ConfigError, EvalConfig, TrainConfig
+from pipeline.data import DataError, DatasetStats
+from pipeline.model import MAX_PARAMETERS, build_model, count_parameters, receptive_fields, summary
+
+log = logging.getLogger("pipeline")
+
+# Errors a user can act on: one line, no traceback, non-zero exit.
+USER_ERRORS = (ConfigError, DataError, tracking.TrackingError, FloatingPointError)
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    for noisy in ("mlflow", "alembic", "urllib3", "matplotlib", "PIL", "torch"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _on_sigterm(signum, frame) -> None:
+    raise tracking.RunInterrupted(f"received signal {signum}")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.option("--verbose", is_flag=True, help="Debug logging.")
+def cli(verbose: bool) -> None:
+    """CIFAR-10 normalization study (batch / group / layer) tracked in MLflow."""
+    _setup_logging(verbose)
+    signal.signal(signal.SIGTERM, _on_sigterm)
+
+
+def main() -> None:
+    """Entry point: user errors become one line on stderr and exit code 2 (usage) or 1."""
+    try:
+        cli.main(prog_name="python -m pipeline", standalone_mode=False)
+    except click.exceptions.Exit as done:
+        sys.exit(done.exit_code)
+    except click.UsageError as error:
+        _fail(error.format_message(), code=2)
+    except USER_ERRORS as error:
+        _fail(str(error), code=1)
+    except (KeyboardInterrupt, click.exceptions.Abort, tracking.RunInterrupted):
+        _fail("interrupted; the run was ended KILLED", code=130, status="KILLED")
+    except Exception as error:
+        if os.environ.get("PIPELINE_TRACEBACK"):
+            traceback.print_exc()
+        _fail(
+            f"{type(error).__name__}: {error} (set PIPELINE_TRACEBACK=1 for the traceback)", code=1
+        )
+
+
+def _fail(message: str, *, code: int, status: str = "FAILED") -> None:
+    tracking.end_orphaned_run(status)
+    first_line = message.strip().splitlines()[0] if message.strip() else "failed"
+    click.echo(f"error: {first_line}", err=True)
+    sys.exit(code)
+
+
+# --------------------------------------------------------------------------- shared options
+
+_DEFAULTS = TrainConfig()
+
+
+def data_option(function):
+    return click.option(
+        "--data",
+        default=_DEFAULTS.data,
+        help="CIFAR-10 directory (downloaded there when missing), image-folder tree or .tar.gz.",
+    )(function)
+
+
+def stats_option(function):
+    return click.option(
+        "--stats",
+        default="",
+        help="stats.json path or runs:/<id>/stats.json; empty computes (and caches) them.",
+    )(function)
+
+
+def device_option(function):
+    return click.option(
+        "--device",
+        default="auto",
+        help="auto (cuda > mps > cpu), cpu, cuda or mps.",
+    )(function)
+
+
+def _load_stats(spec: str, dataset: datasets.ArrayDataset) -> DatasetStats:
+    if not spec:
+        return datasets.cached_stats(dataset)
+    path = tracking.download_artifact(spec) if spec.startswith("runs:/") else Path(spec)
+    if not path.is_file():
+        raise DataError(f"stats file {spec!r} does not exist")
+    return DatasetStats.from_json(path.read_text(), origin=spec)
+
+
+# --------------------------------------------------------------------------- prepare-stats
+
+
+@cli.command("prepare-stats")
+@data_option
+def prepare_stats(data: str) -> None:
+    """Compute per-channel mean/std of the training split; log and cache them."""
+    tracking.check_store()
+    dataset = datasets.load_dataset(data)
+    with tracking.run(run_name="prepare-stats", tags={"step": "prepare-stats"}):
+        stats = datasets.cached_stats(dataset)
+        tracking.log_params(
+            {
+                "data": data,
+                "mean": ",".join(f"{v:.4f}" for v in stats.mean),
+                "std": ",".join(f"{v:.4f}" for v in stats.std),
+                "train_images": str(len(dataset.train_labels)),
+                "test_images": str(len(dataset.test_labels)),
+            }
+        )
+        tracking.log_dataset(
+            name=dataset.name, source=dataset.source, digest=dataset.digest, context="train"
+        )
+        tracking.log_text(stats.to_json(), "stats.json")
+        tracking.log_figure(
+            plots.class_samples(dataset.train_images, dataset.train_labels, dataset.classes),
+            "samples/train_per_class.png",
+        )
+    click.echo(f"mean {stats.mean}  std {stats.std}")
+
+
+# --------------------------------------------------------------------------- train
+
+
+@cli.command()
+@click.option("--norm", default=_DEFAULTS.norm, help="batch, group or layer.")
+@click.option("--groups", type=int, default=_DEFAULTS.groups, help="Groups for norm=group.")
+@click.option("--epochs", type=int, default=_DEFAULTS.epochs, help=f"1..{MAX_EPOCHS}.")
+@click.option("--batch-size", "batch_size", type=int, default=_DEFAULTS.batch_size)
+@click.option(
+    "--learning-rate",
+    "learning_rate",
+    type=float,
+    default=_DEFAULTS.learning_rate,
+    help="Peak of the one-cycle schedule.",
+)
+@click.option("--momentum", type=float, default=_DEFAULTS.momentum)
+@click.option(
+    "--weight-decay",
+    "weight_decay",
+    type=float,
+    default=_DEFAULTS.weight_decay,
+    help="On conv weights only.",
+)
+@click.option("--dropout", type=float, default=_DEFAULTS.dropout)
+@click.option("--label-smoothing", "label_smoothing", type=float, default=_DEFAULTS.label_smoothing)
+@click.option("--warmup-epochs", "warmup_epochs", type=float, default=_DEFAULTS.warmup_epochs)
+@click.option("--seed", type=int, default=_DEFAULTS.seed)
+@data_option
+@stats_option
+@device_option
+@click.option("--precision", default=_DEFAULTS.precision, help="auto, fp32 or bf16.")
+@click.option(
+    "--registered-model",
+    "registered_model",
+    default=_DEFAULTS.registered_model,
+    help="Registry name ({norm} is filled in); an empty string disables registration.",
+)
+@click.option("--resume", default="", help="Run id of an interrupted train run to continue.")
+def train(**options) -> None:
+    """Train one model, log everything to MLflow and register it."""
+    config = TrainConfig(**options)
+    train_model(config)
+
+
+def train_model(config: TrainConfig) -> str:
+    """Train, log and register one model; returns the run id."""
+    model = build_model(norm=config.norm, groups=config.groups, dropout=config.dropout)
+    parameters = count_parameters(model)
+    if parameters > MAX_PARAMETERS:
+        raise ConfigError(
+            f"the model has {parameters:,} parameters; the limit is {MAX_PARAMETERS:,}"
+        )
+    device = engine.resolve_device(config.device)
+    autocast_dtype = engine.resolve_precision(config.precision, device)
+    tracking.check_store()
+    engine.configure_threads()
+    torch.manual_seed(config.seed)
+    model = build_model(norm=config.norm, groups=config.groups, dropout=config.dropout)
+    dataset = datasets.load_dataset(config.data)
+    stats = _load_stats(config.stats, dataset)
+    resume_state = tracking.load_checkpoint(config.resume) if config.resume else None
+
+    memory_format = engine.memory_format_for(config.norm, device)
+    model = model.to(device=device, memory_format=memory_format)
+    normalize = datasets.Normalizer(stats, device=device, memory_format=memory_format)
+    train_split = datasets.to_device(dataset.train_images, dataset.train_labels, device=device)
+    test_split = datasets.to_device(dataset.test_images, dataset.test_labels, device=device)
+    fields = receptive_fields(model)
+    run_name = f"train-{config.norm}-seed{config.seed}"
+    tags = {"step": "train", "norm": config.norm, "groups": str(config.groups)}
+    with tracking.run(run_name=run_name, tags=tags, resume_run_id=config.resume or None) as run_id:
+        tracking.log_params(
+            {
+                **config.as_params(),
+                "num_params": str(parameters),
+                "receptive_field": str(fields[-3].receptive_field),  # after C9, before GAP
+                "device": str(device),
+                "autocast": str(autocast_dtype).replace("torch.", "") if autocast_dtype else "fp32",
+            }
+        )
+        tracking.log_dataset(
+            name=dataset.name, source=dataset.source, digest=dataset.digest, context="train"
+        )
+        tracking.log_text(summary(model), "model_summary.txt")
+        tracking.log_dict(
+            {row.layer: dataclasses.asdict(row) for row in fields}, "receptive_field.json"
+        )
+        tracking.log_text(stats.to_json(), "stats.json")
+        click.echo(f"run {run_id}: {config.norm} norm, {parameters:,} parameters, on {device}")
+
+        def on_epoch_end(record: engine.EpochMetrics, state: engine.TrainingState) -> None:
+            tracking.log_epoch(record)
+            tracking.log_checkpoint(state.state_dict())
+            click.echo(
+                f"epoch {record.epoch:>2}/{config.epochs}  "
+                f"train loss {record.train_loss:.4f} acc {100 * record.train_acc:5.2f}%  "
+                f"test loss {record.test_loss:.4f} acc {100 * record.test_acc:5.2f}%  "
+                f"lr {record.lr:.4f}  {record.epoch_seconds:5.1f}s"
+            )
+
+        started = time.perf_counter()
+        records = engine.fit(
+            model,
+            train_split,
+            test_split,
+            normalize=normalize,
+            epochs=config.epochs,
+            batch_size=config.batch_size,
+            learning_rate=config.learning_rate,
+            momentum=config.momentum,
+            weight_decay=config.weight_decay,
+            label_smoothing=config.label_smoothing,
+            warmup_epochs=config.warmup_epochs,
+            seed=config.seed,
+            autocast_dtype=autocast_dtype,
+            resume_from=resume_state,
+            on_epoch_end=on_epoch_end,
+        )
+        if records:
+            tracking.log_metrics({"train_seconds": time.perf_counter() - started})
+        history = tracking.metric_history(run_id)
+        final = engine.evaluate(
+            model, test_split, normalize=normalize, autocast_dtype=autocast_dtype
+        )
+        tracking.log_figure(plots.training_curves(history, title=run_name), "plots/curves.png")
+        tracking.log_figure(
+            plots.misclassified_grid(
+                dataset.test_images,
+                final.labels.numpy(),
+                final.predictions.numpy(),
+                dataset.classes,
+                title=f"{run_name}: misclassified test images",
+            ),
+            "plots/misclassified.png",
+        )
+        example = normalize(test_split.images[:8]).cpu().contiguous()
+        model_uri = tracking.log_model(model.cpu(), input_example=example.numpy())
+        if config.registered_model:
+            version = tracking.register_model(
+                model_uri,
+                name=config.registered_model,
+                run_id=run_id,
+                tags={
+                    "norm": config.norm,
+                    "groups": str(config.groups),
+                    "seed": str(config.seed),
+                    "test_acc": f"{final.accuracy:.4f}",
+                },
+            )
+            champion = tracking.update_champion(config.registered_model)
+            click.echo(
+                f"registered {config.registered_model} version {version} "
+                f"(champion: version {champion})"
+            )
+    click.echo(f"final test accuracy {100 * final.accuracy:.2f}% (run {run_id})")
+    return run_id
+
+
+# --------------------------------------------------------------------------- evaluate
+
+
+@cli.command()
+@click.option(
+    "--model-uri",
+    "model_uri",
+    required=True,
+    help="runs:/<id>/model, models:/<name>/<version> or models:/<name>@<alias>.",
+)
+@data_option
+@click.option("--stats", default="", help="Default: the training run's stats.json.")
+@click.option("--batch-size", "batch_size", type=int, default=1024)
+@device_option
+def evaluate(**options) -> None:
+    """Evaluate a logged or registered model on the test split, in its own run."""
+    config = EvalConfig(**options)
+    device = engine.resolve_device(config.device)
+    tracking.check_store()
+    source = tracking.resolve_model_uri(config.model_uri)
+    dataset = datasets.load_dataset(config.data)
+    stats = _load_stats(config.stats or f"runs:/{source.run_id}/stats.json", dataset)
+    model = tracking.load_model(config.model_uri, device=str(device))
+    memory_format = torch.contiguous_format
+    normalize = datasets.Normalizer(stats, device=device, memory_format=memory_format)
+    test_split = datasets.to_device(dataset.test_images, dataset.test_labels, device=device)
+    label = f"{source.name}-v{source.version}" if source.version else source.run_id[:8]
+    tags = {"step": "evaluate", "source_run_id": source.run_id, "model_uri": config.model_uri}
+    if source.version:
+        tags.update({"model_name": source.name or "", "model_version": source.version})
+    source_params = tracking.run_params(source.run_id)
+    for key in ("norm", "groups", "seed"):
+        if key in source_params:
+            tags[key] = source_params[key]
+    with tracking.run(run_name=f"evaluate-{label}", tags=tags) as run_id:
+        tracking.log_params(config.as_params())
+        tracking.log_dataset(
+            name=dataset.name, source=dataset.source, digest=dataset.digest, context="test"
+        )
+        result = engine.evaluate(
+            model, test_split, normalize=normalize, batch_size=config.batch_size
+        )
+        labels, predictions = result.labels.numpy(), result.predictions.numpy()
+        matrix = plots.confusion_matrix(labels, predictions, len(dataset.classes))
+        per_class = plots.per_class_accuracy(matrix)
+        tracking.log_metrics(
+            {
+                "test_acc": result.accuracy,
+                "test_loss": result.loss,
+                **{
+                    f"class_acc/{name}": float(a)
+                    for name, a in zip(dataset.classes, per_class, strict=True)
+                },
+            }
+        )
+        tracking.log_dict(
+            {
+                "test_acc": result.accuracy,
+                "test_loss": result.loss,
+                "per_class_accuracy": dict(
+                    zip(dataset.classes, map(float, per_class), strict=True)
+                ),
+                "confusion_matrix": matrix.tolist(),
+                "classes": list(dataset.classes),
+            },
+            "evaluation.json",
+        )
+        tracking.log_figure(
+            plots.confusion_matrix_figure(
+                matrix, dataset.classes, title=f"{label}: confusion matrix"
+            ),
+            "plots/confusion_matrix.png",
+        )
+        tracking.log_figure(
+            plots.misclassified_grid(
+                dataset.test_images,
+                labels,
+                predictions,
+                dataset.classes,
+                title=f"{label}: misclassified test images",
+            ),
+            "plots/misclassified.png",
+        )
+    click.echo(f"test accuracy {100 * result.accuracy:.2f}%  loss {result.loss:.4f} (run {run_id})")
+    for name, accuracy in zip(dataset.classes, per_class, strict=True):
+        click.echo(f"  {name:<12} {100 * accuracy:6.2f}%")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,143 @@
+"""Frozen run configurations and their validation: the one source of parameter names.
+
+Every knob has one spelling everywhere: the MLproject parameter, the click option, the field here
+and the MLflow param (`learning_rate`, `batch_size`, `norm`, `groups`, ...).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+NORMS = ("batch", "group", "layer")
+DEVICES = ("auto", "cpu", "cuda", "mps")
+PRECISIONS = ("auto", "fp32", "bf16")
+MAX_EPOCHS = 20
+DEFAULT_DATA = str(Path("~/.cache/cifar10").expanduser())
+
+
+class ConfigError(ValueError):
+    """A parameter value a user can fix; the message names the value and what is allowed."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything `train` needs; defaults are the recipe the README's results come from."""
+
+    norm: str = "batch"
+    groups: int = 4
+    epochs: int = MAX_EPOCHS
+    batch_size: int = 256
+    learning_rate: float = 0.2
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    dropout: float = 0.0
+    label_smoothing: float = 0.1
+    warmup_epochs: float = 2.0
+    seed: int = 1
+    data: str = DEFAULT_DATA
+    stats: str = ""
+    device: str = "auto"
+    precision: str = "auto"
+    registered_model: str = "cifar10-{norm}"  # "{norm}" is filled in; empty: don't register
+    resume: str = ""
+
+    def __post_init__(self) -> None:
+        check_choice("norm", self.norm, NORMS)
+        check_int_range("groups", self.groups, low=1)
+        check_int_range("epochs", self.epochs, low=1, high=MAX_EPOCHS)
+        check_int_range("batch_size", self.batch_size, low=2, high=8192)
+        check_float_range("learning_rate", self.learning_rate, low=0.0, high=10.0, open_low=True)
+        check_float_range("momentum", self.momentum, low=0.0, high=1.0, open_high=True)
+        check_float_range("weight_decay", self.weight_decay, low=0.0, high=1.0)
+        check_float_range("dropout", self.dropout, low=0.0, high=1.0, open_high=True)
+        check_float_range(
+            "label_smoothing", self.label_smoothing, low=0.0, high=1.0, open_high=True
+        )
+        check_float_range("warmup_epochs", self.warmup_epochs, low=0.0, high=float(self.epochs))
+        check_int_range("seed", self.seed, low=0, high=2**31 - 1)
+        check_choice("device", self.device, DEVICES)
+        check_choice("precision", self.precision, PRECISIONS)
+        if not str(self.data).strip():
+            raise ConfigError(
+                "data must be a CIFAR-10 directory, an image-folder tree or a .tar.gz"
+            )
+        if "{norm}" in self.registered_model:
+            name = self.registered_model.replace("{norm}", self.norm)
+            object.__setattr__(self, "registered_model", name)
+
+    def as_params(self) -> dict[str, str]:
+        """The run parameters as MLflow records them (strings, one name per knob)."""
+        return {f.name: _param_string(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    model_uri: str
+    data: str = DEFAULT_DATA
+    stats: str = ""
+    batch_size: int = 1024
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        if not self.model_uri.startswith(("runs:/", "models:/")):
+            raise ConfigError(
+                "model_uri must look like runs:/<run_id>/model, models:/<name>/<version> "
+                f"or models:/<name>@<alias> (got {self.model_uri!r})"
+            )
+        check_int_range("batch_size", self.batch_size, low=1, high=65536)
+        check_choice("device", self.device, DEVICES)
+
+    def as_params(self) -> dict[str, str]:
+        return {f.name: _param_string(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+
+def _param_string(value: object) -> str:
+    return "" if value is None else str(value)
+
+
+def check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{name} must be one of {', '.join(allowed)} (got {value!r})")
+
+
+def check_int_range(name: str, value: int, *, low: int, high: int | None = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{name} must be an integer (got {value!r})")
+    if value < low or (high is not None and value > high):
+        allowed = f">= {low}" if high is None else f"between {low} and {high}"
+        raise ConfigError(f"{name} must be {allowed} (got {value})")
+
+
+def check_float_range(
+    name: str,
+    value: float,
+    *,
+    low: float,
+    high: float,
+    open_low: bool = False,
+    open_high: bool = False,
+) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or value != value:
+        raise ConfigError(f"{name} must be a number (got {value!r})")
+    too_low = value <= low if open_low else value < low
+    too_high = value >= high if open_high else value > high
+    if too_low or too_high:
+        interval = f"{'(' if open_low else '['}{low:g}, {high:g}{')' if open_high else ']'}"
+        raise ConfigError(f"{name} must be in {interval} (got {value:g})")
+
+
+def parse_norms(text: str) -> list[str]:
+    """Parse `batch,group` into a validated list, keeping order and dropping repeats."""
+    norms: list[str] = []
+    for part in text.split(","):
+        name = part.strip()
+        if not name:
+            continue
+        check_choice("norm", name, NORMS)
+        if name not in norms:
+            norms.append(name)
+    if not norms:
+        raise ConfigError(f"norm must name at least one of {', '.join(NORMS)} (got {text!r})")
+    return norms

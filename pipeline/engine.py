@@ -1,0 +1,329 @@
+"""Training and evaluation loops. No MLflow here: `fit` reports through a plain callback."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from pipeline.data import DeviceSplit, Normalizer, eval_batches, train_batches
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EpochMetrics:
+    """One epoch's record; the field names are the metric keys every run logs."""
+
+    epoch: int
+    train_loss: float
+    train_acc: float
+    test_loss: float
+    test_acc: float
+    lr: float
+    epoch_seconds: float
+
+    def metrics(self) -> dict[str, float]:
+        return {k: v for k, v in self.__dict__.items() if k != "epoch"}
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    loss: float
+    accuracy: float
+    predictions: torch.Tensor  # (N,) int64 on the CPU
+    labels: torch.Tensor  # (N,) int64 on the CPU
+
+
+# --------------------------------------------------------------------------- devices
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` picks cuda > mps > cpu; an explicit device that is absent is an error."""
+    cuda, mps = torch.cuda.is_available(), _mps_available()
+    if name == "auto":
+        return torch.device("cuda" if cuda else "mps" if mps else "cpu")
+    if (name == "cuda" and not cuda) or (name == "mps" and not mps):
+        raise ValueError(f"device {name!r} is not available on this machine (use auto or cpu)")
+    return torch.device(name)
+
+
+def _mps_available() -> bool:
+    backend = getattr(torch.backends, "mps", None)
+    return bool(backend and backend.is_available())
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for `precision`, or None for plain fp32.
+
+    `auto` is bf16 on CUDA (AMP) and fp32 elsewhere: on CPUs without native bf16 (AVX2 machines
+    like ours) bf16 autocast is slower than fp32 (see scripts/benchmark.py).
+    """
+    if precision == "fp32":
+        return None
+    if precision == "bf16":
+        return torch.bfloat16
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return None
+
+
+def memory_format_for(norm: str, device: torch.device) -> torch.memory_format:
+    """channels_last speeds up convs with BatchNorm; GroupNorm kernels prefer NCHW on the CPU."""
+    if device.type == "cpu" and norm != "batch":
+        return torch.contiguous_format
+    return torch.channels_last
+
+
+def configure_threads() -> None:
+    """One intra-op thread per core: small convs lose time to oversubscription."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    torch.set_num_threads(max(1, cores or 1))
+
+
+# --------------------------------------------------------------------------- optimisation
+
+
+def make_optimizer(
+    model: nn.Module, *, learning_rate: float, momentum: float, weight_decay: float
+) -> torch.optim.Optimizer:
+    """SGD with Nesterov momentum; weight decay on conv weights only, never on norms or biases."""
+    decay = [p for p in model.parameters() if p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.ndim <= 1]
+    return torch.optim.SGD(
+        [
+            {"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ],
+        lr=learning_rate,
+        momentum=momentum,
+        nesterov=momentum > 0,
+    )
+
+
+def make_scheduler(
+    optimizer: torch.optim.Optimizer, *, epochs: int, steps_per_epoch: int, warmup_epochs: float
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """One cycle, stepped per batch: linear warm-up to the peak, then linear decay to zero."""
+    total = max(1, epochs * steps_per_epoch)
+    warmup = min(total - 1, round(warmup_epochs * steps_per_epoch))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        return max(0.0, (total - step) / max(1, total - warmup))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+# --------------------------------------------------------------------------- loops
+
+
+def train_one_epoch(
+    model: nn.Module,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    *,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    loss_fn: nn.Module,
+    autocast_dtype: torch.dtype | None,
+    device: torch.device,
+    steps: int,
+    description: str = "train",
+) -> tuple[float, float]:
+    """One pass over `batches`; returns (mean loss, accuracy) of the augmented training data."""
+    model.train()
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device, dtype=torch.long)
+    seen = 0
+    bar = tqdm(total=steps, desc=description, unit="batch", leave=False, mininterval=1.0)
+    for images, labels in batches:
+        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            logits = model(images)
+            loss = loss_fn(logits.float(), labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        # Sums stay on the device: no host sync per batch.
+        loss_sum += loss.detach() * len(labels)
+        correct += (logits.argmax(dim=1) == labels).sum()
+        seen += len(labels)
+        bar.update()
+    bar.close()
+    if seen == 0:
+        raise ValueError("the training split is smaller than one batch; lower batch_size")
+    return loss_sum.item() / seen, correct.item() / seen
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    split: DeviceSplit,
+    *,
+    normalize: Normalizer,
+    batch_size: int = 1024,
+    autocast_dtype: torch.dtype | None = None,
+    flip_tta: bool = True,
+) -> Evaluation:
+    """Loss and accuracy on `split`; with `flip_tta` the logits of the image and its mirror
+    are averaged (test-time augmentation that costs one extra forward pass)."""
+    if isinstance(model, nn.Module) and hasattr(model, "eval") and not _is_graph_module(model):
+        model.eval()
+    device = split.images.device
+    loss_sum = torch.zeros((), device=device)
+    predictions = []
+    for images, labels in eval_batches(split, batch_size=batch_size, normalize=normalize):
+        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            logits = model(images).float()
+            if flip_tta:
+                logits = (logits + model(images.flip(3)).float()) / 2
+        loss_sum += nn.functional.cross_entropy(logits, labels, reduction="sum")
+        predictions.append(logits.argmax(dim=1))
+    predicted = torch.cat(predictions).cpu()
+    labels = split.labels.cpu()
+    return Evaluation(
+        loss=loss_sum.item() / len(split),
+        accuracy=(predicted == labels).float().mean().item(),
+        predictions=predicted,
+        labels=labels,
+    )
+
+
+def _is_graph_module(model: nn.Module) -> bool:
+    # A model loaded from MLflow's pt2 format is an exported GraphModule whose .eval() raises.
+    return type(model).__name__ == "GraphModule" or hasattr(model, "module_call_graph")
+
+
+@dataclass
+class TrainingState:
+    """What a checkpoint holds; enough to continue a run bit for bit on the CPU."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    generator: torch.Generator
+    epoch: int = 0  # epochs completed
+
+    def state_dict(self) -> dict:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "generator": self.generator.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "epoch": self.epoch,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.generator.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        self.epoch = int(state["epoch"])
+
+
+def fit(
+    model: nn.Module,
+    train_split: DeviceSplit,
+    test_split: DeviceSplit,
+    *,
+    normalize: Normalizer,
+    epochs: int,
+    batch_size: int,
+    learning_rate: float,
+    momentum: float,
+    weight_decay: float,
+    label_smoothing: float,
+    warmup_epochs: float,
+    seed: int,
+    autocast_dtype: torch.dtype | None = None,
+    eval_batch_size: int = 1024,
+    resume_from: dict | None = None,
+    on_epoch_end: Callable[[EpochMetrics, TrainingState], None] | None = None,
+) -> list[EpochMetrics]:
+    """Train for `epochs`, evaluating after each; returns one record per epoch run here.
+
+    `on_epoch_end(record, state)` is called after every epoch (logging, checkpointing).
+    `resume_from` is a `TrainingState.state_dict()`: training continues after its epoch.
+    """
+    device = train_split.images.device
+    steps = len(train_split) // batch_size
+    if steps == 0:
+        raise ValueError(
+            f"batch_size must be at most the training split's {len(train_split)} images "
+            f"(got {batch_size})"
+        )
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = make_optimizer(
+        model, learning_rate=learning_rate, momentum=momentum, weight_decay=weight_decay
+    )
+    scheduler = make_scheduler(
+        optimizer, epochs=epochs, steps_per_epoch=steps, warmup_epochs=warmup_epochs
+    )
+    state = TrainingState(model, optimizer, scheduler, generator)
+    if resume_from is not None:
+        state.load_state_dict(resume_from)
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+    records = []
+    for epoch in range(state.epoch + 1, epochs + 1):
+        started = time.perf_counter()
+        lr = optimizer.param_groups[0]["lr"]
+        train_loss, train_acc = train_one_epoch(
+            model,
+            train_batches(
+                train_split, batch_size=batch_size, generator=generator, normalize=normalize
+            ),
+            optimizer=optimizer,
+            scheduler=scheduler,
+            loss_fn=loss_fn,
+            autocast_dtype=autocast_dtype,
+            device=device,
+            steps=steps,
+            description=f"epoch {epoch}/{epochs}",
+        )
+        result = evaluate(
+            model,
+            test_split,
+            normalize=normalize,
+            batch_size=eval_batch_size,
+            autocast_dtype=autocast_dtype,
+        )
+        if not math.isfinite(train_loss):
+            raise FloatingPointError(
+                f"training diverged at epoch {epoch} (loss {train_loss}); lower learning_rate"
+            )
+        record = EpochMetrics(
+            epoch=epoch,
+            train_loss=train_loss,
+            train_acc=train_acc,
+            test_loss=result.loss,
+            test_acc=result.accuracy,
+            lr=lr,
+            epoch_seconds=time.perf_counter() - started,
+        )
+        state.epoch = epoch
+        records.append(record)
+        log.info(
+            "epoch %d/%d  train_loss %.4f  train_acc %.2f%%  test_loss %.4f  test_acc %.2f%%  "
+            "lr %.4f  %.1fs",
+            epoch,
+            epochs,
+            train_loss,
+            100 * train_acc,
+            result.loss,
+            100 * result.accuracy,
+            lr,
+            record.epoch_seconds,
+        )
+        if on_epoch_end is not None:
+            on_epoch_end(record, state)
+    return records

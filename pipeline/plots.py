@@ -1,0 +1,129 @@
+"""Matplotlib figures from records and arrays (no MLflow: tracking logs what these return)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: figures are written to files and MLflow artifacts
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+
+from pipeline.engine import EpochMetrics  # noqa: E402
+
+
+def image_grid(
+    images: np.ndarray,
+    titles: Sequence[str],
+    *,
+    columns: int = 5,
+    suptitle: str = "",
+    title_colors: Sequence[str] | None = None,
+) -> Figure:
+    """Images `(N, 32, 32, 3)` uint8 in a grid, drawn large enough to read (2 inches each)."""
+    count = len(images)
+    rows = max(1, -(-count // columns))
+    figure, axes = plt.subplots(
+        rows, columns, figsize=(2.0 * columns, 2.3 * rows + 0.5), squeeze=False
+    )
+    for index, axis in enumerate(axes.flat):
+        axis.axis("off")
+        if index < count:
+            axis.imshow(images[index], interpolation="nearest")
+            color = title_colors[index] if title_colors else "black"
+            axis.set_title(titles[index], fontsize=10, color=color)
+    if suptitle:
+        figure.suptitle(suptitle, fontsize=13)
+    figure.tight_layout()
+    return figure
+
+
+def misclassified_grid(
+    images: np.ndarray,
+    labels: np.ndarray,
+    predictions: np.ndarray,
+    classes: Sequence[str],
+    *,
+    count: int = 25,
+    title: str = "Misclassified test images",
+) -> Figure:
+    """The first `count` misclassified images, each titled with its true and predicted class."""
+    wrong = np.flatnonzero(labels != predictions)[:count]
+    titles = [f"true: {classes[labels[i]]}\npred: {classes[predictions[i]]}" for i in wrong]
+    return image_grid(images[wrong], titles, suptitle=f"{title} ({len(wrong)} shown)")
+
+
+def class_samples(
+    images: np.ndarray, labels: np.ndarray, classes: Sequence[str], *, per_class: int = 8
+) -> Figure:
+    """`per_class` training images of each class, one row per class."""
+    picks = [np.flatnonzero(labels == c)[:per_class] for c in range(len(classes))]
+    figure, axes = plt.subplots(
+        len(classes), per_class, figsize=(1.3 * per_class + 1.2, 1.3 * len(classes)), squeeze=False
+    )
+    for row, (name, index) in enumerate(zip(classes, picks, strict=True)):
+        for column, axis in enumerate(axes[row]):
+            axis.set_xticks([])
+            axis.set_yticks([])
+            if column < len(index):
+                axis.imshow(images[index[column]], interpolation="nearest")
+            if column == 0:
+                axis.set_ylabel(name, rotation=0, ha="right", va="center", fontsize=10)
+    figure.suptitle("Training images per class", fontsize=13)
+    figure.tight_layout()
+    return figure
+
+
+def training_curves(records: Sequence[EpochMetrics], *, title: str = "") -> Figure:
+    """Loss and accuracy per epoch, train vs test."""
+    epochs = [r.epoch for r in records]
+    figure, (loss_axis, acc_axis) = plt.subplots(1, 2, figsize=(11, 4))
+    loss_axis.plot(epochs, [r.train_loss for r in records], "o-", label="train")
+    loss_axis.plot(epochs, [r.test_loss for r in records], "o-", label="test")
+    loss_axis.set(xlabel="epoch", ylabel="loss", title="Loss")
+    acc_axis.plot(epochs, [100 * r.train_acc for r in records], "o-", label="train")
+    acc_axis.plot(epochs, [100 * r.test_acc for r in records], "o-", label="test")
+    acc_axis.set(xlabel="epoch", ylabel="accuracy (%)", title="Accuracy")
+    for axis in (loss_axis, acc_axis):
+        axis.grid(alpha=0.3)
+        axis.legend()
+    if title:
+        figure.suptitle(title)
+    figure.tight_layout()
+    return figure
+
+
+def confusion_matrix_figure(matrix: np.ndarray, classes: Sequence[str], *, title: str) -> Figure:
+    """A confusion matrix (rows: true class, columns: predicted) with counts in the cells."""
+    figure, axis = plt.subplots(figsize=(8, 7))
+    axis.imshow(matrix, cmap="Blues")
+    axis.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
+    axis.set_yticks(range(len(classes)), classes)
+    axis.set(xlabel="predicted", ylabel="true", title=title)
+    threshold = matrix.max() / 2 if matrix.size else 0
+    for (row, column), value in np.ndenumerate(matrix):
+        axis.text(
+            column,
+            row,
+            str(value),
+            ha="center",
+            va="center",
+            fontsize=8,
+            color="white" if value > threshold else "black",
+        )
+    figure.tight_layout()
+    return figure
+
+
+def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, classes: int) -> np.ndarray:
+    matrix = np.zeros((classes, classes), dtype=np.int64)
+    np.add.at(matrix, (labels, predictions), 1)
+    return matrix
+
+
+def per_class_accuracy(matrix: np.ndarray) -> np.ndarray:
+    totals = matrix.sum(axis=1)
+    return np.divide(np.diag(matrix), totals, out=np.zeros(len(matrix)), where=totals > 0)
