@@ -6,11 +6,14 @@ call these commands with the same parameter names.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import json
 import logging
 import os
 import signal
 import sys
+import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -18,9 +21,18 @@ from pathlib import Path
 import click
 import torch
 
+from pipeline import compare as comparison
 from pipeline import data as datasets
-from pipeline import engine, plots, tracking
-from pipeline.config import MAX_EPOCHS, ConfigError, EvalConfig, TrainConfig
+from pipeline import engine, plots, tracking, workflow
+from pipeline.config import (
+    MAX_EPOCHS,
+    NORMS,
+    REGISTERED_MODEL,
+    ConfigError,
+    EvalConfig,
+    TrainConfig,
+    parse_norms,
+)
 from pipeline.data import DataError, DatasetStats
 from pipeline.model import MAX_PARAMETERS, build_model, count_parameters, receptive_fields, summary
 
@@ -182,7 +194,7 @@ def prepare_stats(data: str) -> None:
 @click.option(
     "--registered-model",
     "registered_model",
-    default=_DEFAULTS.registered_model,
+    default=REGISTERED_MODEL,
     help="Registry name ({norm} is filled in); an empty string disables registration.",
 )
 @click.option("--resume", default="", help="Run id of an interrupted train run to continue.")
@@ -194,6 +206,7 @@ def train(**options) -> None:
 
 def train_model(config: TrainConfig) -> str:
     """Train, log and register one model; returns the run id."""
+    torch.manual_seed(config.seed)  # the initial weights depend on the seed alone
     model = build_model(norm=config.norm, groups=config.groups, dropout=config.dropout)
     parameters = count_parameters(model)
     if parameters > MAX_PARAMETERS:
@@ -204,8 +217,6 @@ def train_model(config: TrainConfig) -> str:
     autocast_dtype = engine.resolve_precision(config.precision, device)
     tracking.check_store()
     engine.configure_threads()
-    torch.manual_seed(config.seed)
-    model = build_model(norm=config.norm, groups=config.groups, dropout=config.dropout)
     dataset = datasets.load_dataset(config.data)
     stats = _load_stats(config.stats, dataset)
     resume_state = tracking.load_checkpoint(config.resume) if config.resume else None
@@ -392,6 +403,221 @@ def evaluate(**options) -> None:
     click.echo(f"test accuracy {100 * result.accuracy:.2f}%  loss {result.loss:.4f} (run {run_id})")
     for name, accuracy in zip(dataset.classes, per_class, strict=True):
         click.echo(f"  {name:<12} {100 * accuracy:6.2f}%")
+
+
+# --------------------------------------------------------------------------- main (the study)
+
+# A study trains every norm and seeds 1..seeds; resuming names one run, so it stays on `train`.
+_NOT_STUDY_OPTIONS = ("norm", "seed", "resume")
+
+
+@cli.command("main")
+@click.option("--norm", default=",".join(NORMS), help="One norm or a comma-separated list of them.")
+@click.option(
+    "--seeds",
+    type=int,
+    default=1,
+    help="Train seeds 1..SEEDS of each norm (the README's study uses 3).",
+)
+def study(norm: str, seeds: int, **train_options) -> None:
+    """The whole study: prepare-stats, train each norm x seed, evaluate each model, compare.
+
+    Every other option passes through to each train step. Each step is a child run of this
+    one; a step that already finished with the same parameters and code is reused.
+    """
+    norms = parse_norms(norm)
+    configs = workflow.study_configs(norms, seeds, **train_options)
+    tracking.check_store()
+    tags = {"step": "main", "norms": ",".join(norms), "seeds": str(seeds)}
+    with tracking.run(run_name="study", tags=tags) as run_id:
+        tracking.log_params(
+            {
+                "norm": ",".join(norms),
+                "seeds": str(seeds),
+                **{key: str(value) for key, value in train_options.items()},
+            }
+        )
+        results = workflow.run_study(configs, echo=click.echo)
+        tracking.log_dict(
+            {
+                "steps": [
+                    {
+                        "name": result.step.name,
+                        "entry_point": result.step.entry_point,
+                        "run_id": result.run_id,
+                        "reused": result.reused,
+                    }
+                    for result in results
+                ]
+            },
+            "steps.json",
+        )
+    reused = sum(result.reused for result in results)
+    click.echo(
+        f"study {run_id}: {len(results)} steps ({reused} reused); "
+        "report: artifacts comparison/report.md"
+    )
+
+
+def _study_option(option: click.Option) -> click.Option:
+    """train's option as is, except registered_model keeps its `{norm}` placeholder (the
+    TrainConfig() that train's defaults come from has already filled in `batch`)."""
+    if option.name != "registered_model":
+        return option
+    copied = copy.copy(option)
+    copied.default = next(
+        field.default
+        for field in dataclasses.fields(TrainConfig)
+        if field.name == "registered_model"
+    )
+    return copied
+
+
+study.params.extend(
+    _study_option(option) for option in train.params if option.name not in _NOT_STUDY_OPTIONS
+)
+
+
+# --------------------------------------------------------------------------- compare
+
+
+@cli.command("compare")
+@click.option(
+    "--parent-run-id",
+    "parent_run_id",
+    default="",
+    help="The study's parent run; the report is logged to it.",
+)
+@click.option(
+    "--experiment-name",
+    "experiment_name",
+    default="",
+    help="Without a parent run: compare this experiment's runs.",
+)
+@click.option(
+    "--filter-string",
+    "filter_string",
+    default="",
+    help="MLflow search filter, e.g. \"params.epochs = '20'\".",
+)
+def compare_command(parent_run_id: str, experiment_name: str, filter_string: str) -> None:
+    """Side-by-side report of the norms: tables, overlay plots, findings, report.md."""
+    tracking.check_store()
+    runs = tracking.study_runs(
+        parent_run_id=parent_run_id,
+        experiment_name=experiment_name,
+        filter_string=filter_string,
+    )
+    source = (
+        f"children of parent run `{parent_run_id}`"
+        if parent_run_id
+        else f"experiment `{experiment_name}`"
+    )
+    if filter_string:
+        source += f" matching `{filter_string}`"
+    with tracking.run(run_name="compare", tags={"step": "compare"}) as run_id:
+        tracking.log_params(
+            {
+                "parent_run_id": parent_run_id,
+                "experiment_name": experiment_name,
+                "filter_string": filter_string,
+            }
+        )
+        study_data = _load_study(runs, source=source)
+        if study_data.train.empty:
+            raise tracking.TrackingError(f"no finished train runs to compare in {source}")
+        target = parent_run_id or run_id
+        with tempfile.TemporaryDirectory() as directory:
+            comparison.write_report(study_data, Path(directory))
+            tracking.log_artifacts(directory, "comparison", run_id=target)
+        tracking.set_tags({"report_run_id": target})
+    table = comparison.norm_table(study_data)
+    for row in table.itertuples(index=False):
+        click.echo(
+            f"{row.norm:<6} {row.runs} runs  final test acc "
+            f"{comparison._percent(row.final_test_acc_mean, row.final_test_acc_std)}%"
+        )
+    for note in comparison.findings(table):
+        click.echo(f"- {note}")
+    click.echo(f"report: runs:/{target}/comparison/report.md (compare run {run_id})")
+
+
+def _load_study(runs, *, source: str) -> comparison.Study:
+    """Fetch what compare.py needs: epoch histories, misclassified grids, evaluation.json."""
+    train_ids = list(comparison.step_runs(runs, "train")["run_id"])
+    histories = {run_id: tracking.metric_history(run_id) for run_id in train_ids}
+    grids = {}
+    for run_id in train_ids:
+        try:
+            grids[run_id] = tracking.download_artifact(f"runs:/{run_id}/plots/misclassified.png")
+        except tracking.TrackingError as error:
+            log.warning("run %s: no misclassified grid (%s)", run_id, error)
+    evaluations = {}
+    for run_id in comparison.step_runs(runs, "evaluate")["run_id"]:
+        try:
+            path = tracking.download_artifact(f"runs:/{run_id}/evaluation.json")
+        except tracking.TrackingError as error:
+            log.warning("run %s: no evaluation.json (%s)", run_id, error)
+            continue
+        evaluations[run_id] = json.loads(path.read_text())
+    return comparison.build_study(
+        runs, histories, evaluations=evaluations, misclassified=grids, source=source
+    )
+
+
+# --------------------------------------------------------------------------- registry
+
+_REGISTRY_COLUMNS = ("name", "version", "aliases", "norm", "groups", "seed", "test_acc", "run_id")
+
+
+@cli.group()
+def registry() -> None:
+    """Registered models: versions, aliases and metrics; move an alias by hand."""
+
+
+@registry.command("list")
+def registry_list() -> None:
+    """Every registered model version, with its aliases and test accuracy."""
+    tracking.check_store()
+    _echo_table(tracking.registry_rows(), _REGISTRY_COLUMNS)
+
+
+@registry.command("show")
+@click.argument("name")
+def registry_show(name: str) -> None:
+    """One model's versions with their source runs' final metrics."""
+    tracking.check_store()
+    rows = tracking.registry_rows(name)
+    for row in rows:
+        metrics = tracking.run_metrics(row["run_id"]) if row["run_id"] else {}
+        for key in ("train_acc", "test_loss", "train_seconds"):
+            row[key] = f"{metrics[key]:.4f}" if key in metrics else ""
+    _echo_table(rows, (*_REGISTRY_COLUMNS[1:], "train_acc", "test_loss", "train_seconds"))
+    champion = [row["version"] for row in rows if tracking.CHAMPION in row["aliases"].split(",")]
+    click.echo(f"{name}@{tracking.CHAMPION}: version {champion[0] if champion else '(none)'}")
+
+
+@registry.command("promote")
+@click.argument("name")
+@click.argument("version")
+@click.option("--alias", default=tracking.CHAMPION, help="The alias to move.")
+def registry_promote(name: str, version: str, alias: str) -> None:
+    """Point ALIAS at VERSION of NAME. The next train run recomputes `champion` from the
+    versions' test_acc tags, so a manual champion lasts until a better version registers."""
+    tracking.check_store()
+    tracking.promote(name, version, alias=alias)
+    click.echo(f"{name}@{alias} -> version {version}")
+    _echo_table(tracking.registry_rows(name), _REGISTRY_COLUMNS)
+
+
+def _echo_table(rows: list[dict[str, str]], columns) -> None:
+    if not rows:
+        click.echo("no registered models")
+        return
+    widths = {c: max(len(c), *(len(str(row.get(c, ""))) for row in rows)) for c in columns}
+    click.echo("  ".join(c.ljust(widths[c]) for c in columns).rstrip())
+    for row in rows:
+        click.echo("  ".join(str(row.get(c, "")).ljust(widths[c]) for c in columns).rstrip())
 
 
 if __name__ == "__main__":

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from pathlib import Path
 
 NORMS = ("batch", "group", "layer")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 PRECISIONS = ("auto", "fp32", "bf16")
 MAX_EPOCHS = 20
-DEFAULT_DATA = str(Path("~/.cache/cifar10").expanduser())
+REGISTERED_MODEL = "cifar10-{norm}"  # "{norm}" is filled in; an empty name skips registration
+DEFAULT_DATA = "~/.cache/cifar10"  # where torchvision downloads CIFAR-10 when it is missing
 
 
 class ConfigError(ValueError):
@@ -40,7 +40,7 @@ class TrainConfig:
     stats: str = ""
     device: str = "auto"
     precision: str = "auto"
-    registered_model: str = "cifar10-{norm}"  # "{norm}" is filled in; empty: don't register
+    registered_model: str = REGISTERED_MODEL
     resume: str = ""
 
     def __post_init__(self) -> None:
@@ -55,7 +55,7 @@ class TrainConfig:
         check_float_range(
             "label_smoothing", self.label_smoothing, low=0.0, high=1.0, open_high=True
         )
-        check_float_range("warmup_epochs", self.warmup_epochs, low=0.0, high=float(self.epochs))
+        check_float_range("warmup_epochs", self.warmup_epochs, low=0.0, high=float(MAX_EPOCHS))
         check_int_range("seed", self.seed, low=0, high=2**31 - 1)
         check_choice("device", self.device, DEVICES)
         check_choice("precision", self.precision, PRECISIONS)

@@ -124,7 +124,7 @@ def _identify(path: Path, *, download: bool) -> tuple[str, str]:
             )
         return "archive", _digest_files([path], tag="archive")
     if not path.exists():
-        if download and str(path) == DEFAULT_DATA:
+        if download and path == Path(DEFAULT_DATA).expanduser():
             _download_cifar(path)
             return "cifar", _digest_files(_cifar_files(path), tag="cifar")
         raise DataError(f"data path {str(path)!r} does not exist")

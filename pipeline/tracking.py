@@ -9,13 +9,16 @@ import hashlib
 import json
 import logging
 import os
+import shlex
 import tempfile
 import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
+import mlflow.projects
 import mlflow.pytorch
 from mlflow.entities import Metric, RunStatus
 from mlflow.exceptions import MlflowException
@@ -175,7 +178,9 @@ def log_dataset(*, name: str, source: str, digest: str, context: str) -> None:
     from mlflow.data.meta_dataset import MetaDataset
 
     try:
-        dataset_source = resolve_dataset_source(str(Path(source).expanduser().resolve()))
+        with warnings.catch_warnings():  # "can be interpreted in multiple ways": both are local
+            warnings.simplefilter("ignore")
+            dataset_source = resolve_dataset_source(str(Path(source).expanduser().resolve()))
     except Exception:  # an unknown scheme: fall back to an opaque local path
         from mlflow.data.http_dataset_source import HTTPDatasetSource
 
@@ -377,3 +382,189 @@ def registry_rows(name: str | None = None) -> list[dict[str, str]]:
 
 def dumps(payload: dict) -> str:
     return json.dumps(payload, indent=2, sort_keys=True)
+
+
+def run_metrics(run_id: str) -> dict[str, float]:
+    """The run's latest value of each metric (`test_acc`, `train_acc`, ...)."""
+    try:
+        return dict(MlflowClient().get_run(run_id).data.metrics)
+    except MlflowException as error:
+        raise TrackingError(f"cannot read run {run_id!r}: {error.message}") from None
+
+
+def registered_model_uri(run_id: str, name: str) -> str:
+    """`models:/<name>/<version>` of the version registered from `run_id`, else its run URI."""
+    if name:
+        versions = MlflowClient().search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+        if versions:
+            newest = max(versions, key=lambda v: int(v.version))
+            return f"models:/{name}/{newest.version}"
+    return f"runs:/{run_id}/{MODEL_ARTIFACT}"
+
+
+# --------------------------------------------------------------------------- workflow steps
+
+CODE_VERSION_TAG = "pipeline.code_version"
+REUSED_TAG = "reused_run_id"
+
+
+def active_run_id() -> str:
+    return _active_run_id()
+
+
+def find_finished_step(
+    *, entry_point: str, parameters: dict[str, str], code_version: str
+) -> str | None:
+    """The newest FINISHED run of `entry_point` in the active run's experiment with the same
+    parameters and code version (MLflow's multistep example's `_already_ran`), or None."""
+    experiment_id = mlflow.active_run().info.experiment_id
+    query = (
+        f"tags.`mlflow.project.entryPoint` = '{entry_point}' "
+        f"and tags.`{CODE_VERSION_TAG}` = '{code_version}' and attributes.status = 'FINISHED'"
+    )
+    runs = MlflowClient().search_runs(
+        [experiment_id], query, order_by=["attributes.start_time DESC"], max_results=1000
+    )
+    for candidate in runs:
+        if REUSED_TAG in candidate.data.tags:
+            continue
+        logged = candidate.data.params
+        if all(_same_param(logged.get(key), value) for key, value in parameters.items()):
+            return candidate.info.run_id
+    return None
+
+
+def _same_param(logged: str | None, value: str) -> bool:
+    # `mlflow run` logs the shell-quoted value it substituted into the command.
+    return logged is not None and logged in (value, shlex.quote(value))
+
+
+def run_project_step(
+    *,
+    project_dir: Path,
+    entry_point: str,
+    parameters: dict[str, str],
+    run_name: str,
+    code_version: str,
+) -> str:
+    """Run one MLproject entry point in a subprocess as a child of the active run; return its id.
+
+    `mlflow.projects.run` tags the child with `mlflow.parentRunId` from the active run and ends
+    it FAILED when the command fails; the code version tag is set only on success, so a failed
+    or half-finished step is never reused.
+    """
+    from mlflow.exceptions import ExecutionException
+
+    parent = mlflow.active_run()
+    try:
+        submitted = mlflow.projects.run(
+            uri=str(project_dir),
+            entry_point=entry_point,
+            parameters=parameters,
+            experiment_id=parent.info.experiment_id,
+            env_manager="local",
+            synchronous=True,
+            run_name=run_name,
+        )
+    except ExecutionException as error:
+        raise TrackingError(str(error.message).splitlines()[0]) from None
+    MlflowClient().set_tag(submitted.run_id, CODE_VERSION_TAG, code_version)
+    return submitted.run_id
+
+
+def record_reused_step(*, original_run_id: str, run_name: str) -> str:
+    """A FINISHED child of the active run that points at a reused run (tag `reused_run_id`),
+    so the study still shows every step as one group in the UI; returns the pointer's id."""
+    from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
+
+    client = MlflowClient()
+    parent = mlflow.active_run()
+    original = client.get_run(original_run_id)
+    copied = {
+        k: v for k, v in original.data.tags.items() if k in ("step", "norm", "groups", "seed")
+    }
+    pointer = client.create_run(
+        parent.info.experiment_id,
+        run_name=run_name,
+        tags={
+            **copied,
+            MLFLOW_PARENT_RUN_ID: parent.info.run_id,
+            MLFLOW_RUN_NAME: run_name,
+            REUSED_TAG: original_run_id,
+            "mlflow.note.content": f"Reused finished run {original_run_id} (same parameters "
+            "and code version); its metrics and artifacts live there.",
+        },
+    )
+    client.set_terminated(pointer.info.run_id, "FINISHED")
+    return pointer.info.run_id
+
+
+# --------------------------------------------------------------------------- comparisons
+
+
+def study_runs(*, parent_run_id: str = "", experiment_name: str = "", filter_string: str = ""):
+    """FINISHED runs of a study as a pandas DataFrame (`mlflow.search_runs` columns).
+
+    Either the children of `parent_run_id` (reused-step pointers replaced by the runs they
+    point at) or the runs of `experiment_name` matching `filter_string`.
+    """
+    client = MlflowClient()
+    if parent_run_id:
+        try:
+            parent = client.get_run(parent_run_id)
+        except MlflowException:
+            raise TrackingError(f"parent_run_id {parent_run_id!r} is not a run") from None
+        experiment_ids = [parent.info.experiment_id]
+        query = f"tags.mlflow.parentRunId = '{parent_run_id}'"
+        if filter_string:
+            query = f"{query} and {filter_string}"
+    elif experiment_name:
+        experiment = client.get_experiment_by_name(experiment_name)
+        if experiment is None:
+            raise TrackingError(f"experiment_name {experiment_name!r} does not exist")
+        experiment_ids, query = [experiment.experiment_id], filter_string
+    else:
+        raise TrackingError("compare needs a parent_run_id, or an experiment_name (and filter)")
+    runs = _search(experiment_ids, query)
+    if REUSED_TAG_COLUMN in runs.columns:
+        pointed = runs[REUSED_TAG_COLUMN].dropna()
+        pointed = [run_id for run_id in pointed if run_id]
+        if pointed:
+            listed = ", ".join(f"'{run_id}'" for run_id in sorted(set(pointed)))
+            originals = _search(experiment_ids, f"attributes.run_id IN ({listed})")
+            runs = runs[runs[REUSED_TAG_COLUMN].fillna("") == ""]
+            runs = runs.drop(columns=[REUSED_TAG_COLUMN])
+            runs = _concat(runs, originals)
+    runs = runs[runs["status"] == "FINISHED"].drop_duplicates("run_id")
+    return runs.reset_index(drop=True)
+
+
+REUSED_TAG_COLUMN = f"tags.{REUSED_TAG}"
+
+
+def _search(experiment_ids: list[str], query: str):
+    try:
+        return mlflow.search_runs(
+            experiment_ids=experiment_ids, filter_string=query, output_format="pandas"
+        )
+    except MlflowException as error:
+        message = error.message.splitlines()[0] if error.message else str(error)
+        raise TrackingError(f"cannot search runs with {query!r}: {message}") from None
+
+
+def _concat(first, second):
+    import pandas as pd
+
+    frames = [frame for frame in (first, second) if len(frame)]
+    return pd.concat(frames, ignore_index=True) if frames else first
+
+
+def log_artifacts(local_dir: str | Path, artifact_path: str, *, run_id: str) -> None:
+    """Log a directory into `run_id` (which may be another run than the active one)."""
+    MlflowClient().log_artifacts(run_id, str(local_dir), artifact_path)
+
+
+def set_run_tags(run_id: str, tags: dict[str, str]) -> None:
+    client = MlflowClient()
+    for key, value in tags.items():
+        client.set_tag(run_id, key, value)

@@ -1,0 +1,549 @@
+"""Runs -> pandas DataFrames -> a side-by-side report of the norms (no MLflow here).
+
+cli.compare fetches the runs, metric histories and artifacts through tracking.py and hands them
+to `build_study`; `write_report` writes report.md, CSV tables and figures into one directory whose
+relative links render from the MLflow artifact view.
+
+Accuracies are fractions as logged (CSV) and percentages in the Markdown. The headline number is
+the test accuracy after the last epoch, mean ± std over seeds; the best epoch is picked on the
+test set and is shown for reference only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import shlex
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: figures are written to files
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from pipeline.config import NORMS  # noqa: E402
+from pipeline.engine import EpochMetrics  # noqa: E402
+
+# Parameters shown per norm; a value that differs between a norm's runs is shown as "a/b".
+TABLE_PARAMS = (
+    "num_params",
+    "groups",
+    "epochs",
+    "batch_size",
+    "learning_rate",
+    "momentum",
+    "weight_decay",
+    "dropout",
+    "label_smoothing",
+    "warmup_epochs",
+)
+# A final train accuracy this far above test accuracy (percentage points) is called over-fitting.
+OVERFIT_GAP_POINTS = 5.0
+# A final train accuracy below this (percent) is called under-fitting.
+UNDERFIT_TRAIN_ACC = 60.0
+# Test accuracy peaking this far (points) above its final value is mentioned.
+PEAK_DROP_POINTS = 1.0
+
+NORM_COLORS = {"batch": "tab:blue", "group": "tab:orange", "layer": "tab:green"}
+
+
+@dataclass(frozen=True)
+class Study:
+    """A study's runs as tables: one row per train run, per epoch, and per evaluated class."""
+
+    train: pd.DataFrame  # run_id, run_name, norm, seed, TABLE_PARAMS...
+    history: pd.DataFrame  # run_id, norm, seed, epoch, train_loss, ..., epoch_seconds
+    per_class: pd.DataFrame  # run_id, norm, seed, class, accuracy (from evaluation.json)
+    misclassified: dict[str, Path]  # norm -> plots/misclassified.png of its first seed
+    source: str  # what was compared, for the report's first line
+
+    @property
+    def norms(self) -> list[str]:
+        present = set(self.train["norm"])
+        return [n for n in NORMS if n in present] + sorted(present - set(NORMS))
+
+
+def build_study(
+    runs: pd.DataFrame,
+    histories: Mapping[str, Sequence[EpochMetrics]],
+    *,
+    evaluations: Mapping[str, dict] | None = None,
+    misclassified: Mapping[str, Path] | None = None,
+    source: str = "",
+) -> Study:
+    """Assemble a Study from `mlflow.search_runs` rows, each train run's epoch records, the
+    evaluate runs' evaluation.json payloads and the train runs' misclassified grids (by run id).
+    """
+    train = train_runs(runs)
+    rows = []
+    for run in train.itertuples(index=False):
+        for record in histories.get(run.run_id, ()):
+            rows.append({"run_id": run.run_id, "norm": run.norm, "seed": run.seed, **vars(record)})
+    fields = [field.name for field in dataclasses.fields(EpochMetrics)]
+    history = pd.DataFrame(rows, columns=["run_id", "norm", "seed", *fields])
+
+    per_class_rows = []
+    evaluate = step_runs(runs, "evaluate")
+    for run in evaluate.itertuples(index=False):
+        payload = (evaluations or {}).get(run.run_id)
+        if not payload:
+            continue
+        for name, accuracy in payload.get("per_class_accuracy", {}).items():
+            per_class_rows.append(
+                {
+                    "run_id": run.run_id,
+                    "norm": run.norm,
+                    "seed": run.seed,
+                    "class": name,
+                    "accuracy": float(accuracy),
+                }
+            )
+    per_class = pd.DataFrame(
+        per_class_rows, columns=["run_id", "norm", "seed", "class", "accuracy"]
+    )
+
+    grids: dict[str, Path] = {}
+    for run in train.sort_values(["norm", "seed"]).itertuples(index=False):
+        path = (misclassified or {}).get(run.run_id)
+        if path is not None and run.norm not in grids:
+            grids[run.norm] = Path(path)
+    return Study(
+        train=train, history=history, per_class=per_class, misclassified=grids, source=source
+    )
+
+
+def train_runs(runs: pd.DataFrame) -> pd.DataFrame:
+    """One row per train run: run id and name, norm, seed and the TABLE_PARAMS."""
+    rows = step_runs(runs, "train")
+    for name in TABLE_PARAMS:
+        rows[name] = _column(runs.loc[rows.index], f"params.{name}").map(_unquote)
+    return rows.reset_index(drop=True)
+
+
+def step_runs(runs: pd.DataFrame, step: str) -> pd.DataFrame:
+    """Runs of one step (`train`, `evaluate`) with run id, run name, norm and seed."""
+    is_step = (_column(runs, "tags.step") == step) | (
+        _column(runs, "tags.mlflow.project.entryPoint") == step
+    )
+    selected = runs[is_step.fillna(False).astype(bool)]
+    norm = _column(selected, "params.norm").fillna(_column(selected, "tags.norm"))
+    seed = _column(selected, "params.seed").fillna(_column(selected, "tags.seed"))
+    frame = pd.DataFrame(
+        {
+            "run_id": selected["run_id"] if len(selected) else pd.Series(dtype=object),
+            "run_name": _column(selected, "tags.mlflow.runName"),
+            "norm": norm.map(_unquote),
+            "seed": pd.to_numeric(seed.map(_unquote), errors="coerce").astype("Int64"),
+        },
+        index=selected.index,
+    )
+    return frame[frame["norm"].notna()]
+
+
+def _column(frame: pd.DataFrame, name: str) -> pd.Series:
+    if name in frame.columns:
+        return frame[name]
+    return pd.Series([None] * len(frame), index=frame.index, dtype=object)
+
+
+def _unquote(value):
+    """Params that `mlflow run` logged shell-quoted (`'~/data'`) read back as typed."""
+    if isinstance(value, str) and value[:1] in ("'", '"'):
+        try:
+            return " ".join(shlex.split(value))
+        except ValueError:
+            return value
+    return value
+
+
+# --------------------------------------------------------------------------- tables
+
+
+def run_summary(study: Study) -> pd.DataFrame:
+    """One row per train run: final and best test accuracy, final train accuracy, the gap."""
+    columns = [
+        "run_id",
+        "run_name",
+        "norm",
+        "seed",
+        "epochs_logged",
+        "final_test_acc",
+        "best_test_acc",
+        "final_train_acc",
+        "train_test_gap",
+        "final_test_loss",
+        "epoch_seconds",
+    ]
+    rows = []
+    for run in study.train.itertuples(index=False):
+        history = study.history[study.history["run_id"] == run.run_id].sort_values("epoch")
+        if history.empty:
+            continue
+        last = history.iloc[-1]
+        rows.append(
+            {
+                "run_id": run.run_id,
+                "run_name": run.run_name,
+                "norm": run.norm,
+                "seed": run.seed,
+                "epochs_logged": int(last["epoch"]),
+                "final_test_acc": float(last["test_acc"]),
+                "best_test_acc": float(history["test_acc"].max()),
+                "final_train_acc": float(last["train_acc"]),
+                "train_test_gap": float(last["train_acc"] - last["test_acc"]),
+                "final_test_loss": float(last["test_loss"]),
+                "epoch_seconds": float(history["epoch_seconds"].mean()),
+            }
+        )
+    summary = pd.DataFrame(rows, columns=columns)
+    return summary.sort_values(["norm", "seed"], key=_norm_order_key).reset_index(drop=True)
+
+
+def norm_table(study: Study) -> pd.DataFrame:
+    """One row per norm: parameters, then mean and std over seeds of each run summary."""
+    summary = run_summary(study)
+    rows = []
+    for norm in study.norms:
+        runs = summary[summary["norm"] == norm]
+        params = study.train[study.train["norm"] == norm]
+        row: dict[str, object] = {"norm": norm, "runs": len(runs)}
+        row["seeds"] = ",".join(str(s) for s in sorted(runs["seed"].dropna().astype(int)))
+        for name in TABLE_PARAMS:
+            values = [str(v) for v in dict.fromkeys(params[name].dropna())]
+            row[name] = "/".join(values)
+        for metric in (
+            "final_test_acc",
+            "best_test_acc",
+            "final_train_acc",
+            "train_test_gap",
+            "epoch_seconds",
+        ):
+            values = runs[metric]
+            row[f"{metric}_mean"] = float(values.mean()) if len(values) else math.nan
+            row[f"{metric}_std"] = float(values.std(ddof=1)) if len(values) > 1 else math.nan
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def per_class_table(study: Study) -> pd.DataFrame:
+    """Classes x norms: test accuracy per class, mean over each norm's evaluated models."""
+    if study.per_class.empty:
+        return pd.DataFrame()
+    table = study.per_class.pivot_table(
+        index="class", columns="norm", values="accuracy", aggfunc="mean", sort=False
+    )
+    return table[[n for n in study.norms if n in table.columns]]
+
+
+def markdown_table(frame: pd.DataFrame, *, index: bool = False) -> str:
+    """A GitHub Markdown table (pandas' to_markdown needs the optional `tabulate`)."""
+    if index:
+        frame = frame.reset_index()
+    header = [str(c) for c in frame.columns]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
+    for row in frame.itertuples(index=False):
+        lines.append("| " + " | ".join(_cell(v) for v in row) + " |")
+    return "\n".join(lines)
+
+
+def _cell(value) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    return str(value).replace("|", "\\|")
+
+
+def _percent(mean: float, std: float = math.nan) -> str:
+    if math.isnan(mean):
+        return ""
+    text = f"{100 * mean:.2f}"
+    return text if math.isnan(std) else f"{text} ± {100 * std:.2f}"
+
+
+def _norm_order_key(column: pd.Series) -> pd.Series:
+    if column.name == "norm":
+        order = {n: i for i, n in enumerate(NORMS)}
+        return column.map(lambda n: order.get(n, len(order)))
+    return column
+
+
+def readable_norm_table(table: pd.DataFrame) -> pd.DataFrame:
+    """norm_table with accuracies as `mean ± std` percentages, for the Markdown report."""
+    out = table[["norm", "runs", "seeds", *TABLE_PARAMS]].copy()
+    out["final test acc %"] = [
+        _percent(m, s)
+        for m, s in zip(table["final_test_acc_mean"], table["final_test_acc_std"], strict=True)
+    ]
+    out["best test acc %"] = [
+        _percent(m, s)
+        for m, s in zip(table["best_test_acc_mean"], table["best_test_acc_std"], strict=True)
+    ]
+    out["final train acc %"] = [
+        _percent(m, s)
+        for m, s in zip(table["final_train_acc_mean"], table["final_train_acc_std"], strict=True)
+    ]
+    out["train-test gap (points)"] = [
+        _percent(m, s)
+        for m, s in zip(table["train_test_gap_mean"], table["train_test_gap_std"], strict=True)
+    ]
+    out["epoch s"] = [f"{s:.1f}" for s in table["epoch_seconds_mean"]]
+    return out
+
+
+# --------------------------------------------------------------------------- findings
+
+
+def findings(table: pd.DataFrame) -> list[str]:
+    """Plain-language observations generated from the per-norm table."""
+    table = table[table["runs"] > 0]
+    if table.empty:
+        return ["No finished train runs with logged epochs were found."]
+    ranked = table.sort_values("final_test_acc_mean", ascending=False).reset_index(drop=True)
+    notes = []
+    leader = ranked.iloc[0]
+    if len(ranked) == 1:
+        notes.append(
+            f"Only **{leader['norm']}** norm was run "
+            f"({_percent(leader['final_test_acc_mean'])}% final test accuracy); "
+            "there is nothing to compare it with."
+        )
+    else:
+        runner = ranked.iloc[1]
+        margin = 100 * (leader["final_test_acc_mean"] - runner["final_test_acc_mean"])
+        notes.append(
+            f"**{leader['norm']}** norm leads on final test accuracy with "
+            f"{_percent(leader['final_test_acc_mean'])}%, {margin:.2f} points ahead of "
+            f"{runner['norm']} ({_percent(runner['final_test_acc_mean'])}%)"
+            + (
+                f"; {ranked.iloc[-1]['norm']} is last "
+                f"({_percent(ranked.iloc[-1]['final_test_acc_mean'])}%)."
+                if len(ranked) > 2
+                else "."
+            )
+        )
+        spreads = [s for s in (leader["final_test_acc_std"], runner["final_test_acc_std"])]
+        if any(math.isnan(s) for s in spreads):
+            notes.append(
+                "With one seed per norm the seed-to-seed spread is unknown, so this margin is "
+                "not yet evidence of a real difference; rerun with `-P seeds=3`."
+            )
+        else:
+            spread = 100 * max(spreads)
+            if margin > 2 * spread:
+                verdict = "more than twice the seed spread, so the lead is unlikely to be noise"
+            elif margin > spread:
+                verdict = "larger than the seed spread but less than twice it: a weak lead"
+            else:
+                verdict = "within the seed spread: the two are not distinguishable"
+            notes.append(
+                f"The margin of {margin:.2f} points is {verdict} "
+                f"(largest std over seeds: {spread:.2f} points)."
+            )
+    for row in ranked.itertuples(index=False):
+        gap = 100 * row.train_test_gap_mean
+        train = 100 * row.final_train_acc_mean
+        if train < UNDERFIT_TRAIN_ACC:
+            notes.append(
+                f"{row.norm}: final train accuracy is only {train:.2f}% (gap {gap:+.2f} points), "
+                "a sign of under-fitting: more epochs or a different learning rate may help."
+            )
+        elif gap > OVERFIT_GAP_POINTS:
+            notes.append(
+                f"{row.norm}: train accuracy exceeds test accuracy by {gap:.2f} points, a sign "
+                "of over-fitting (more regularisation or augmentation may help)."
+            )
+        else:
+            notes.append(f"{row.norm}: train-test gap {gap:+.2f} points, no sign of over-fitting.")
+        drop = 100 * (row.best_test_acc_mean - row.final_test_acc_mean)
+        if drop > PEAK_DROP_POINTS:
+            notes.append(
+                f"{row.norm}: test accuracy peaked {drop:.2f} points above its final value "
+                "before the last epoch (the table reports the final epoch)."
+            )
+    return notes
+
+
+# --------------------------------------------------------------------------- figures
+
+
+def _band_by_norm(history: pd.DataFrame, metric: str) -> dict[str, pd.DataFrame]:
+    """Per norm and epoch: mean, min and max of `metric` over seeds."""
+    bands = {}
+    for norm, rows in history.groupby("norm", sort=False):
+        bands[norm] = rows.groupby("epoch")[metric].agg(["mean", "min", "max"]).sort_index()
+    return bands
+
+
+def _plot_band(axis, band: pd.DataFrame, *, label: str, color, scale: float = 1.0, style="o-"):
+    axis.plot(band.index, scale * band["mean"], style, color=color, label=label)
+    axis.fill_between(band.index, scale * band["min"], scale * band["max"], color=color, alpha=0.2)
+
+
+def overlay_figure(study: Study):
+    """Test accuracy and loss per epoch: one line per norm (mean), band = min-max over seeds."""
+    figure, (acc_axis, loss_axis) = plt.subplots(1, 2, figsize=(12, 4.5))
+    accuracy = _band_by_norm(study.history, "test_acc")
+    loss = _band_by_norm(study.history, "test_loss")
+    for norm in study.norms:
+        if norm not in accuracy:
+            continue
+        color = NORM_COLORS.get(norm)
+        _plot_band(acc_axis, accuracy[norm], label=norm, color=color, scale=100)
+        _plot_band(loss_axis, loss[norm], label=norm, color=color)
+    acc_axis.set(xlabel="epoch", ylabel="test accuracy (%)", title="Test accuracy")
+    loss_axis.set(xlabel="epoch", ylabel="test loss", title="Test loss")
+    for axis in (acc_axis, loss_axis):
+        axis.grid(alpha=0.3)
+        axis.legend(title="norm (band: seed min-max)")
+    figure.tight_layout()
+    return figure
+
+
+def train_vs_test_figure(study: Study):
+    """Train vs test accuracy per epoch, one panel per norm, bands over seeds."""
+    norms = [n for n in study.norms if n in set(study.history["norm"])] or study.norms
+    figure, axes = plt.subplots(
+        1, len(norms), figsize=(4.5 * len(norms), 4), squeeze=False, sharey=True
+    )
+    train = _band_by_norm(study.history, "train_acc")
+    test = _band_by_norm(study.history, "test_acc")
+    for axis, norm in zip(axes[0], norms, strict=True):
+        if norm in train:
+            _plot_band(axis, train[norm], label="train", color="tab:gray", scale=100, style="s--")
+            _plot_band(axis, test[norm], label="test", color=NORM_COLORS.get(norm), scale=100)
+        axis.set(xlabel="epoch", title=f"{norm} norm")
+        axis.grid(alpha=0.3)
+        axis.legend()
+    axes[0][0].set_ylabel("accuracy (%)")
+    figure.tight_layout()
+    return figure
+
+
+def misclassified_figure(study: Study):
+    """Each norm's misclassified-image grid (from its train run), side by side."""
+    norms = [n for n in study.norms if n in study.misclassified]
+    figure, axes = plt.subplots(
+        1, len(norms), figsize=(7 * len(norms), 8.5), squeeze=False, layout="constrained"
+    )
+    for axis, norm in zip(axes[0], norms, strict=True):
+        axis.imshow(plt.imread(study.misclassified[norm]))
+        axis.set_title(f"{norm} norm", fontsize=16)
+        axis.axis("off")
+    return figure
+
+
+def per_class_figure(table: pd.DataFrame):
+    """Grouped bars: test accuracy per class, one bar per norm."""
+    figure, axis = plt.subplots(figsize=(12, 4.5))
+    width = 0.8 / max(1, len(table.columns))
+    positions = np.arange(len(table.index))
+    for offset, norm in enumerate(table.columns):
+        axis.bar(
+            positions + (offset - (len(table.columns) - 1) / 2) * width,
+            100 * table[norm].to_numpy(),
+            width,
+            label=norm,
+            color=NORM_COLORS.get(norm),
+        )
+    axis.set_xticks(positions, table.index, rotation=30, ha="right")
+    axis.set(ylabel="test accuracy (%)", title="Per-class test accuracy (mean over seeds)")
+    axis.set_ylim(0, 105)
+    axis.grid(alpha=0.3, axis="y")
+    axis.legend(title="norm")
+    figure.tight_layout()
+    return figure
+
+
+def _save(figure, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+# --------------------------------------------------------------------------- report
+
+
+def write_report(study: Study, directory: Path) -> Path:
+    """Write report.md, norms.csv/.md, runs.csv, per_class_accuracy.csv and plots/*.png into
+    `directory`; returns the report's path."""
+    directory.mkdir(parents=True, exist_ok=True)
+    summary = run_summary(study)
+    table = norm_table(study)
+    classes = per_class_table(study)
+    table.to_csv(directory / "norms.csv", index=False)
+    summary.to_csv(directory / "runs.csv", index=False)
+    readable = readable_norm_table(table)
+    (directory / "norms.md").write_text(markdown_table(readable) + "\n")
+
+    sections = [
+        "# Normalization study: side by side",
+        "",
+        f"Compared: {study.source or 'selected runs'}; {len(summary)} train runs "
+        f"({', '.join(study.norms) or 'none'}), {study.per_class['run_id'].nunique()} "
+        "evaluated models.",
+        "",
+        "## Results per norm",
+        "",
+        markdown_table(readable),
+        "",
+        "Accuracies are percentages after the last epoch, mean ± std over seeds (std needs two "
+        "or more seeds). *Best* is the best epoch on the test set, for reference only: it is "
+        "picked on the test set. Gap = final train minus final test accuracy. "
+        "Machine-readable: [norms.csv](norms.csv), per run: [runs.csv](runs.csv).",
+        "",
+        "## Findings",
+        "",
+        *[f"- {note}" for note in findings(table)],
+        "",
+    ]
+    if not study.history.empty:
+        _save(overlay_figure(study), directory / "plots" / "test_curves.png")
+        _save(train_vs_test_figure(study), directory / "plots" / "train_vs_test.png")
+        sections += [
+            "## Test accuracy and loss per epoch",
+            "",
+            "![test accuracy and loss per epoch](plots/test_curves.png)",
+            "",
+            "## Train vs test",
+            "",
+            "![train vs test accuracy per norm](plots/train_vs_test.png)",
+            "",
+        ]
+    if study.misclassified:
+        _save(misclassified_figure(study), directory / "plots" / "misclassified.png")
+        sections += [
+            "## Misclassified test images",
+            "",
+            "The first seed of each norm, side by side:",
+            "",
+            "![misclassified test images per norm](plots/misclassified.png)",
+            "",
+        ]
+    if not classes.empty:
+        classes.to_csv(directory / "per_class_accuracy.csv")
+        _save(per_class_figure(classes), directory / "plots" / "per_class_accuracy.png")
+        shown = (100 * classes).round(2)
+        sections += [
+            "## Per-class test accuracy (%)",
+            "",
+            markdown_table(shown, index=True),
+            "",
+            "![per-class accuracy per norm](plots/per_class_accuracy.png)",
+            "",
+            "From the evaluate runs' evaluation.json: "
+            "[per_class_accuracy.csv](per_class_accuracy.csv).",
+            "",
+        ]
+    runs = summary[["run_name", "run_id", "norm", "seed"]].copy()
+    runs["final test acc %"] = [_percent(v) for v in summary["final_test_acc"]]
+    runs["best test acc %"] = [_percent(v) for v in summary["best_test_acc"]]
+    runs["final train acc %"] = [_percent(v) for v in summary["final_train_acc"]]
+    runs["epoch s"] = [f"{v:.1f}" for v in summary["epoch_seconds"]]
+    sections += ["## Runs", "", markdown_table(runs), ""]
+    report = directory / "report.md"
+    report.write_text("\n".join(sections))
+    return report

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Install the package, then run the study with MLflow in this Python environment.
+# Tracking goes to the embedded default (sqlite:///mlflow.db here, artifacts under ./mlruns)
+# unless MLFLOW_TRACKING_URI points elsewhere.
+# Usage: bash scripts/run.sh [mlflow run options]   (e.g. -P norm=layer -P data=PATH)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON="${PYTHON:-python3}"
+"$PYTHON" -m pip install --quiet --disable-pip-version-check -e .
+export MLFLOW_TRACKING_URI="${MLFLOW_TRACKING_URI:-sqlite:///mlflow.db}"
+# Create the store before any step runs: parallel first writers race on a new schema.
+"$PYTHON" -c "from mlflow.tracking import MlflowClient; MlflowClient().search_experiments()"
+exec "$PYTHON" -m mlflow run . --env-manager local "$@"

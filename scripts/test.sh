@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Install the package with its dev tools, then lint and run the test suite.
+# Usage: bash scripts/test.sh [pytest args]     (e.g. -m slow, -k registry)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON="${PYTHON:-python3}"
+"$PYTHON" -m pip install --quiet --disable-pip-version-check -e ".[dev]"
+"$PYTHON" -m ruff check .
+"$PYTHON" -m ruff format --check .
+exec "$PYTHON" -m pytest "$@"

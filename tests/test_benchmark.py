@@ -1,0 +1,86 @@
+"""scripts/benchmark.py runs end to end in --quick mode and reports every measurement."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "benchmark.py"
+CLASSES = tuple(f"class{index}" for index in range(10))
+
+
+@pytest.fixture
+def tiny_image_folder(tmp_path: Path) -> Path:
+    """train/<class>/*.png (20 a class) and test/<class>/*.png (5 a class), 32x32 RGB."""
+    generator = np.random.default_rng(0)
+    root = tmp_path / "images"
+    for split, count in (("train", 20), ("test", 5)):
+        for label, name in enumerate(CLASSES):
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for index in range(count):
+                # A class-dependent tint, so the images are not pure noise.
+                pixels = generator.integers(0, 128, (32, 32, 3)) + 12 * label
+                Image.fromarray(pixels.astype(np.uint8), "RGB").save(folder / f"{index}.png")
+    return root
+
+
+@pytest.fixture
+def benchmark_script(monkeypatch: pytest.MonkeyPatch):
+    """The script as a module (scripts/ is not a package)."""
+    spec = importlib.util.spec_from_file_location("benchmark", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    # dataclasses look their module up in sys.modules while the class is being built.
+    monkeypatch.setitem(sys.modules, "benchmark", module)
+    spec.loader.exec_module(module)
+    return module
+
+
+def numbers(row: str) -> list[float]:
+    """The numeric cells of a Markdown table row ("1,234" and "+5.0%" included)."""
+    cells = [cell.strip().replace(",", "").rstrip("%x") for cell in row.strip("|").split("|")]
+    return [float(cell) for cell in cells if re.fullmatch(r"[+-]?\d+(\.\d+)?", cell)]
+
+
+def test_quick_run_reports_every_measurement(
+    benchmark_script,
+    tiny_image_folder: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys,
+) -> None:
+    monkeypatch.setenv("PIPELINE_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    # One norm keeps the test fast: every norm runs the same code, only its default layout differs.
+    norm = "group"
+    arguments = ["--quick", "--data", str(tiny_image_folder), "--norms", norm]
+    arguments += ["--batch-size", "16", "--workers", "1"]
+
+    assert benchmark_script.main(arguments) == 0
+
+    report = capsys.readouterr().out
+    rows = report.splitlines()
+    assert f"python scripts/benchmark.py {' '.join(arguments)}" in report
+    assert "cached dataset load" in report
+    for path in ("reference (1 worker)", "pipeline", "ceiling"):
+        [row] = [line for line in rows if line.startswith(f"| {norm} | {path} |")]
+        assert numbers(row)[-1] > 0, row  # images/s
+    [ratios] = [line for line in rows if re.match(rf"\| {norm} \| [\d.]+x \|", line)]
+    pipeline_per_reference, pipeline_per_ceiling = numbers(ratios)[:2]
+    assert pipeline_per_reference > 0 and pipeline_per_ceiling > 0, ratios
+    assert "%" in ratios  # the tracking overhead
+    [tracking] = [line for line in rows if re.match(rf"\| {norm} \| [\d.]+ \| [\d.]+ \|", line)]
+    untracked_seconds, epoch_logged_seconds, tracked_seconds = numbers(tracking)[:3]
+    assert min(untracked_seconds, epoch_logged_seconds, tracked_seconds) > 0, tracking
+    for layout in ("NCHW", "channels_last"):
+        for precision in ("fp32", "bf16 autocast"):
+            [row] = [
+                line for line in rows if line.startswith(f"| {norm} | {layout} | {precision} |")
+            ]
+            assert numbers(row)[0] > 0, row  # ceiling images/s

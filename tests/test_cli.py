@@ -1,0 +1,190 @@
+"""Every entry point end to end through `mlflow run . --env-manager local`, asserting what
+was logged; and bad input: one line, non-zero exit, no run left RUNNING."""
+
+import json
+
+import pytest
+from conftest import mlflow_run, run_cli
+from mlflow.tracking import MlflowClient
+
+from pipeline import cli
+from pipeline.engine import EpochMetrics
+
+EPOCH_METRICS = [name for name in EpochMetrics.__dataclass_fields__ if name != "epoch"]
+
+
+def _runs(client):
+    experiments = client.search_experiments()
+    return client.search_runs([e.experiment_id for e in experiments])
+
+
+def _artifacts(client, run_id, path=""):
+    found = []
+    for item in client.list_artifacts(run_id, path):
+        found += _artifacts(client, run_id, item.path) if item.is_dir else [item.path]
+    return found
+
+
+def run_in_process(monkeypatch, capsys, *args):
+    """`python -m pipeline ARGS` in this process (no interpreter start): (exit code, stderr)."""
+    monkeypatch.setattr("sys.argv", ["pipeline", *args])
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main()
+    return exit_info.value.code, capsys.readouterr().err
+
+
+def _assert_ok(result):
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+
+def test_train_and_evaluate_end_to_end_through_mlflow_run(tracking_store, image_folder):
+    client = MlflowClient()
+
+    stats = mlflow_run("prepare-stats", {"data": image_folder})
+    _assert_ok(stats)
+    (stats_run,) = _runs(client)
+    assert stats_run.info.status == "FINISHED"
+    assert len(stats_run.data.params["mean"].split(",")) == 3
+    assert {"stats.json", "samples/train_per_class.png"} <= set(
+        _artifacts(client, stats_run.info.run_id)
+    )
+
+    trained = mlflow_run(
+        "train",
+        {"norm": "layer", "epochs": 2, "batch_size": 32, "data": image_folder, "seed": 5},
+    )
+    _assert_ok(trained)
+    train_run = next(r for r in _runs(client) if r.data.tags.get("step") == "train")
+    run_id = train_run.info.run_id
+    assert train_run.info.status == "FINISHED"
+    assert train_run.data.tags["mlflow.runName"] == "train-layer-seed5"
+    assert train_run.data.tags["norm"] == "layer"
+    params = train_run.data.params
+    assert params["norm"] == "layer" and params["epochs"] == "2" and params["seed"] == "5"
+    assert 40_000 < int(params["num_params"]) <= 50_000
+    assert int(params["receptive_field"]) > 30
+    for name in EPOCH_METRICS:
+        history = client.get_metric_history(run_id, name)
+        assert sorted(m.step for m in history) == [1, 2], name
+    accuracies = [m.value for m in client.get_metric_history(run_id, "test_acc")]
+    assert all(0.0 <= value <= 1.0 for value in accuracies)
+    artifacts = set(_artifacts(client, run_id))
+    assert {
+        "plots/misclassified.png",
+        "plots/curves.png",
+        "model_summary.txt",
+        "receptive_field.json",
+        "stats.json",
+        "checkpoint/last.pt",
+    } <= artifacts
+    assert train_run.inputs.dataset_inputs, "the dataset was not logged"
+
+    (version,) = client.search_model_versions("name = 'cifar10-layer'")
+    assert version.run_id == run_id and str(version.version) == "1"
+    assert version.tags["norm"] == "layer" and version.tags["seed"] == "5"
+    final_acc = train_run.data.metrics["test_acc"]
+    assert float(version.tags["test_acc"]) == pytest.approx(final_acc, abs=1e-4)
+    assert str(client.get_model_version_by_alias("cifar10-layer", "champion").version) == "1"
+
+    for uri in (
+        "models:/cifar10-layer/1",
+        "models:/cifar10-layer@champion",
+        f"runs:/{run_id}/model",
+    ):
+        evaluated = mlflow_run("evaluate", {"model_uri": uri, "data": image_folder})
+        _assert_ok(evaluated)
+    evaluations = [r for r in _runs(client) if r.data.tags.get("step") == "evaluate"]
+    assert len(evaluations) == 3
+    for evaluation in evaluations:
+        assert evaluation.info.status == "FINISHED"
+        assert evaluation.data.tags["source_run_id"] == run_id
+        # The same model on the same data: evaluate reproduces the training run's figure.
+        assert evaluation.data.metrics["test_acc"] == pytest.approx(final_acc, abs=1e-6)
+        assert len([k for k in evaluation.data.metrics if k.startswith("class_acc/")]) == 10
+        files = set(_artifacts(client, evaluation.info.run_id))
+        assert {"plots/confusion_matrix.png", "plots/misclassified.png", "evaluation.json"} <= files
+    registered = next(e for e in evaluations if e.data.tags.get("model_version") == "1")
+    assert registered.data.tags["model_name"] == "cifar10-layer"
+    report = json.loads(
+        open(client.download_artifacts(registered.info.run_id, "evaluation.json")).read()
+    )
+    assert sum(map(sum, report["confusion_matrix"])) == 60
+
+
+def test_train_directly_from_cifar_pickles_without_registration(tracking_store, cifar_pickles):
+    result = run_cli(
+        "train",
+        "--norm=group",
+        "--groups=2",
+        "--epochs=1",
+        "--batch-size=32",
+        f"--data={cifar_pickles}",
+        "--registered-model=",
+    )
+    _assert_ok(result)
+    client = MlflowClient()
+    (run,) = _runs(client)
+    assert run.info.status == "FINISHED" and run.data.params["groups"] == "2"
+    assert client.search_registered_models() == []
+
+
+BAD_TRAIN = [
+    (["--norm=instance"], "norm must be one of batch, group, layer (got 'instance')"),
+    (["--norm=group", "--groups=5"], "groups must divide the channels"),
+    (["--norm=group", "--groups=0"], "groups must be >= 1 (got 0)"),
+    (["--epochs=abc"], "'abc' is not a valid integer"),
+    (["--epochs=0"], "epochs must be between 1 and 20 (got 0)"),
+    (["--epochs=21"], "epochs must be between 1 and 20 (got 21)"),
+    (["--batch-size=1"], "batch_size must be between 2 and 8192 (got 1)"),
+    (["--batch-size=4096"], "batch_size must be at most the training split's 240 images"),
+    (["--learning-rate=-1"], "learning_rate must be in (0, 10]"),
+    (["--learning-rate=fast"], "'fast' is not a valid float"),
+    (["--device=tpu"], "device must be one of auto, cpu, cuda, mps (got 'tpu')"),
+    (["--data=/nonexistent/cifar"], "data path '/nonexistent/cifar' does not exist"),
+]
+
+
+@pytest.mark.parametrize(("arguments", "message"), BAD_TRAIN, ids=lambda v: str(v)[:40])
+def test_bad_train_input_is_one_line_and_leaves_no_running_run(
+    tracking_store, image_folder, arguments, message, monkeypatch, capsys
+):
+    code, stderr = run_in_process(
+        monkeypatch, capsys, "train", "--epochs=1", f"--data={image_folder}", *arguments
+    )
+    assert code in (1, 2)
+    lines = stderr.strip().splitlines()
+    assert lines[-1].startswith("error: ") and message in lines[-1], stderr[-2000:]
+    assert "Traceback" not in stderr
+    assert all(r.info.status != "RUNNING" for r in _runs(MlflowClient()))
+    assert MlflowClient().search_registered_models() == []
+
+
+def test_bad_model_uris_name_the_uri(tracking_store, image_folder, monkeypatch, capsys):
+    for uri, message in [
+        ("models:/cifar10-batch/7", "does not resolve"),
+        ("models:/cifar10-batch@champion", "does not resolve"),
+        ("runs:/0123456789abcdef/model", "does not resolve"),
+        ("cifar10-batch", "model_uri must look like"),
+    ]:
+        code, stderr = run_in_process(
+            monkeypatch, capsys, "evaluate", f"--model-uri={uri}", f"--data={image_folder}"
+        )
+        assert code == 1
+        assert stderr.strip().splitlines()[-1].startswith("error: "), stderr
+        assert message in stderr and "Traceback" not in stderr
+
+
+def test_failure_under_mlflow_run_ends_the_run_failed(tracking_store, image_folder):
+    result = mlflow_run("train", {"norm": "instance", "data": image_folder})
+    assert result.returncode != 0
+    assert "norm must be one of batch, group, layer (got 'instance')" in result.stderr
+    (run,) = _runs(MlflowClient())
+    assert run.info.status == "FAILED"
+
+
+def test_unreachable_tracking_server_fails_fast_naming_it(image_folder):
+    result = run_cli(
+        "train", f"--data={image_folder}", env={"MLFLOW_TRACKING_URI": "http://127.0.0.1:9"}
+    )
+    assert result.returncode != 0
+    assert "cannot reach the MLflow tracking store at http://127.0.0.1:9" in result.stderr

@@ -1,0 +1,224 @@
+import io
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+from conftest import CLASSES, TEST_PER_CLASS, TRAIN_PER_CLASS, make_split_arrays, write_image_folder
+from PIL import Image
+
+from pipeline import data
+from pipeline.data import DataError, DatasetStats
+
+
+def test_image_folder_loads_every_image_with_its_class(image_folder):
+    dataset = data.load_dataset(image_folder)
+    expected = make_split_arrays()
+    assert dataset.classes == CLASSES
+    assert dataset.train_images.shape == (TRAIN_PER_CLASS * 10, 32, 32, 3)
+    assert dataset.test_images.shape == (TEST_PER_CLASS * 10, 32, 32, 3)
+    # PNG is lossless: the decoded pixels are the written ones, labels follow the folders.
+    np.testing.assert_array_equal(dataset.train_images, expected["train_images"])
+    np.testing.assert_array_equal(dataset.train_labels, expected["train_labels"])
+    np.testing.assert_array_equal(dataset.test_labels, expected["test_labels"])
+
+
+def test_archive_with_a_wrapping_folder_loads(image_archive):
+    dataset = data.load_dataset(image_archive)
+    assert dataset.classes == CLASSES
+    assert dataset.train_images.shape == (TRAIN_PER_CLASS * 10, 32, 32, 3)
+    # JPEG is lossy, so compare loosely with the source pixels.
+    expected = make_split_arrays()["train_images"].astype(float)
+    assert np.abs(dataset.train_images.astype(float) - expected).mean() < 20
+
+
+def test_cifar_pickle_directory_loads_exactly(cifar_pickles):
+    dataset = data.load_dataset(cifar_pickles)
+    expected = make_split_arrays(seed=3)
+    np.testing.assert_array_equal(dataset.train_images, expected["train_images"])
+    np.testing.assert_array_equal(dataset.test_labels, expected["test_labels"])
+    assert dataset.classes == CLASSES
+
+
+def test_second_load_reads_the_cache_without_decoding(image_folder, monkeypatch):
+    first = data.load_dataset(image_folder)
+
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("decoded again although the cache holds the arrays")
+
+    monkeypatch.setattr(data, "_read_image_folder", no_decoding)
+    second = data.load_dataset(image_folder)
+    assert second.digest == first.digest
+    np.testing.assert_array_equal(second.train_images, first.train_images)
+
+
+def test_changing_an_image_changes_the_digest(tmp_path):
+    root = write_image_folder(tmp_path / "data")
+    before = data.load_dataset(root).digest
+    target = next((root / "train" / "cat").iterdir())
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(target)
+    assert data.load_dataset(root).digest != before
+
+
+def _corrupt(root, name="00000.png", content=b"not an image"):
+    (root / "train" / "cat" / name).write_bytes(content)
+
+
+def _resized(root, size, mode):
+    target = next((root / "train" / "dog").iterdir())
+    Image.new(mode, size).save(target)
+
+
+def _image_bytes(size=(32, 32), mode="RGB"):
+    buffer = io.BytesIO()
+    Image.new(mode, size).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda root: None, "does not exist"),
+        (lambda root: (root / "train").mkdir(parents=True), "has no test/ folder"),
+        (lambda root: (root / "other").mkdir(parents=True), "neither"),
+        (
+            lambda root: (write_image_folder(root), (root / "test" / "cat").rename(root / "x")),
+            "different classes",
+        ),
+        (
+            lambda root: (
+                write_image_folder(root),
+                [f.unlink() for f in (root / "train" / "frog").iterdir()],
+            ),
+            "train/frog has no images",
+        ),
+        (lambda root: (write_image_folder(root), _corrupt(root)), "cannot read image"),
+        (lambda root: (write_image_folder(root), _resized(root, (28, 28), "RGB")), "28x28"),
+        (lambda root: (write_image_folder(root), _resized(root, (32, 32), "L")), "32x32 L"),
+    ],
+    ids=[
+        "missing",
+        "no-test",
+        "no-layout",
+        "class-mismatch",
+        "empty-class",
+        "corrupt",
+        "28x28",
+        "grayscale",
+    ],
+)
+def test_bad_image_folders_fail_naming_the_problem(tmp_path, make, message):
+    root = tmp_path / "data"
+    make(root)
+    with pytest.raises(DataError, match=message) as error:
+        data.load_dataset(root, download=False)
+    assert "\n" not in str(error.value)
+
+
+def test_garbage_file_and_truncated_archive_fail_clearly(tmp_path, image_archive):
+    garbage = tmp_path / "data.tar.gz"
+    garbage.write_bytes(b"\x00garbage" * 100)
+    with pytest.raises(DataError, match="cannot read archive"):
+        data.load_dataset(garbage)
+    truncated = tmp_path / "truncated.tar.gz"
+    truncated.write_bytes(image_archive.read_bytes()[:5000])
+    with pytest.raises(DataError, match="cannot read archive"):
+        data.load_dataset(truncated)
+    not_archive = tmp_path / "images.zip"
+    not_archive.write_bytes(b"PK")
+    with pytest.raises(DataError, match="is not a .tar.gz"):
+        data.load_dataset(not_archive)
+
+
+def test_archive_with_a_corrupt_member_names_it(tmp_path):
+    root = write_image_folder(tmp_path / "src")
+    _corrupt(root)
+    archive = tmp_path / "bad.tar.gz"
+    with tarfile.open(archive, "w:gz") as handle:
+        handle.add(root, arcname=".")
+    with pytest.raises(DataError, match=r"cannot read image .*train/cat/00000.png"):
+        data.load_dataset(archive)
+
+
+def test_stats_match_numpy_and_round_trip_through_json():
+    images = np.random.default_rng(0).integers(0, 256, size=(50, 32, 32, 3), dtype=np.uint8)
+    stats = data.compute_stats(images)
+    scaled = images.reshape(-1, 3) / 255.0
+    np.testing.assert_allclose(stats.mean, scaled.mean(axis=0), rtol=1e-9)
+    np.testing.assert_allclose(stats.std, scaled.std(axis=0), rtol=1e-6)
+    assert DatasetStats.from_json(stats.to_json()) == stats
+    with pytest.raises(DataError, match="mean"):
+        DatasetStats.from_json("{}")
+
+
+def _split(count=16):
+    arrays = make_split_arrays()
+    return data.to_device(
+        arrays["train_images"][:count], arrays["train_labels"][:count], device=torch.device("cpu")
+    )
+
+
+def _identity_normalizer():
+    stats = DatasetStats(mean=(0.0, 0.0, 0.0), std=(1 / 255, 1 / 255, 1 / 255))
+    return data.Normalizer(stats, device=torch.device("cpu"), memory_format=torch.channels_last)
+
+
+def test_batches_without_augmentation_are_the_normalised_images_in_shuffled_order():
+    split = _split()
+    batches = list(
+        data.train_batches(
+            split,
+            batch_size=8,
+            generator=torch.Generator().manual_seed(0),
+            normalize=_identity_normalizer(),
+            pad=0,
+            flip=False,
+        )
+    )
+    assert len(batches) == 2
+    images = torch.cat([b[0] for b in batches])
+    labels = torch.cat([b[1] for b in batches])
+    assert images.dtype == torch.float32 and images.shape == (16, 3, 32, 32)
+    assert images.is_contiguous(memory_format=torch.channels_last)
+    # Every source image appears exactly once, with its own label.
+    for image, label in zip(images, labels, strict=True):
+        matches = (split.images.float() == image).flatten(1).all(dim=1).nonzero().flatten()
+        assert len(matches) == 1 and split.labels[matches[0]] == label
+
+
+def test_augmented_images_are_shifted_or_mirrored_copies_of_their_source():
+    split = _split(8)
+    generator = torch.Generator().manual_seed(1)
+    (images, labels), *_ = data.train_batches(
+        split, batch_size=8, generator=generator, normalize=_identity_normalizer(), pad=4
+    )
+    padded = torch.nn.functional.pad(split.images.float(), (4, 4, 4, 4))
+    moved = 0
+    for image, label in zip(images, labels, strict=True):
+        sources = [i for i in range(8) if split.labels[i] == label]
+        candidates = [
+            view
+            for i in sources
+            for dy in range(9)
+            for dx in range(9)
+            for view in (
+                padded[i, :, dy : dy + 32, dx : dx + 32],
+                padded[i, :, dy : dy + 32, dx : dx + 32].flip(2),
+            )
+        ]
+        assert any(torch.equal(image, c) for c in candidates)
+        moved += not any(torch.equal(image, split.images[i].float()) for i in sources)
+    assert moved > 0  # augmentation actually changed something
+
+
+def test_batches_are_reproducible_from_the_generator_seed():
+    def first_batch(seed):
+        generator = torch.Generator().manual_seed(seed)
+        return next(
+            data.train_batches(
+                _split(), batch_size=8, generator=generator, normalize=_identity_normalizer()
+            )
+        )[0]
+
+    assert torch.equal(first_batch(5), first_batch(5))
+    assert not torch.equal(first_batch(5), first_batch(6))

@@ -1,0 +1,106 @@
+import copy
+
+import torch
+from conftest import make_split_arrays
+
+from pipeline import data, engine
+from pipeline.model import build_model
+
+CPU = torch.device("cpu")
+
+
+def _splits(count=None):
+    arrays = make_split_arrays()
+    train = data.to_device(
+        arrays["train_images"][:count], arrays["train_labels"][:count], device=CPU
+    )
+    test = data.to_device(arrays["test_images"], arrays["test_labels"], device=CPU)
+    stats = data.compute_stats(arrays["train_images"])
+    return train, test, data.Normalizer(stats, device=CPU, memory_format=torch.channels_last)
+
+
+def _fit(model, *, epochs=2, seed=0, **overrides):
+    train, test, normalize = _splits(overrides.pop("count", None))
+    options = dict(
+        normalize=normalize,
+        epochs=epochs,
+        batch_size=32,
+        learning_rate=0.05,
+        momentum=0.9,
+        weight_decay=5e-4,
+        label_smoothing=0.0,
+        warmup_epochs=0.5,
+        seed=seed,
+    )
+    options.update(overrides)
+    return engine.fit(model, train, test, **options)
+
+
+def test_loss_falls_when_overfitting_64_images():
+    torch.manual_seed(0)
+    model = build_model(norm="batch", groups=4).to(memory_format=torch.channels_last)
+    records = _fit(model, epochs=12, count=64, learning_rate=0.05)
+    assert records[-1].train_loss < 0.5 * records[0].train_loss
+    assert records[-1].train_acc > 0.8
+
+
+def test_same_seed_gives_the_same_metrics_and_a_record_per_epoch():
+    def run():
+        torch.manual_seed(3)
+        return _fit(build_model(norm="group", groups=4), epochs=2, seed=3)
+
+    first, second = run(), run()
+    assert [r.epoch for r in first] == [1, 2]
+    strip = [{k: v for k, v in r.metrics().items() if k != "epoch_seconds"} for r in first]
+    assert strip == [{k: v for k, v in r.metrics().items() if k != "epoch_seconds"} for r in second]
+
+
+def test_callback_sees_every_epoch_and_learning_rate_follows_one_cycle():
+    seen = []
+    torch.manual_seed(0)
+    _fit(
+        build_model(norm="layer", groups=1),
+        epochs=4,
+        warmup_epochs=1,
+        on_epoch_end=lambda record, state: seen.append((record, state.epoch)),
+    )
+    assert [epoch for _, epoch in seen] == [1, 2, 3, 4]
+    rates = [record.lr for record, _ in seen]
+    assert rates[0] < rates[1] and rates[1] > rates[2] > rates[3] > 0
+
+
+def test_evaluate_accuracy_agrees_with_its_predictions():
+    _, test, normalize = _splits()
+    result = engine.evaluate(build_model(norm="batch", groups=4), test, normalize=normalize)
+    assert result.predictions.shape == result.labels.shape == (len(test),)
+    assert result.accuracy == (result.predictions == result.labels).float().mean().item()
+
+
+def test_resuming_from_a_checkpoint_reaches_the_same_weights_bit_for_bit():
+    torch.manual_seed(7)
+    full_model = build_model(norm="batch", groups=4, dropout=0.1)
+    start = copy.deepcopy(full_model.state_dict())
+    checkpoints = {}
+
+    def keep(record, state):
+        checkpoints[record.epoch] = copy.deepcopy(state.state_dict())
+
+    full = _fit(full_model, epochs=3, seed=7, on_epoch_end=keep)
+
+    torch.manual_seed(7)
+    resumed_model = build_model(norm="batch", groups=4, dropout=0.1)
+    resumed_model.load_state_dict(start)
+    rest = _fit(resumed_model, epochs=3, seed=7, resume_from=checkpoints[1])
+    assert [r.epoch for r in rest] == [2, 3]
+    for name, tensor in full_model.state_dict().items():
+        assert torch.equal(tensor, resumed_model.state_dict()[name]), name
+    assert rest[-1].test_acc == full[-1].test_acc and rest[-1].train_loss == full[-1].train_loss
+
+
+def test_devices_and_precision_resolve_sensibly():
+    assert engine.resolve_device("cpu") == CPU
+    assert engine.resolve_device("auto").type in {"cpu", "cuda", "mps"}
+    assert engine.resolve_precision("fp32", CPU) is None
+    assert engine.resolve_precision("bf16", CPU) is torch.bfloat16
+    if not torch.cuda.is_available():
+        assert engine.resolve_precision("auto", CPU) is None

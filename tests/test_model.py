@@ -1,0 +1,107 @@
+import pytest
+import torch
+from torch import nn
+
+from pipeline.config import ConfigError
+from pipeline.model import (
+    LAYER_PLAN,
+    MAX_PARAMETERS,
+    build_model,
+    count_parameters,
+    receptive_fields,
+    summary,
+)
+
+VARIANTS = [("batch", 4), ("group", 2), ("group", 4), ("group", 8), ("layer", 1)]
+
+
+@pytest.mark.parametrize(("norm", "groups"), VARIANTS)
+def test_every_variant_stays_under_the_parameter_budget(norm, groups):
+    model = build_model(norm=norm, groups=groups)
+    counted = count_parameters(model)
+    # Counted independently of the helper: every tensor in the state that requires grad.
+    assert counted == sum(p.numel() for _, p in model.named_parameters())
+    assert 40_000 < counted <= MAX_PARAMETERS
+
+
+@pytest.mark.parametrize(("norm", "groups"), VARIANTS)
+def test_forward_gives_class_logits(norm, groups):
+    logits = build_model(norm=norm, groups=groups)(torch.randn(4, 3, 32, 32))
+    assert logits.shape == (4, 10)
+
+
+def test_the_layer_plan_is_kept_in_order_and_each_layer_runs_once():
+    model = build_model(norm="batch", groups=4)
+    names = [name for name, _ in model.named_children() if name in LAYER_PLAN]
+    assert tuple(names) == LAYER_PLAN
+    calls = []
+    for name, module in model.named_children():
+        module.register_forward_hook(lambda *_, name=name: calls.append(name))
+    model(torch.randn(2, 3, 32, 32))
+    assert [c for c in calls if c in LAYER_PLAN] == list(LAYER_PLAN)
+    convs = {
+        name: [m for m in module.modules() if isinstance(m, nn.Conv2d)]
+        for name, module in model.named_children()
+    }
+    for name in LAYER_PLAN:
+        expected = {"C": (3, 3), "c": (1, 1)}.get(name[0])
+        if expected:
+            assert len(convs[name]) == 1 and convs[name][0].kernel_size == expected, name
+        else:
+            assert convs[name] == [], name
+
+
+def _measured_receptive_field(model, upto):
+    """Measure the receptive field by back-propagating from one output unit through the
+    model's convolutions and pools (norms dropped: their statistics span the whole map)."""
+    layers = []
+    for name, module in model.named_children():
+        for layer in module.modules():
+            if isinstance(layer, nn.Conv2d):
+                probe = nn.Conv2d(
+                    1, 1, layer.kernel_size, padding=layer.padding, stride=layer.stride, bias=False
+                )
+                nn.init.constant_(probe.weight, 1.0)
+                layers.append(probe)
+            elif isinstance(layer, nn.MaxPool2d):
+                # Same geometry as the max-pool, but its gradient reaches every input.
+                layers.append(nn.AvgPool2d(layer.kernel_size, layer.stride))
+        if name == upto:
+            break
+    image = torch.ones(1, 1, 64, 64, requires_grad=True)  # big enough to avoid the border
+    out = nn.Sequential(*layers)(image)
+    out[0, 0, out.shape[2] // 2, out.shape[3] // 2].backward()
+    rows = image.grad[0, 0].abs().sum(dim=1).nonzero()
+    return int(rows.max() - rows.min() + 1)
+
+
+@pytest.mark.parametrize("layer", ["C1", "C2", "P1", "C5", "P2", "C8", "C9"])
+def test_receptive_field_matches_a_gradient_measurement(layer):
+    model = build_model(norm="batch", groups=4)
+    computed = {row.layer: row.receptive_field for row in receptive_fields(model)}
+    assert computed[layer] == _measured_receptive_field(model, layer)
+
+
+def test_receptive_field_grows_and_gap_sees_the_whole_image():
+    rows = receptive_fields(build_model(norm="layer", groups=1))
+    fields = [row.receptive_field for row in rows]
+    assert fields == sorted(fields)
+    gap = next(row for row in rows if row.layer == "GAP")
+    assert gap.receptive_field >= 32 and gap.output_size == 1
+
+
+def test_groups_that_do_not_divide_a_layer_are_rejected_naming_it():
+    with pytest.raises(ConfigError, match=r"C1 has 16 channels \(got groups=5"):
+        build_model(norm="group", groups=5)
+    with pytest.raises(ConfigError, match="groups=0"):
+        build_model(norm="group", groups=0)
+    with pytest.raises(ConfigError, match="norm must be one of batch, group, layer"):
+        build_model(norm="instance", groups=1)
+
+
+def test_summary_lists_each_layer_and_the_total():
+    model = build_model(norm="group", groups=4)
+    text = summary(model)
+    for name in LAYER_PLAN:
+        assert f"\n{name}" in text
+    assert f"{count_parameters(model):,}" in text

@@ -1,0 +1,464 @@
+"""The study: `mlflow run .` (the `main` workflow) end to end, compare's report, step reuse,
+the champion alias and registry lookups."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import multiprocessing
+import os
+import re
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from types import SimpleNamespace
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import yaml
+from conftest import REPO, mlflow_run, run_cli, write_image_folder
+from mlflow.tracking import MlflowClient
+from PIL import Image
+
+from pipeline import cli, compare, tracking
+from pipeline.engine import EpochMetrics
+
+NORMS = ("batch", "layer")
+STUDY_PARAMS = {
+    "norm": ",".join(NORMS),
+    "epochs": 2,
+    "warmup_epochs": 0.5,
+    "batch_size": 32,
+}
+EXPECTED_STEPS = {
+    "prepare-stats",
+    "train-batch-seed1",
+    "train-layer-seed1",
+    "evaluate-cifar10-batch-v1",
+    "evaluate-cifar10-layer-v1",
+    "compare",
+}
+
+
+# --------------------------------------------------------------------------- the study, run twice
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    """`mlflow run .` with no -e (so `main`) on synthetic data, then the same command again."""
+    base = tmp_path_factory.mktemp("study")
+    data = write_image_folder(base / "data")
+    uri = f"sqlite:///{base / 'mlflow.db'}"
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID")
+    }
+    env.update(
+        MLFLOW_TRACKING_URI=uri,
+        PIPELINE_CACHE_DIR=str(base / "cache"),
+        TQDM_DISABLE="1",
+        PYTHONPATH=str(REPO),
+    )
+    MlflowClient(tracking_uri=uri).search_experiments()  # create the schema once, up front
+    command = [sys.executable, "-m", "mlflow", "run", str(REPO), "--env-manager", "local"]
+    for key, value in {**STUDY_PARAMS, "data": data}.items():
+        command += ["-P", f"{key}={value}"]
+
+    def run():
+        return subprocess.run(
+            command, capture_output=True, text=True, timeout=900, env=env, cwd=base
+        )
+
+    first = run()
+    assert first.returncode == 0, first.stderr[-3000:]
+    second = run()
+    assert second.returncode == 0, second.stderr[-3000:]
+    return SimpleNamespace(
+        uri=uri, cache=str(base / "cache"), data=data, first=first, second=second
+    )
+
+
+@pytest.fixture
+def store(study, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", study.uri)
+    monkeypatch.setenv("PIPELINE_CACHE_DIR", study.cache)
+    return MlflowClient()
+
+
+def _all_runs() -> pd.DataFrame:
+    return mlflow.search_runs(search_all_experiments=True, order_by=["attributes.start_time ASC"])
+
+
+def _parents() -> pd.DataFrame:
+    runs = _all_runs()
+    return runs[runs["tags.mlflow.project.entryPoint"] == "main"].reset_index(drop=True)
+
+
+def _children(parent_id: str) -> pd.DataFrame:
+    runs = _all_runs()
+    return runs[runs["tags.mlflow.parentRunId"] == parent_id].set_index("tags.mlflow.runName")
+
+
+def _download_comparison(run_id: str) -> Path:
+    return Path(mlflow.artifacts.download_artifacts(f"runs:/{run_id}/comparison"))
+
+
+def test_main_is_the_default_entry_point_and_nests_every_step(store):
+    parents = _parents()
+    assert len(parents) == 2
+    assert set(parents["status"]) == {"FINISHED"}
+    assert parents.loc[0, "params.norm"] == "batch,layer"
+    children = _children(parents.loc[0, "run_id"])
+    assert set(children.index) == EXPECTED_STEPS
+    assert set(children["status"]) == {"FINISHED"}
+    prepare_id = children.loc["prepare-stats", "run_id"]
+    for norm in NORMS:
+        train = children.loc[f"train-{norm}-seed1"]
+        assert train["tags.mlflow.project.entryPoint"] == "train"
+        assert train["params.norm"] == norm
+        assert train["params.seed"] == "1"
+        # main's training parameters pass through to every train step
+        assert train["params.epochs"] == "2"
+        assert train["params.batch_size"] == "32"
+        assert train["params.warmup_epochs"] == "0.5"
+        assert train["params.stats"] == f"runs:/{prepare_id}/stats.json"
+        evaluation = children.loc[f"evaluate-cifar10-{norm}-v1"]
+        assert evaluation["params.model_uri"] == f"models:/cifar10-{norm}/1"
+        assert evaluation["tags.source_run_id"] == train["run_id"]
+
+
+def test_compare_report_has_every_artifact_and_the_childrens_numbers(store):
+    parent_id = _parents().loc[0, "run_id"]
+    children = _children(parent_id)
+    directory = _download_comparison(parent_id)
+    for name in (
+        "report.md",
+        "norms.csv",
+        "norms.md",
+        "runs.csv",
+        "per_class_accuracy.csv",
+        "plots/test_curves.png",
+        "plots/train_vs_test.png",
+        "plots/misclassified.png",
+        "plots/per_class_accuracy.png",
+    ):
+        assert (directory / name).is_file(), name
+    report = (directory / "report.md").read_text()
+    links = re.findall(r"\]\(([^)]+)\)", report)
+    assert "plots/misclassified.png" in links
+    for link in links:
+        assert not link.startswith(("/", "http")) and (directory / link).is_file(), link
+
+    with open(directory / "norms.csv") as handle:
+        table = {row["norm"]: row for row in csv.DictReader(handle)}
+    assert list(table) == list(NORMS)
+    per_class = pd.read_csv(directory / "per_class_accuracy.csv", index_col="class")
+    for norm in NORMS:
+        train = children.loc[f"train-{norm}-seed1"]
+        history = store.get_metric_history(train["run_id"], "test_acc")
+        assert [m.step for m in sorted(history, key=lambda m: m.step)] == [1, 2]
+        row = table[norm]
+        assert row["runs"] == "1" and row["seeds"] == "1" and row["epochs"] == "2"
+        assert float(row["final_test_acc_mean"]) == pytest.approx(train["metrics.test_acc"])
+        assert float(row["best_test_acc_mean"]) == pytest.approx(max(m.value for m in history))
+        assert float(row["final_train_acc_mean"]) == pytest.approx(train["metrics.train_acc"])
+        assert float(row["train_test_gap_mean"]) == pytest.approx(
+            train["metrics.train_acc"] - train["metrics.test_acc"]
+        )
+        seconds = [m.value for m in store.get_metric_history(train["run_id"], "epoch_seconds")]
+        assert float(row["epoch_seconds_mean"]) == pytest.approx(np.mean(seconds))
+        assert row["final_test_acc_std"] == ""  # one seed: no spread to report
+
+        evaluation_id = children.loc[f"evaluate-cifar10-{norm}-v1", "run_id"]
+        logged = json.loads(
+            Path(
+                mlflow.artifacts.download_artifacts(f"runs:/{evaluation_id}/evaluation.json")
+            ).read_text()
+        )
+        for name, accuracy in logged["per_class_accuracy"].items():
+            assert per_class.loc[name, norm] == pytest.approx(accuracy)
+
+    leader = max(NORMS, key=lambda n: float(table[n]["final_test_acc_mean"]))
+    findings = report.split("## Findings", 1)[1].split("##", 1)[0]
+    assert f"**{leader}** norm leads" in findings
+    assert "one seed per norm" in findings
+
+
+def test_rerunning_main_reuses_finished_steps(study, store):
+    assert study.second.stdout.count("reusing finished run") == len(EXPECTED_STEPS) - 1
+    assert "step compare: running" in study.second.stdout
+    runs = _all_runs()
+    real_trains = runs[runs["tags.mlflow.project.entryPoint"] == "train"]
+    assert len(real_trains) == len(NORMS)  # nothing was trained twice
+    first, second = _parents()["run_id"]
+    before, after = _children(first), _children(second)
+    assert set(after.index) == EXPECTED_STEPS
+    assert set(after["status"]) == {"FINISHED"}
+    for name in EXPECTED_STEPS - {"compare"}:
+        assert after.loc[name, "tags.reused_run_id"] == before.loc[name, "run_id"]
+    assert pd.isna(after.loc["compare", "tags.reused_run_id"])
+    # the second study's report follows the pointers to the same runs and numbers
+    old = pd.read_csv(_download_comparison(first) / "norms.csv")
+    new = pd.read_csv(_download_comparison(second) / "norms.csv")
+    pd.testing.assert_frame_equal(old, new)
+
+
+def test_registry_lookups_by_version_and_alias_resolve_to_the_training_run(store):
+    children = _children(_parents().loc[0, "run_id"])
+    for norm in NORMS:
+        train_id = children.loc[f"train-{norm}-seed1", "run_id"]
+        by_version = tracking.resolve_model_uri(f"models:/cifar10-{norm}/1")
+        by_alias = tracking.resolve_model_uri(f"models:/cifar10-{norm}@champion")
+        assert by_version.run_id == by_alias.run_id == train_id
+        version = store.get_model_version(f"cifar10-{norm}", "1")
+        assert version.tags["norm"] == norm and version.tags["seed"] == "1"
+        assert version.tags["run_id"] == train_id
+        assert float(version.tags["test_acc"]) == pytest.approx(
+            children.loc[f"train-{norm}-seed1", "metrics.test_acc"], abs=1e-4
+        )
+
+    listed = run_cli("registry", "list")
+    assert listed.returncode == 0, listed.stderr
+    assert "cifar10-batch" in listed.stdout and "cifar10-layer" in listed.stdout
+    assert "champion" in listed.stdout
+    shown = run_cli("registry", "show", "cifar10-layer")
+    assert shown.returncode == 0, shown.stderr
+    assert "cifar10-layer@champion: version 1" in shown.stdout
+    assert "train_acc" in shown.stdout
+    missing = run_cli("registry", "promote", "cifar10-layer", "99")
+    assert missing.returncode == 1
+    assert missing.stderr.strip().startswith("error: cannot promote cifar10-layer version 99")
+    assert len(missing.stderr.strip().splitlines()) == 1
+
+
+def test_evaluate_accepts_the_champion_alias(study, store):
+    children = _children(_parents().loc[0, "run_id"])
+    result = mlflow_run(
+        "evaluate", {"model_uri": "models:/cifar10-layer@champion", "data": study.data}
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = _all_runs()
+    latest = runs[runs["tags.model_uri"] == "models:/cifar10-layer@champion"].iloc[-1]
+    assert latest["status"] == "FINISHED"
+    assert latest["tags.mlflow.runName"] == "evaluate-cifar10-layer-v1"
+    assert latest["tags.source_run_id"] == children.loc["train-layer-seed1", "run_id"]
+    assert latest["metrics.test_acc"] == pytest.approx(
+        children.loc["train-layer-seed1", "metrics.test_acc"]
+    )
+
+
+# --------------------------------------------------------------------------- a failing step
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_a_failed_step_fails_the_study_and_keeps_finished_steps(tracking_store, image_folder):
+    result = mlflow_run(
+        "main",
+        {"norm": "layer", "device": "cuda", "epochs": 1, "warmup_epochs": 0, "data": image_folder},
+    )
+    assert result.returncode != 0
+    assert "error: step train-layer-seed1 failed: " in result.stderr
+    assert "device 'cuda' is not available" in result.stderr
+    parent = _parents().iloc[0]
+    assert parent["status"] == "FAILED"
+    children = _children(parent["run_id"])
+    assert children.loc["prepare-stats", "status"] == "FINISHED"
+    assert children.loc["train-layer-seed1", "status"] == "FAILED"
+    assert "compare" not in children.index
+
+
+def test_main_rejects_bad_values_before_starting_a_step(tracking_store):
+    result = run_cli("main", "--norm", "batch,instance")
+    assert result.returncode == 1
+    assert "norm must be one of batch, group, layer (got 'instance')" in result.stderr
+    result = run_cli("main", "--seeds", "0")
+    assert result.returncode == 1
+    assert "seeds must be between 1 and 100 (got 0)" in result.stderr
+    assert _all_runs().empty
+
+
+# --------------------------------------------------------------------------- champion alias
+
+
+def _register(client: MlflowClient, name: str, test_acc: float, index: int) -> str:
+    version = client.create_model_version(
+        name, source=f"/tmp/not-a-model-{index}", tags={"test_acc": f"{test_acc:.4f}"}
+    )
+    return str(version.version)
+
+
+def _champion(client: MlflowClient, name: str) -> str:
+    return str(client.get_model_version_by_alias(name, tracking.CHAMPION).version)
+
+
+def test_champion_moves_only_to_a_better_version(tracking_store):
+    client = MlflowClient()
+    client.create_registered_model("cifar10-test")
+    steps = [(0.50, "1"), (0.40, "1"), (0.70, "3"), (0.70, "3"), (0.71, "5")]
+    for index, (accuracy, expected) in enumerate(steps):
+        _register(client, "cifar10-test", accuracy, index)
+        assert tracking.update_champion("cifar10-test") == expected
+        assert _champion(client, "cifar10-test") == expected
+
+
+def _register_and_update(name: str, accuracy: float, index: int, barrier) -> None:
+    client = MlflowClient()
+    barrier.wait()
+    _register(client, name, accuracy, index)
+    tracking.update_champion(name)
+
+
+ACCURACIES = (0.61, 0.74, 0.55, 0.70)
+
+
+def test_champion_is_the_best_when_threads_finish_together(tracking_store):
+    client = MlflowClient()
+    client.create_registered_model("cifar10-threads")
+    barrier = threading.Barrier(len(ACCURACIES))
+    threads = [
+        threading.Thread(target=_register_and_update, args=("cifar10-threads", a, i, barrier))
+        for i, a in enumerate(ACCURACIES)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    best = max(
+        client.search_model_versions("name = 'cifar10-threads'"),
+        key=lambda v: float(v.tags["test_acc"]),
+    )
+    assert best.tags["test_acc"] == "0.7400"
+    assert _champion(client, "cifar10-threads") == str(best.version)
+
+
+def test_champion_is_the_best_when_processes_finish_together(tracking_store):
+    client = MlflowClient()
+    client.create_registered_model("cifar10-processes")
+    context = multiprocessing.get_context("spawn")
+    barrier = context.Barrier(3)
+    workers = [
+        context.Process(target=_register_and_update, args=("cifar10-processes", a, i, barrier))
+        for i, a in enumerate(ACCURACIES[:3])
+    ]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(timeout=180)
+        assert worker.exitcode == 0
+    versions = client.search_model_versions("name = 'cifar10-processes'")
+    assert len(versions) == 3
+    best = max(versions, key=lambda v: float(v.tags["test_acc"]))
+    assert best.tags["test_acc"] == "0.7400"
+    assert _champion(client, "cifar10-processes") == str(best.version)
+
+
+# --------------------------------------------------------------------------- compare, offline
+
+
+def _fake_study(tmp_path: Path, finals: dict[str, list[float]]) -> compare.Study:
+    """Train/evaluate rows as mlflow.search_runs returns them, with two-epoch histories."""
+    rows, histories, evaluations, grids = [], {}, {}, {}
+    for norm, accuracies in finals.items():
+        for seed, accuracy in enumerate(accuracies, start=1):
+            run_id = f"{norm}{seed}"
+            rows.append(
+                {
+                    "run_id": run_id,
+                    "status": "FINISHED",
+                    "tags.step": "train",
+                    "tags.mlflow.runName": f"train-{norm}-seed{seed}",
+                    "params.norm": norm,
+                    "params.seed": str(seed),
+                    "params.epochs": "2",
+                    "params.data": "'~/data'",
+                }
+            )
+            histories[run_id] = [
+                EpochMetrics(1, 1.5, accuracy - 0.2, 1.4, accuracy - 0.1, 0.1, 2.0),
+                EpochMetrics(2, 1.0, accuracy + 0.02, 1.1, accuracy, 0.0, 3.0),
+            ]
+            rows.append(
+                {
+                    "run_id": f"eval-{run_id}",
+                    "status": "FINISHED",
+                    "tags.step": "evaluate",
+                    "tags.mlflow.runName": f"evaluate-cifar10-{norm}-v{seed}",
+                    "tags.norm": norm,
+                    "tags.seed": str(seed),
+                }
+            )
+            evaluations[f"eval-{run_id}"] = {
+                "per_class_accuracy": {"cat": accuracy, "dog": accuracy / 2}
+            }
+            grid = tmp_path / f"{run_id}.png"
+            Image.fromarray(np.full((20, 30, 3), 40 * seed, dtype=np.uint8)).save(grid)
+            grids[run_id] = grid
+    return compare.build_study(
+        pd.DataFrame(rows), histories, evaluations=evaluations, misclassified=grids, source="test"
+    )
+
+
+def test_norm_table_is_mean_and_std_over_seeds(tmp_path):
+    finals = {"layer": [0.60, 0.62, 0.64], "batch": [0.70, 0.71, 0.72]}
+    study = _fake_study(tmp_path, finals)
+    assert study.norms == ["batch", "layer"]
+    table = compare.norm_table(study).set_index("norm")
+    for norm, values in finals.items():
+        assert table.loc[norm, "runs"] == 3
+        assert table.loc[norm, "final_test_acc_mean"] == pytest.approx(np.mean(values))
+        assert table.loc[norm, "final_test_acc_std"] == pytest.approx(np.std(values, ddof=1))
+        assert table.loc[norm, "train_test_gap_mean"] == pytest.approx(0.02)
+        assert table.loc[norm, "epoch_seconds_mean"] == pytest.approx(2.5)
+    notes = compare.findings(compare.norm_table(study))
+    assert notes[0].startswith("**batch** norm leads on final test accuracy with 71.00%")
+    assert "9.00 points ahead of layer" in notes[0]
+    assert "more than twice the seed spread" in notes[1]
+    classes = compare.per_class_table(study)
+    assert classes.loc["dog", "layer"] == pytest.approx(np.mean(finals["layer"]) / 2)
+
+
+def test_findings_call_a_margin_inside_the_seed_spread_a_tie(tmp_path):
+    study = _fake_study(tmp_path, {"group": [0.50, 0.60, 0.55], "layer": [0.56, 0.52, 0.54]})
+    notes = compare.findings(compare.norm_table(study))
+    assert any("within the seed spread" in note for note in notes)
+    assert any("under-fitting" in note for note in notes)  # train accuracy below 60%
+
+
+def test_report_renders_with_relative_links(tmp_path):
+    study = _fake_study(tmp_path, {"batch": [0.7, 0.72], "group": [0.65, 0.66]})
+    report = compare.write_report(study, tmp_path / "out")
+    text = report.read_text()
+    for link in re.findall(r"\]\(([^)]+)\)", text):
+        assert (report.parent / link).is_file(), link
+    assert "70.00 ± 1.41" not in text  # the headline is a mean, not one seed
+    assert "71.00 ± 1.41" in text
+    assert not math.isnan(float(pd.read_csv(report.parent / "norms.csv")["epochs"][0]))
+
+
+# --------------------------------------------------------------------------- MLproject
+
+
+def test_mlproject_main_and_compare_match_their_commands():
+    entry_points = yaml.safe_load((REPO / "MLproject").read_text())["entry_points"]
+    commands = {"main": cli.study, "compare": cli.compare_command}
+    for name, command in commands.items():
+        parameters = entry_points[name]["parameters"]
+        options = {option.name: option for option in command.params}
+        assert set(parameters) == set(options), name
+        for key, spec in parameters.items():
+            default = options[key].default
+            if spec["type"] == "float":
+                assert float(spec["default"]) == pytest.approx(float(default)), key
+            else:
+                assert str(spec["default"]) == str(default) or key == "data", key
+    train = entry_points["train"]["parameters"]
+    main = entry_points["main"]["parameters"]
+    assert main["norm"]["default"] == "batch,group,layer"
+    assert main["seeds"]["default"] == 1
+    for key, spec in train.items():
+        if key not in ("norm", "seed", "resume"):
+            assert main[key] == spec, key
