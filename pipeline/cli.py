@@ -6,7 +6,6 @@ call these commands with the same parameter names.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import logging
@@ -459,23 +458,7 @@ def study(norm: str, seeds: int, **train_options) -> None:
     )
 
 
-def _study_option(option: click.Option) -> click.Option:
-    """train's option as is, except registered_model keeps its `{norm}` placeholder (the
-    TrainConfig() that train's defaults come from has already filled in `batch`)."""
-    if option.name != "registered_model":
-        return option
-    copied = copy.copy(option)
-    copied.default = next(
-        field.default
-        for field in dataclasses.fields(TrainConfig)
-        if field.name == "registered_model"
-    )
-    return copied
-
-
-study.params.extend(
-    _study_option(option) for option in train.params if option.name not in _NOT_STUDY_OPTIONS
-)
+study.params.extend(option for option in train.params if option.name not in _NOT_STUDY_OPTIONS)
 
 
 # --------------------------------------------------------------------------- compare

@@ -222,3 +222,38 @@ def test_batches_are_reproducible_from_the_generator_seed():
 
     assert torch.equal(first_batch(5), first_batch(5))
     assert not torch.equal(first_batch(5), first_batch(6))
+
+
+def test_default_directory_downloads_through_torchvision_then_reads_the_pickles(
+    tmp_path, monkeypatch, cifar_pickles
+):
+    """The users' default path: an empty CIFAR-10 directory is filled by torchvision."""
+    import shutil
+
+    import torchvision
+
+    calls = []
+
+    def fake_download(root, train, download):
+        calls.append((root, download))
+        shutil.copytree(cifar_pickles / data.CIFAR_BATCHES, f"{root}/{data.CIFAR_BATCHES}")
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", fake_download)
+    target = tmp_path / "cifar10"
+    target.mkdir()
+    dataset = data.load_dataset(target)
+    assert calls == [(str(target), True)]
+    assert dataset.train_images.shape == (TRAIN_PER_CLASS * 10, 32, 32, 3)
+
+
+def test_failed_download_says_how_to_use_a_local_copy(tmp_path, monkeypatch):
+    import torchvision
+
+    def offline(root, train, download):
+        raise OSError("network is unreachable")
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", offline)
+    target = tmp_path / "cifar10"
+    target.mkdir()
+    with pytest.raises(DataError, match="downloading it failed .*pass data=<folder or .tar.gz>"):
+        data.load_dataset(target)
