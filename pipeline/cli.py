@@ -159,6 +159,18 @@ def prepare_stats(data: str) -> None:
     click.echo(f"mean {stats.mean}  std {stats.std}")
 
 
+# --------------------------------------------------------------------------- summary
+
+
+@cli.command("summary")
+@click.option("--norm", default=_DEFAULTS.norm, help="batch, group or layer.")
+@click.option("--groups", type=int, default=_DEFAULTS.groups, help="Groups for norm=group.")
+def model_summary(norm: str, groups: int) -> None:
+    """Print the model: output shape, parameters and receptive field of each layer."""
+    TrainConfig(norm=norm, groups=groups)  # the same validation as train
+    click.echo(summary(build_model(norm=norm, groups=groups)))
+
+
 # --------------------------------------------------------------------------- train
 
 

@@ -58,13 +58,15 @@ def make_norm(norm: str, channels: int, *, groups: int, layer: str) -> nn.Module
     if groups < 1 or channels % groups:
         raise ConfigError(
             f"groups must divide the channels of every layer: {layer} has {channels} channels "
-            f"(got groups={groups}; allowed: {', '.join(map(str, divisors(channels)))})"
+            f"(got groups={groups})"
         )
     return nn.GroupNorm(groups, channels)
 
 
-def divisors(number: int) -> list[int]:
-    return [d for d in range(1, number + 1) if number % d == 0]
+def allowed_groups(widths: dict[str, int]) -> list[int]:
+    """Group counts that divide the channels of every normalized layer."""
+    normalized = [w for name, w in widths.items() if name != "c10"]
+    return [g for g in range(1, min(normalized) + 1) if all(w % g == 0 for w in normalized)]
 
 
 class ConvBlock(nn.Sequential):
@@ -115,6 +117,13 @@ class Net(nn.Sequential):
         widths: dict[str, int] | None = None,
     ) -> None:
         widths = {**WIDTHS, **(widths or {})}
+        if norm == "group" and groups not in allowed_groups(widths):
+            layer = next((n for n, w in widths.items() if groups < 1 or w % groups), "C1")
+            allowed = ", ".join(map(str, allowed_groups(widths)))
+            raise ConfigError(
+                f"groups must divide the channels of every layer: {layer} has {widths[layer]} "
+                f"channels (got groups={groups}; allowed: {allowed})"
+            )
         if standardize is None:
             standardize = norm != "batch"
         layers: list[tuple[str, nn.Module]] = []
