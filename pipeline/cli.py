@@ -215,8 +215,23 @@ def train(**options) -> None:
     train_model(config)
 
 
-def train_model(config: TrainConfig) -> str:
-    """Train, log and register one model; returns the run id."""
+@dataclasses.dataclass(frozen=True)
+class TrainingSetup:
+    """What `train` builds from its config before the first step (no MLflow involved)."""
+
+    model: torch.nn.Module
+    parameters: int
+    dataset: datasets.ArrayDataset
+    stats: DatasetStats
+    device: torch.device
+    autocast_dtype: torch.dtype | None
+    normalize: datasets.Normalizer
+    train_split: datasets.DeviceSplit
+    test_split: datasets.DeviceSplit
+
+
+def prepare_training(config: TrainConfig) -> TrainingSetup:
+    """Seeded model, data on the device, layout and precision: the defaults `train` runs."""
     torch.manual_seed(config.seed)  # the initial weights depend on the seed alone
     model = build_model(norm=config.norm, groups=config.groups, dropout=config.dropout)
     parameters = count_parameters(model)
@@ -225,18 +240,61 @@ def train_model(config: TrainConfig) -> str:
             f"the model has {parameters:,} parameters; the limit is {MAX_PARAMETERS:,}"
         )
     device = engine.resolve_device(config.device)
-    autocast_dtype = engine.resolve_precision(config.precision, device)
-    tracking.check_store()
     engine.configure_threads()
     dataset = datasets.load_dataset(config.data)
     stats = _load_stats(config.stats, dataset)
-    resume_state = tracking.load_checkpoint(config.resume) if config.resume else None
-
     memory_format = engine.memory_format_for(config.norm, device)
-    model = model.to(device=device, memory_format=memory_format)
-    normalize = datasets.Normalizer(stats, device=device, memory_format=memory_format)
-    train_split = datasets.to_device(dataset.train_images, dataset.train_labels, device=device)
-    test_split = datasets.to_device(dataset.test_images, dataset.test_labels, device=device)
+    return TrainingSetup(
+        model=model.to(device=device, memory_format=memory_format),
+        parameters=parameters,
+        dataset=dataset,
+        stats=stats,
+        device=device,
+        autocast_dtype=engine.resolve_precision(config.precision, device),
+        normalize=datasets.Normalizer(stats, device=device, memory_format=memory_format),
+        train_split=datasets.to_device(dataset.train_images, dataset.train_labels, device=device),
+        test_split=datasets.to_device(dataset.test_images, dataset.test_labels, device=device),
+    )
+
+
+def fit(
+    setup: TrainingSetup,
+    config: TrainConfig,
+    *,
+    resume_from: dict | None = None,
+    on_epoch_end=None,
+) -> list[engine.EpochMetrics]:
+    """`engine.fit` with the config's recipe."""
+    return engine.fit(
+        setup.model,
+        setup.train_split,
+        setup.test_split,
+        normalize=setup.normalize,
+        epochs=config.epochs,
+        batch_size=config.batch_size,
+        learning_rate=config.learning_rate,
+        momentum=config.momentum,
+        weight_decay=config.weight_decay,
+        label_smoothing=config.label_smoothing,
+        warmup_epochs=config.warmup_epochs,
+        seed=config.seed,
+        autocast_dtype=setup.autocast_dtype,
+        resume_from=resume_from,
+        on_epoch_end=on_epoch_end,
+    )
+
+
+def _precision_name(autocast_dtype: torch.dtype | None) -> str:
+    return str(autocast_dtype).removeprefix("torch.") if autocast_dtype else "fp32"
+
+
+def train_model(config: TrainConfig) -> str:
+    """Train, log and register one model; returns the run id."""
+    engine.resolve_device(config.device)  # a missing device fails before the store is touched
+    tracking.check_store()
+    setup = prepare_training(config)
+    resume_state = tracking.load_checkpoint(config.resume) if config.resume else None
+    model, dataset = setup.model, setup.dataset
     fields = receptive_fields(model)
     run_name = f"train-{config.norm}-seed{config.seed}"
     tags = {"step": "train", "norm": config.norm, "groups": str(config.groups)}
@@ -244,10 +302,10 @@ def train_model(config: TrainConfig) -> str:
         tracking.log_params(
             {
                 **config.as_params(),
-                "num_params": str(parameters),
+                "num_params": str(setup.parameters),
                 "receptive_field": str(fields[-3].receptive_field),  # after C9, before GAP
-                "device": str(device),
-                "autocast": str(autocast_dtype).replace("torch.", "") if autocast_dtype else "fp32",
+                "device": str(setup.device),
+                "autocast": _precision_name(setup.autocast_dtype),
             }
         )
         tracking.log_dataset(
@@ -257,8 +315,10 @@ def train_model(config: TrainConfig) -> str:
         tracking.log_dict(
             {row.layer: dataclasses.asdict(row) for row in fields}, "receptive_field.json"
         )
-        tracking.log_text(stats.to_json(), "stats.json")
-        click.echo(f"run {run_id}: {config.norm} norm, {parameters:,} parameters, on {device}")
+        tracking.log_text(setup.stats.to_json(), "stats.json")
+        click.echo(
+            f"run {run_id}: {config.norm} norm, {setup.parameters:,} parameters, on {setup.device}"
+        )
 
         def on_epoch_end(record: engine.EpochMetrics, state: engine.TrainingState) -> None:
             tracking.log_epoch(record)
@@ -271,28 +331,12 @@ def train_model(config: TrainConfig) -> str:
             )
 
         started = time.perf_counter()
-        records = engine.fit(
-            model,
-            train_split,
-            test_split,
-            normalize=normalize,
-            epochs=config.epochs,
-            batch_size=config.batch_size,
-            learning_rate=config.learning_rate,
-            momentum=config.momentum,
-            weight_decay=config.weight_decay,
-            label_smoothing=config.label_smoothing,
-            warmup_epochs=config.warmup_epochs,
-            seed=config.seed,
-            autocast_dtype=autocast_dtype,
-            resume_from=resume_state,
-            on_epoch_end=on_epoch_end,
-        )
+        records = fit(setup, config, resume_from=resume_state, on_epoch_end=on_epoch_end)
         if records:
             tracking.log_metrics({"train_seconds": time.perf_counter() - started})
         history = tracking.metric_history(run_id)
         final = engine.evaluate(
-            model, test_split, normalize=normalize, autocast_dtype=autocast_dtype
+            model, setup.test_split, normalize=setup.normalize, autocast_dtype=setup.autocast_dtype
         )
         tracking.log_figure(plots.training_curves(history, title=run_name), "plots/curves.png")
         tracking.log_figure(
@@ -305,7 +349,7 @@ def train_model(config: TrainConfig) -> str:
             ),
             "plots/misclassified.png",
         )
-        example = normalize(test_split.images[:8]).cpu().contiguous()
+        example = setup.normalize(setup.test_split.images[:8]).cpu().contiguous()
         model_uri = tracking.log_model(model.cpu(), input_example=example.numpy())
         if config.registered_model:
             version = tracking.register_model(

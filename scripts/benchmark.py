@@ -46,7 +46,7 @@ from torch import nn
 
 from pipeline import data as datasets
 from pipeline import engine, tracking
-from pipeline.cli import train_model
+from pipeline.cli import fit, prepare_training, train_model
 from pipeline.config import ConfigError, TrainConfig, parse_norms
 from pipeline.model import build_model
 
@@ -404,36 +404,15 @@ def train_untracked(
     *,
     on_epoch_end: Callable[[engine.EpochMetrics, engine.TrainingState], None] | None = None,
 ) -> None:
-    """The work of `train_model` without MLflow: load, build, `engine.fit`, final evaluation."""
-    device = engine.resolve_device(config.device)
-    autocast_dtype = engine.resolve_precision(config.precision, device)
-    engine.configure_threads()
-    torch.manual_seed(config.seed)
-    model = build_model(norm=config.norm, groups=config.groups, dropout=config.dropout)
-    dataset = datasets.load_dataset(config.data)
-    stats = datasets.cached_stats(dataset)
-    memory_format = engine.memory_format_for(config.norm, device)
-    model = model.to(device=device, memory_format=memory_format)
-    normalize = datasets.Normalizer(stats, device=device, memory_format=memory_format)
-    train_split = datasets.to_device(dataset.train_images, dataset.train_labels, device=device)
-    test_split = datasets.to_device(dataset.test_images, dataset.test_labels, device=device)
-    engine.fit(
-        model,
-        train_split,
-        test_split,
-        normalize=normalize,
-        epochs=config.epochs,
-        batch_size=config.batch_size,
-        learning_rate=config.learning_rate,
-        momentum=config.momentum,
-        weight_decay=config.weight_decay,
-        label_smoothing=config.label_smoothing,
-        warmup_epochs=config.warmup_epochs,
-        seed=config.seed,
-        autocast_dtype=autocast_dtype,
-        on_epoch_end=on_epoch_end,
+    """The work of `train_model` without MLflow: the same setup, `fit` and final evaluation."""
+    setup = prepare_training(config)
+    fit(setup, config, on_epoch_end=on_epoch_end)
+    engine.evaluate(
+        setup.model,
+        setup.test_split,
+        normalize=setup.normalize,
+        autocast_dtype=setup.autocast_dtype,
     )
-    engine.evaluate(model, test_split, normalize=normalize, autocast_dtype=autocast_dtype)
 
 
 def log_each_epoch(record: engine.EpochMetrics, state: engine.TrainingState) -> None:
