@@ -50,10 +50,21 @@ def misclassified_grid(
     count: int = 25,
     title: str = "Misclassified test images",
 ) -> Figure:
-    """The first `count` misclassified images, each titled with its true and predicted class."""
-    wrong = np.flatnonzero(labels != predictions)[:count]
+    """Up to `count` misclassified images, taken from every true class in turn (the test split
+    is often sorted by class), each titled with its true and predicted class."""
+    wrong = _round_robin_by_class(np.flatnonzero(labels != predictions), labels, count=count)
     titles = [f"true: {classes[labels[i]]}\npred: {classes[predictions[i]]}" for i in wrong]
     return image_grid(images[wrong], titles, suptitle=f"{title} ({len(wrong)} shown)")
+
+
+def _round_robin_by_class(indices: np.ndarray, labels: np.ndarray, *, count: int) -> np.ndarray:
+    queues = [list(indices[labels[indices] == c]) for c in np.unique(labels[indices])]
+    picked: list[int] = []
+    while len(picked) < count and any(queues):
+        for queue in queues:
+            if queue and len(picked) < count:
+                picked.append(queue.pop(0))
+    return np.array(picked, dtype=np.int64)
 
 
 def class_samples(
