@@ -76,9 +76,8 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
 
 
 def memory_format_for(norm: str, device: torch.device) -> torch.memory_format:
-    """channels_last speeds up convs with BatchNorm; GroupNorm kernels prefer NCHW on the CPU."""
-    if device.type == "cpu" and norm != "batch":
-        return torch.contiguous_format
+    """channels_last for every norm: on this project's AVX2 CPU it measured 1.1-1.3x faster than
+    NCHW with batch, group and layer norm alike (scripts/benchmark.py, layouts table)."""
     return torch.channels_last
 
 
