@@ -144,6 +144,18 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def timed_steps(
+    train_steps: Callable[[int], None], *, warmup_steps: int, steps: int, device: torch.device
+) -> float:
+    """Seconds for `steps` steps after `warmup_steps` untimed ones."""
+    train_steps(warmup_steps)
+    synchronize(device)
+    started = time.perf_counter()
+    train_steps(steps)
+    synchronize(device)
+    return time.perf_counter() - started
+
+
 def cpu_model() -> str:
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -245,12 +257,7 @@ def measure_reference(
             optimizer.step()
 
     # One stream for warm-up and timed steps: the timer starts with the loader in steady state.
-    train_steps(warmup_steps)
-    synchronize(device)
-    started = time.perf_counter()
-    train_steps(steps)
-    synchronize(device)
-    seconds = time.perf_counter() - started
+    seconds = timed_steps(train_steps, warmup_steps=warmup_steps, steps=steps, device=device)
     return Measurement(
         norm=norm,
         path=f"reference ({workers} worker{'' if workers == 1 else 's'})",
@@ -322,12 +329,7 @@ def measure_training(
             description=f"{norm} {path}",
         )
 
-    train_steps(warmup_steps)
-    synchronize(device)
-    started = time.perf_counter()
-    train_steps(steps)
-    synchronize(device)
-    seconds = time.perf_counter() - started
+    seconds = timed_steps(train_steps, warmup_steps=warmup_steps, steps=steps, device=device)
     return Measurement(
         norm=norm,
         path=path,

@@ -15,19 +15,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from pipeline.data import CIFAR10_CLASSES
+
 REPO = Path(__file__).resolve().parents[1]
-CLASSES = (
-    "airplane",
-    "automobile",
-    "bird",
-    "cat",
-    "deer",
-    "dog",
-    "frog",
-    "horse",
-    "ship",
-    "truck",
-)
+CLASSES = CIFAR10_CLASSES
 TRAIN_PER_CLASS = 24
 TEST_PER_CLASS = 6
 
