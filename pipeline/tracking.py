@@ -6,7 +6,6 @@ import contextlib
 import dataclasses
 import fcntl
 import hashlib
-import json
 import logging
 import os
 import shlex
@@ -166,10 +165,6 @@ def log_text(text: str, path: str) -> None:
 
 def log_dict(payload: dict, path: str) -> None:
     mlflow.log_dict(payload, path)
-
-
-def log_artifact(local_path: str | Path, artifact_path: str | None = None) -> None:
-    mlflow.log_artifact(str(local_path), artifact_path)
 
 
 def log_dataset(*, name: str, source: str, digest: str, context: str) -> None:
@@ -387,10 +382,6 @@ def registry_rows(name: str | None = None) -> list[dict[str, str]]:
                 }
             )
     return sorted(rows, key=lambda r: (r["name"], int(r["version"])))
-
-
-def dumps(payload: dict) -> str:
-    return json.dumps(payload, indent=2, sort_keys=True)
 
 
 def run_metrics(run_id: str) -> dict[str, float]:
