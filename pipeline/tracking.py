@@ -562,9 +562,3 @@ def _concat(first, second):
 def log_artifacts(local_dir: str | Path, artifact_path: str, *, run_id: str) -> None:
     """Log a directory into `run_id` (which may be another run than the active one)."""
     MlflowClient().log_artifacts(run_id, str(local_dir), artifact_path)
-
-
-def set_run_tags(run_id: str, tags: dict[str, str]) -> None:
-    client = MlflowClient()
-    for key, value in tags.items():
-        client.set_tag(run_id, key, value)
