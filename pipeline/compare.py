@@ -274,22 +274,16 @@ def _norm_order_key(column: pd.Series) -> pd.Series:
 def readable_norm_table(table: pd.DataFrame) -> pd.DataFrame:
     """norm_table with accuracies as `mean ± std` percentages, for the Markdown report."""
     out = table[["norm", "runs", "seeds", *TABLE_PARAMS]].copy()
-    out["final test acc %"] = [
-        _percent(m, s)
-        for m, s in zip(table["final_test_acc_mean"], table["final_test_acc_std"], strict=True)
-    ]
-    out["best test acc %"] = [
-        _percent(m, s)
-        for m, s in zip(table["best_test_acc_mean"], table["best_test_acc_std"], strict=True)
-    ]
-    out["final train acc %"] = [
-        _percent(m, s)
-        for m, s in zip(table["final_train_acc_mean"], table["final_train_acc_std"], strict=True)
-    ]
-    out["train-test gap (points)"] = [
-        _percent(m, s)
-        for m, s in zip(table["train_test_gap_mean"], table["train_test_gap_std"], strict=True)
-    ]
+    for label, prefix in (
+        ("final test acc %", "final_test_acc"),
+        ("best test acc %", "best_test_acc"),
+        ("final train acc %", "final_train_acc"),
+        ("train-test gap (points)", "train_test_gap"),
+    ):
+        out[label] = [
+            _percent(m, s)
+            for m, s in zip(table[f"{prefix}_mean"], table[f"{prefix}_std"], strict=True)
+        ]
     out["epoch s"] = [f"{s:.1f}" for s in table["epoch_seconds_mean"]]
     return out
 
