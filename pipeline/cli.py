@@ -6,6 +6,7 @@ call these commands with the same parameter names.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -22,7 +23,7 @@ import torch
 
 from pipeline import compare as comparison
 from pipeline import data as datasets
-from pipeline import engine, plots, tracking, workflow
+from pipeline import engine, plots, tracking, training, workflow
 from pipeline.config import (
     MAX_EPOCHS,
     NORMS,
@@ -33,7 +34,7 @@ from pipeline.config import (
     parse_norms,
 )
 from pipeline.data import DataError, DatasetStats
-from pipeline.model import MAX_PARAMETERS, build_model, count_parameters, receptive_fields, summary
+from pipeline.model import build_model, receptive_fields, summary
 
 log = logging.getLogger("pipeline")
 
@@ -49,6 +50,20 @@ def _setup_logging(verbose: bool) -> None:
     )
     for noisy in ("mlflow", "alembic", "urllib3", "matplotlib", "PIL", "torch"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+@contextlib.contextmanager
+def _signals_deferred():
+    """Hold SIGINT and SIGTERM until the block ends (then their handlers run as usual)."""
+    if not hasattr(signal, "pthread_sigmask"):  # Windows
+        yield
+        return
+    deferred = {signal.SIGINT, signal.SIGTERM}
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, deferred)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def _on_sigterm(signum, frame) -> None:
@@ -119,13 +134,34 @@ def device_option(function):
     )(function)
 
 
+def ema_option(function):
+    return click.option(
+        "--ema",
+        type=float,
+        default=_DEFAULTS.ema,
+        help="Per-step decay of a moving average of the weights, which is what gets evaluated "
+        "and logged; 0 turns it off.",
+    )(function)
+
+
+def cutout_option(function):
+    return click.option(
+        "--cutout",
+        type=int,
+        default=_DEFAULTS.cutout,
+        help="Side in pixels of the square blanked in each training image; 0 turns it off.",
+    )(function)
+
+
 def _load_stats(spec: str, dataset: datasets.ArrayDataset) -> DatasetStats:
-    if not spec:
-        return datasets.cached_stats(dataset)
-    path = tracking.download_artifact(spec) if spec.startswith("runs:/") else Path(spec)
-    if not path.is_file():
-        raise DataError(f"stats file {spec!r} does not exist")
-    return DatasetStats.from_json(path.read_text(), origin=spec)
+    """Stats from a path, from a run's artifact (runs:/<id>/stats.json) or computed."""
+    if spec.startswith("runs:/"):
+        return training.load_local_stats(str(tracking.download_artifact(spec)), dataset)
+    return training.load_local_stats(spec, dataset)
+
+
+def prepare_training(config: TrainConfig) -> training.TrainingSetup:
+    return training.prepare_training(config, load_stats=_load_stats)
 
 
 # --------------------------------------------------------------------------- prepare-stats
@@ -197,6 +233,8 @@ def model_summary(norm: str, groups: int) -> None:
 @click.option("--dropout", type=float, default=_DEFAULTS.dropout)
 @click.option("--label-smoothing", "label_smoothing", type=float, default=_DEFAULTS.label_smoothing)
 @click.option("--warmup-epochs", "warmup_epochs", type=float, default=_DEFAULTS.warmup_epochs)
+@ema_option
+@cutout_option
 @click.option("--seed", type=int, default=_DEFAULTS.seed)
 @data_option
 @stats_option
@@ -213,75 +251,6 @@ def train(**options) -> None:
     """Train one model, log everything to MLflow and register it."""
     config = TrainConfig(**options)
     train_model(config)
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainingSetup:
-    """What `train` builds from its config before the first step (no MLflow involved)."""
-
-    model: torch.nn.Module
-    parameters: int
-    dataset: datasets.ArrayDataset
-    stats: DatasetStats
-    device: torch.device
-    autocast_dtype: torch.dtype | None
-    normalize: datasets.Normalizer
-    train_split: datasets.DeviceSplit
-    test_split: datasets.DeviceSplit
-
-
-def prepare_training(config: TrainConfig) -> TrainingSetup:
-    """Seeded model, data on the device, layout and precision: the defaults `train` runs."""
-    torch.manual_seed(config.seed)  # the initial weights depend on the seed alone
-    model = build_model(norm=config.norm, groups=config.groups, dropout=config.dropout)
-    parameters = count_parameters(model)
-    if parameters > MAX_PARAMETERS:
-        raise ConfigError(
-            f"the model has {parameters:,} parameters; the limit is {MAX_PARAMETERS:,}"
-        )
-    device = engine.resolve_device(config.device)
-    engine.configure_threads()
-    dataset = datasets.load_dataset(config.data)
-    stats = _load_stats(config.stats, dataset)
-    memory_format = engine.memory_format_for(config.norm, device)
-    return TrainingSetup(
-        model=model.to(device=device, memory_format=memory_format),
-        parameters=parameters,
-        dataset=dataset,
-        stats=stats,
-        device=device,
-        autocast_dtype=engine.resolve_precision(config.precision, device),
-        normalize=datasets.Normalizer(stats, device=device, memory_format=memory_format),
-        train_split=datasets.to_device(dataset.train_images, dataset.train_labels, device=device),
-        test_split=datasets.to_device(dataset.test_images, dataset.test_labels, device=device),
-    )
-
-
-def fit(
-    setup: TrainingSetup,
-    config: TrainConfig,
-    *,
-    resume_from: dict | None = None,
-    on_epoch_end=None,
-) -> list[engine.EpochMetrics]:
-    """`engine.fit` with the config's recipe."""
-    return engine.fit(
-        setup.model,
-        setup.train_split,
-        setup.test_split,
-        normalize=setup.normalize,
-        epochs=config.epochs,
-        batch_size=config.batch_size,
-        learning_rate=config.learning_rate,
-        momentum=config.momentum,
-        weight_decay=config.weight_decay,
-        label_smoothing=config.label_smoothing,
-        warmup_epochs=config.warmup_epochs,
-        seed=config.seed,
-        autocast_dtype=setup.autocast_dtype,
-        resume_from=resume_from,
-        on_epoch_end=on_epoch_end,
-    )
 
 
 def _precision_name(autocast_dtype: torch.dtype | None) -> str:
@@ -321,8 +290,11 @@ def train_model(config: TrainConfig) -> str:
         )
 
         def on_epoch_end(record: engine.EpochMetrics, state: engine.TrainingState) -> None:
-            tracking.log_epoch(record)
-            tracking.log_checkpoint(state.state_dict())
+            # An epoch's metrics and its checkpoint are logged together or not at all: Ctrl-C
+            # or SIGTERM arriving in between waits until both are written.
+            with _signals_deferred():
+                tracking.log_epoch(record)
+                tracking.log_checkpoint(state.state_dict())
             click.echo(
                 f"epoch {record.epoch:>2}/{config.epochs}  "
                 f"train loss {record.train_loss:.4f} acc {100 * record.train_acc:5.2f}%  "
@@ -331,7 +303,7 @@ def train_model(config: TrainConfig) -> str:
             )
 
         started = time.perf_counter()
-        records = fit(setup, config, resume_from=resume_state, on_epoch_end=on_epoch_end)
+        records = training.fit(setup, config, resume_from=resume_state, on_epoch_end=on_epoch_end)
         if records:
             tracking.log_metrics({"train_seconds": time.perf_counter() - started})
         history = tracking.metric_history(run_id)
@@ -474,7 +446,13 @@ _NOT_STUDY_OPTIONS = ("norm", "seed", "resume")
     default=1,
     help="Train seeds 1..SEEDS of each norm (the README's study uses 3).",
 )
-def study(norm: str, seeds: int, **train_options) -> None:
+@click.option(
+    "--parallel",
+    type=int,
+    default=1,
+    help="Run up to N trainings (and evaluations) at once, each on its share of the cores.",
+)
+def study(norm: str, seeds: int, parallel: int, **train_options) -> None:
     """The whole study: prepare-stats, train each norm x seed, evaluate each model, compare.
 
     Every other option passes through to each train step. Each step is a child run of this
@@ -482,6 +460,7 @@ def study(norm: str, seeds: int, **train_options) -> None:
     """
     norms = parse_norms(norm)
     configs = workflow.study_configs(norms, seeds, **train_options)
+    workflow.check_parallel(parallel)
     tracking.check_store()
     tags = {"step": "main", "norms": ",".join(norms), "seeds": str(seeds)}
     with tracking.run(run_name="study", tags=tags) as run_id:
@@ -489,10 +468,11 @@ def study(norm: str, seeds: int, **train_options) -> None:
             {
                 "norm": ",".join(norms),
                 "seeds": str(seeds),
+                "parallel": str(parallel),
                 **{key: str(value) for key, value in train_options.items()},
             }
         )
-        results = workflow.run_study(configs, echo=click.echo)
+        results = workflow.run_study(configs, parallel=parallel, echo=click.echo)
         tracking.log_dict(
             {
                 "steps": [

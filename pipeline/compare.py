@@ -11,8 +11,11 @@ test set and is shown for reference only.
 
 from __future__ import annotations
 
+import base64
 import dataclasses
+import html
 import math
+import re
 import shlex
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -28,6 +31,7 @@ import pandas as pd  # noqa: E402
 
 from pipeline.config import NORMS  # noqa: E402
 from pipeline.engine import EpochMetrics  # noqa: E402
+from pipeline.plots import whole_epochs  # noqa: E402
 
 # Parameters shown per norm; a value that differs between a norm's runs is shown as "a/b".
 TABLE_PARAMS = (
@@ -391,6 +395,7 @@ def overlay_figure(study: Study):
     acc_axis.set(xlabel="epoch", ylabel="test accuracy (%)", title="Test accuracy")
     loss_axis.set(xlabel="epoch", ylabel="test loss", title="Test loss")
     for axis in (acc_axis, loss_axis):
+        whole_epochs(axis, sorted(set(study.history["epoch"])))
         axis.grid(alpha=0.3)
         axis.legend(title="norm (band: seed min-max)")
     figure.tight_layout()
@@ -410,6 +415,7 @@ def train_vs_test_figure(study: Study):
             _plot_band(axis, train[norm], label="train", color="tab:gray", scale=100, style="s--")
             _plot_band(axis, test[norm], label="test", color=NORM_COLORS.get(norm), scale=100)
         axis.set(xlabel="epoch", title=f"{norm} norm")
+        whole_epochs(axis, sorted(set(study.history["epoch"])))
         axis.grid(alpha=0.3)
         axis.legend()
     axes[0][0].set_ylabel("accuracy (%)")
@@ -540,4 +546,76 @@ def write_report(study: Study, directory: Path) -> Path:
     sections += ["## Runs", "", markdown_table(runs), ""]
     report = directory / "report.md"
     report.write_text("\n".join(sections))
+    # MLflow's Markdown viewer shows relative images as text; its HTML viewer renders this copy,
+    # with the figures inlined.
+    (directory / "report.html").write_text(markdown_to_html(report.read_text(), base=directory))
     return report
+
+
+def markdown_to_html(text: str, *, base: Path) -> str:
+    """The report's Markdown subset (headings, paragraphs, lists, pipe tables, links, images)
+    as one self-contained HTML page; images under `base` become data URIs."""
+    body: list[str] = []
+    lines = text.splitlines()
+    index = 0
+    while index < len(lines):
+        line = lines[index]
+        if not line.strip():
+            index += 1
+        elif line.startswith("#"):
+            level = len(line) - len(line.lstrip("#"))
+            body.append(f"<h{level}>{_inline(line[level:].strip(), base)}</h{level}>")
+            index += 1
+        elif line.startswith("|"):
+            rows = []
+            while index < len(lines) and lines[index].startswith("|"):
+                rows.append([c.strip() for c in lines[index].strip().strip("|").split("|")])
+                index += 1
+            head, rest = rows[0], [r for r in rows[2:]]
+            body.append("<table><thead><tr>")
+            body += [f"<th>{_inline(c, base)}</th>" for c in head]
+            body.append("</tr></thead><tbody>")
+            for row in rest:
+                body.append("<tr>" + "".join(f"<td>{_inline(c, base)}</td>" for c in row) + "</tr>")
+            body.append("</tbody></table>")
+        elif line.startswith("- "):
+            body.append("<ul>")
+            while index < len(lines) and lines[index].startswith("- "):
+                body.append(f"<li>{_inline(lines[index][2:], base)}</li>")
+                index += 1
+            body.append("</ul>")
+        else:
+            paragraph = []
+            while index < len(lines) and lines[index].strip() and lines[index][0] not in "#|-":
+                paragraph.append(lines[index])
+                index += 1
+            body.append(f"<p>{_inline(' '.join(paragraph), base)}</p>")
+    style = (
+        "body{font-family:system-ui,sans-serif;max-width:1200px;margin:1em auto;padding:0 1em}"
+        "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:3px 8px}"
+        "img{max-width:100%}"
+    )
+    return (
+        "<!DOCTYPE html><html><head><meta charset='utf-8'><title>Normalization study</title>"
+        f"<style>{style}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n"
+    )
+
+
+def _inline(text: str, base: Path) -> str:
+    """Escape, then `code`, **bold**, *italic*, ![alt](image) and [text](link)."""
+    text = html.escape(text, quote=False)
+
+    def image(match: re.Match) -> str:
+        path = base / match.group(2)
+        if path.is_file():
+            encoded = base64.b64encode(path.read_bytes()).decode("ascii")
+            source = f"data:image/png;base64,{encoded}"
+        else:
+            source = html.escape(match.group(2))
+        return f'<img alt="{match.group(1)}" src="{source}">'
+
+    text = re.sub(r"`([^`]+)`", r"<code>\1</code>", text)
+    text = re.sub(r"!\[([^\]]*)\]\(([^)]+)\)", image, text)
+    text = re.sub(r"\[([^\]]+)\]\(([^)]+)\)", r'<a href="\2">\1</a>', text)
+    text = re.sub(r"\*\*([^*]+)\*\*", r"<b>\1</b>", text)
+    return re.sub(r"(?<![\w*])\*([^*]+)\*(?![\w*])", r"<i>\1</i>", text)

@@ -35,6 +35,8 @@ class TrainConfig:
     dropout: float = 0.0
     label_smoothing: float = 0.1
     warmup_epochs: float = 2.0
+    ema: float = 0.0
+    cutout: int = 0
     seed: int = 1
     data: str = DEFAULT_DATA
     stats: str = ""
@@ -56,6 +58,8 @@ class TrainConfig:
             "label_smoothing", self.label_smoothing, low=0.0, high=1.0, open_high=True
         )
         check_float_range("warmup_epochs", self.warmup_epochs, low=0.0, high=float(MAX_EPOCHS))
+        check_float_range("ema", self.ema, low=0.0, high=1.0, open_high=True)
+        check_int_range("cutout", self.cutout, low=0, high=32)
         check_int_range("seed", self.seed, low=0, high=2**31 - 1)
         check_choice("device", self.device, DEVICES)
         check_choice("precision", self.precision, PRECISIONS)

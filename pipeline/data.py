@@ -434,8 +434,10 @@ def train_batches(
     normalize: Normalizer,
     pad: int = 4,
     flip: bool = True,
+    cutout: int = 0,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Shuffled, augmented training batches (random translate by up to `pad` pixels + flip).
+    """Shuffled, augmented training batches (random translate by up to `pad` pixels + flip,
+    and with `cutout` > 0 a `cutout`-pixel square of each image set to the dataset mean).
 
     Augmentation is batch-wise tensor indexing on the device; the last partial batch is dropped
     so every step sees a full batch (BatchNorm statistics stay well-defined).
@@ -459,7 +461,26 @@ def train_batches(
         if flip:
             mirror = (torch.rand(batch_size, generator=generator) < 0.5).to(device)
             images = torch.where(mirror[:, None, None, None], images.flip(3), images)
-        yield normalize(images), split.labels[index]
+        images = normalize(images)
+        if cutout:
+            images = images * _cutout_mask(batch_size, height, width, cutout, generator, device)
+        yield images, split.labels[index]
+
+
+def _cutout_mask(
+    count: int, height: int, width: int, size: int, generator: torch.Generator, device
+) -> torch.Tensor:
+    """(count, 1, H, W) float mask: 0 inside one `size`-pixel square per image (its centre
+    anywhere in the image, so the square may be clipped by the border), 1 elsewhere."""
+    centres = torch.rand(2, count, generator=generator).to(device)
+    top = (centres[0] * height).long() - size // 2
+    left = (centres[1] * width).long() - size // 2
+    rows = torch.arange(height, device=device)
+    cols = torch.arange(width, device=device)
+    inside_rows = (rows >= top[:, None]) & (rows < top[:, None] + size)  # (count, H)
+    inside_cols = (cols >= left[:, None]) & (cols < left[:, None] + size)  # (count, W)
+    inside = inside_rows[:, :, None] & inside_cols[:, None, :]
+    return (~inside).to(torch.float32)[:, None]
 
 
 def eval_batches(

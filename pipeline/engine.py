@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
 from pipeline.data import DeviceSplit, Normalizer, eval_batches, train_batches
@@ -63,28 +64,33 @@ def _mps_available() -> bool:
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype for `precision`, or None for plain fp32.
 
-    `auto` is bf16 on CUDA (AMP) and fp32 elsewhere: on CPUs without native bf16 (AVX2 machines
-    like ours) bf16 autocast is slower than fp32 (see scripts/benchmark.py).
+    `auto` is fp32 everywhere. Measured with scripts/benchmark.py (README, Speed): on this
+    project's AVX2 CPU bf16 autocast runs at a tenth of fp32's speed, and on an H200 this model's
+    convolutions are too small for bf16 to pay (fp32 was 1.1-1.2x faster for every norm), so
+    mixed precision would cost speed without buying any.
     """
-    if precision == "fp32":
-        return None
     if precision == "bf16":
-        return torch.bfloat16
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
         return torch.bfloat16
     return None
 
 
 def memory_format_for(norm: str, device: torch.device) -> torch.memory_format:
-    """channels_last for every norm: on this project's AVX2 CPU it measured 1.1-1.3x faster than
-    NCHW with batch, group and layer norm alike (scripts/benchmark.py, layouts table)."""
+    """The faster layout measured for `norm` on `device` (scripts/benchmark.py, layouts table):
+    channels_last on the CPU for every norm (1.1-1.3x NCHW on our AVX2 machine); on CUDA
+    channels_last for batch norm, NCHW for group and layer norm, whose CUDA kernels want it."""
+    if device.type == "cuda" and norm != "batch":
+        return torch.contiguous_format
     return torch.channels_last
 
 
-def configure_threads() -> None:
-    """One intra-op thread per core: small convs lose time to oversubscription."""
+def configure_backend(device: torch.device) -> None:
+    """One intra-op thread per core (small convs lose time to oversubscription; PIPELINE_THREADS
+    overrides it, e.g. for runs side by side); on CUDA, cuDNN picks its fastest conv kernels."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    torch.set_num_threads(max(1, cores or 1))
+    threads = int(os.environ.get("PIPELINE_THREADS") or 0) or cores or 1
+    torch.set_num_threads(max(1, threads))
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
 
 
 # --------------------------------------------------------------------------- optimisation
@@ -136,6 +142,7 @@ def train_one_epoch(
     device: torch.device,
     steps: int,
     description: str = "train",
+    ema: AveragedModel | None = None,
 ) -> tuple[float, float]:
     """One pass over `batches`; returns (mean loss, accuracy) of the augmented training data."""
     model.train()
@@ -151,6 +158,8 @@ def train_one_epoch(
         loss.backward()
         optimizer.step()
         scheduler.step()
+        if ema is not None:
+            ema.update_parameters(model)
         # Sums stay on the device: no host sync per batch.
         loss_sum += loss.detach() * len(labels)
         correct += (logits.argmax(dim=1) == labels).sum()
@@ -210,9 +219,10 @@ class TrainingState:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     generator: torch.Generator
     epoch: int = 0  # epochs completed
+    ema: AveragedModel | None = None  # the exponential moving average of the weights, if kept
 
     def state_dict(self) -> dict:
-        return {
+        state = {
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
@@ -220,9 +230,16 @@ class TrainingState:
             "torch_rng": torch.get_rng_state(),
             "epoch": self.epoch,
         }
+        if self.ema is not None:
+            state["ema"] = self.ema.state_dict()
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
+        if self.ema is not None:
+            if "ema" not in state:
+                raise ValueError("the checkpoint has no weight average; resume with ema=0")
+            self.ema.load_state_dict(state["ema"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.generator.set_state(state["generator"])
@@ -244,6 +261,8 @@ def fit(
     label_smoothing: float,
     warmup_epochs: float,
     seed: int,
+    ema_decay: float = 0.0,
+    cutout: int = 0,
     autocast_dtype: torch.dtype | None = None,
     eval_batch_size: int = 1024,
     resume_from: dict | None = None,
@@ -253,6 +272,9 @@ def fit(
 
     `on_epoch_end(record, state)` is called after every epoch (logging, checkpointing).
     `resume_from` is a `TrainingState.state_dict()`: training continues after its epoch.
+    With `ema_decay` > 0 an exponential moving average of the weights (and BatchNorm buffers)
+    is updated after every step; it is what each epoch evaluates, and `model` holds it on return.
+    `cutout` > 0 blanks a `cutout`-pixel square of every training image.
     """
     device = train_split.images.device
     steps = len(train_split) // batch_size
@@ -268,7 +290,10 @@ def fit(
     scheduler = make_scheduler(
         optimizer, epochs=epochs, steps_per_epoch=steps, warmup_epochs=warmup_epochs
     )
-    state = TrainingState(model, optimizer, scheduler, generator)
+    ema = None
+    if ema_decay > 0:
+        ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(ema_decay), use_buffers=True)
+    state = TrainingState(model, optimizer, scheduler, generator, ema=ema)
     if resume_from is not None:
         state.load_state_dict(resume_from)
     loss_fn = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
@@ -279,7 +304,11 @@ def fit(
         train_loss, train_acc = train_one_epoch(
             model,
             train_batches(
-                train_split, batch_size=batch_size, generator=generator, normalize=normalize
+                train_split,
+                batch_size=batch_size,
+                generator=generator,
+                normalize=normalize,
+                cutout=cutout,
             ),
             optimizer=optimizer,
             scheduler=scheduler,
@@ -288,9 +317,10 @@ def fit(
             device=device,
             steps=steps,
             description=f"epoch {epoch}/{epochs}",
+            ema=ema,
         )
         result = evaluate(
-            model,
+            model if ema is None else ema.module,
             test_split,
             normalize=normalize,
             batch_size=eval_batch_size,
@@ -325,4 +355,6 @@ def fit(
         )
         if on_epoch_end is not None:
             on_epoch_end(record, state)
+    if ema is not None:
+        model.load_state_dict(ema.module.state_dict())
     return records

@@ -69,8 +69,11 @@ def allowed_groups(widths: dict[str, int]) -> list[int]:
     return [g for g in range(1, min(normalized) + 1) if all(w % g == 0 for w in normalized)]
 
 
+ORDERS = ("norm-act", "act-norm")
+
+
 class ConvBlock(nn.Sequential):
-    """conv -> norm -> ReLU (-> dropout)."""
+    """conv -> norm -> ReLU (-> dropout), or conv -> ReLU -> norm with order="act-norm"."""
 
     def __init__(
         self,
@@ -83,7 +86,9 @@ class ConvBlock(nn.Sequential):
         dropout: float,
         standardize: bool,
         name: str,
+        order: str = "norm-act",
     ) -> None:
+        check_choice("order", order, ORDERS)
         conv_type = WSConv2d if standardize else nn.Conv2d
         layers: list[tuple[str, nn.Module]] = [
             (
@@ -99,6 +104,8 @@ class ConvBlock(nn.Sequential):
             ("norm", make_norm(norm, out_channels, groups=groups, layer=name)),
             ("relu", nn.ReLU(inplace=True)),
         ]
+        if order == "act-norm":
+            layers[1], layers[2] = layers[2], layers[1]
         if dropout > 0:
             layers.append(("dropout", nn.Dropout(dropout)))
         super().__init__(OrderedDict(layers))
@@ -115,6 +122,7 @@ class Net(nn.Sequential):
         dropout: float = 0.0,
         standardize: bool | None = None,
         widths: dict[str, int] | None = None,
+        order: str = "norm-act",
     ) -> None:
         widths = {**WIDTHS, **(widths or {})}
         if norm == "group" and groups not in allowed_groups(widths):
@@ -151,6 +159,7 @@ class Net(nn.Sequential):
                             dropout=dropout,
                             standardize=standardize,
                             name=name,
+                            order=order,
                         ),
                     )
                 )

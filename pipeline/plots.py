@@ -11,6 +11,7 @@ matplotlib.use("Agg")  # headless: figures are written to files and MLflow artif
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from pipeline.engine import EpochMetrics  # noqa: E402
 
@@ -88,6 +89,13 @@ def class_samples(
     return figure
 
 
+def whole_epochs(axis, epochs: Sequence[int]) -> None:
+    """Tick whole epochs only: a short run would otherwise be labelled 0.96, 0.98, ..."""
+    axis.xaxis.set_major_locator(MaxNLocator(integer=True, steps=[1, 2, 5, 10], min_n_ticks=1))
+    if len(epochs):
+        axis.set_xlim(min(epochs) - 0.5, max(epochs) + 0.5)
+
+
 def training_curves(records: Sequence[EpochMetrics], *, title: str = "") -> Figure:
     """Loss and accuracy per epoch, train vs test."""
     epochs = [r.epoch for r in records]
@@ -99,6 +107,7 @@ def training_curves(records: Sequence[EpochMetrics], *, title: str = "") -> Figu
     acc_axis.plot(epochs, [100 * r.test_acc for r in records], "o-", label="test")
     acc_axis.set(xlabel="epoch", ylabel="accuracy (%)", title="Accuracy")
     for axis in (loss_axis, acc_axis):
+        whole_epochs(axis, epochs)
         axis.grid(alpha=0.3)
         axis.legend()
     if title:

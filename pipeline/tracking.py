@@ -17,12 +17,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
-import mlflow.projects
 import mlflow.pytorch
 from mlflow.entities import Metric, RunStatus
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from pipeline import stores
 from pipeline.engine import EpochMetrics
 
 log = logging.getLogger(__name__)
@@ -54,8 +54,17 @@ def check_store() -> None:
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
     try:
-        MlflowClient().search_experiments(max_results=1)
+        # The first process to open a new SQLite store creates its schema; MLflow does not
+        # lock that, so processes starting at once on a fresh store would crash.
+        with stores.schema_lock(uri):
+            MlflowClient().search_experiments(max_results=1)
     except Exception as error:
+        status = error.get_http_status_code() if isinstance(error, MlflowException) else None
+        if status in (401, 403):  # a server in basic-auth mode (`--app-name basic-auth`)
+            raise TrackingError(
+                f"the MLflow tracking server at {uri} refused the request (HTTP {status}): set "
+                "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD to an account with access"
+            ) from None
         raise TrackingError(
             f"cannot reach the MLflow tracking store at {uri} ({type(error).__name__}: "
             f"{str(error).splitlines()[0][:200] if str(error) else ''})"
@@ -129,7 +138,7 @@ def set_tags(tags: dict[str, str]) -> None:
 def log_epoch(record: EpochMetrics) -> None:
     """All of one epoch's metrics in one request, at `step=epoch`."""
     now = int(time.time() * 1000)
-    metrics = [Metric(k, float(v), now, record.epoch) for k, v in record.metrics().items()]
+    metrics = [Metric(k, _metric_value(v), now, record.epoch) for k, v in record.metrics().items()]
     MlflowClient().log_batch(_active_run_id(), metrics=metrics, synchronous=True)
 
 
@@ -149,7 +158,13 @@ def metric_history(run_id: str) -> list[EpochMetrics]:
 
 
 def log_metrics(metrics: dict[str, float], *, step: int | None = None) -> None:
-    mlflow.log_metrics(metrics, step=step)
+    mlflow.log_metrics({k: _metric_value(v) for k, v in metrics.items()}, step=step)
+
+
+def _metric_value(value: float) -> float:
+    """`value` to float32's 7 significant digits: the digits past them are float32 rounding
+    error, which the UI would print (an accuracy of 0.3 shows as 0.30000001192092896)."""
+    return float(f"{float(value):.7g}")
 
 
 def log_figure(figure, path: str) -> None:
@@ -439,37 +454,91 @@ def _same_param(logged: str | None, value: str) -> bool:
     return logged is not None and logged in (value, shlex.quote(value))
 
 
-def run_project_step(
+@dataclass(frozen=True)
+class ProjectStep:
+    """A child run created as `mlflow run` creates one, and the command that fills it."""
+
+    run_id: str
+    command: str  # the entry point's shell command, parameters filled in
+    work_dir: str
+    env: dict[str, str]  # MLFLOW_RUN_ID, MLFLOW_TRACKING_URI, MLFLOW_EXPERIMENT_ID
+
+
+def create_project_step(
     *,
     project_dir: Path,
     entry_point: str,
     parameters: dict[str, str],
     run_name: str,
-    code_version: str,
-) -> str:
-    """Run one MLproject entry point in a subprocess as a child of the active run; return its id.
+    experiment_id: str,
+    parent_run_id: str,
+) -> ProjectStep:
+    """Create the run of one MLproject entry point as a child of `parent_run_id`.
 
-    `mlflow.projects.run` tags the child with `mlflow.parentRunId` from the active run and ends
-    it FAILED when the command fails; the code version tag is set only on success, so a failed
-    or half-finished step is never reused.
+    The run gets what `mlflow.projects.run` gives it (source, entry point and git tags, the
+    parameters with their defaults); the caller runs `command` with `env` in a subprocess,
+    which lets the workflow read each step's output and run several steps at once, then calls
+    `end_project_step`. Safe to call from any thread (nothing here reads the active run).
     """
     from mlflow.exceptions import ExecutionException
+    from mlflow.projects import utils as projects
+    from mlflow.utils.mlflow_tags import (
+        MLFLOW_PARENT_RUN_ID,
+        MLFLOW_PROJECT_BACKEND,
+        MLFLOW_PROJECT_ENV,
+        MLFLOW_RUN_NAME,
+    )
 
-    parent = mlflow.active_run()
+    uri = str(project_dir)
     try:
-        submitted = mlflow.projects.run(
-            uri=str(project_dir),
-            entry_point=entry_point,
-            parameters=parameters,
-            experiment_id=parent.info.experiment_id,
-            env_manager="local",
-            synchronous=True,
-            run_name=run_name,
+        work_dir = projects.fetch_and_validate_project(uri, None, entry_point, parameters)
+        project = projects.load_project(work_dir)
+        created = projects.get_or_create_run(
+            None, uri, experiment_id, work_dir, None, entry_point, parameters
         )
-    except ExecutionException as error:
-        raise TrackingError(str(error.message).splitlines()[0]) from None
-    MlflowClient().set_tag(submitted.run_id, CODE_VERSION_TAG, code_version)
-    return submitted.run_id
+        (command,) = projects.get_entry_point_command(project, entry_point, parameters, None)
+    except (ExecutionException, MlflowException) as error:
+        raise TrackingError(f"step {run_name}: {str(error.message).splitlines()[0]}") from None
+    run_id = created.info.run_id
+    tags = {
+        MLFLOW_PARENT_RUN_ID: parent_run_id,
+        MLFLOW_RUN_NAME: run_name,
+        MLFLOW_PROJECT_BACKEND: "local",
+        MLFLOW_PROJECT_ENV: "local",
+    }
+    client = MlflowClient()
+    for key, value in tags.items():
+        client.set_tag(run_id, key, value)
+    return ProjectStep(
+        run_id=run_id,
+        command=command,
+        work_dir=work_dir,
+        env=projects.get_run_env_vars(run_id, experiment_id),
+    )
+
+
+def end_project_step(run_id: str, *, succeeded: bool, code_version: str) -> str:
+    """End a step's run as `mlflow run` would and return its final status.
+
+    A run its command already ended (FINISHED, FAILED, KILLED) keeps that status; a RUNNING one
+    becomes FINISHED or FAILED by the exit code. The code version tag is set only on a FINISHED
+    run, so a failed or half-finished step is never reused.
+    """
+    client = MlflowClient()
+    status = client.get_run(run_id).info.status
+    if status == "RUNNING":
+        status = "FINISHED" if succeeded else "FAILED"
+        client.set_terminated(run_id, status)
+    if status == "FINISHED" and succeeded:
+        client.set_tag(run_id, CODE_VERSION_TAG, code_version)
+    return status
+
+
+def active_experiment_id() -> str:
+    active = mlflow.active_run()
+    if active is None:
+        raise RuntimeError("no active MLflow run")
+    return active.info.experiment_id
 
 
 def record_reused_step(*, original_run_id: str, run_name: str) -> str:

@@ -1,21 +1,26 @@
 """The `main` workflow: prepare-stats once, train each norm x seed, evaluate each model, compare.
 
-This module decides which steps run, in what order and with which parameters; tracking.py runs
-each step as an `mlflow run` child of the study's parent run. A step that already FINISHED with
-the same parameters and code version is reused instead of rerun.
+This module decides which steps run, in what order and with which parameters, and runs them:
+tracking.py creates each step's run as `mlflow run` would (a child of the study's parent run),
+and `StepRunner` runs the entry point's command in it, up to `parallel` steps at once. A step
+that already FINISHED with the same parameters and code version is reused instead of rerun.
 """
 
 from __future__ import annotations
 
-import contextlib
+import codecs
+import concurrent.futures
 import dataclasses
 import hashlib
 import logging
 import os
+import queue
+import signal
+import subprocess
 import sys
 import threading
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +31,7 @@ log = logging.getLogger(__name__)
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 MAX_SEEDS = 100
+MAX_PARALLEL = 64
 
 
 class StepFailed(tracking.TrackingError):
@@ -59,6 +65,10 @@ def study_configs(norms: Sequence[str], seeds: int, **train_options) -> list[Tra
     ]
 
 
+def check_parallel(parallel: int) -> None:
+    check_int_range("parallel", parallel, low=1, high=MAX_PARALLEL)
+
+
 def code_version(project_dir: Path = PROJECT_DIR) -> str:
     """A hash of pipeline/*.py and MLproject: what `mlflow.source.git.commit` would be, except
     that it also changes with uncommitted edits, so a dirty tree never reuses stale results."""
@@ -74,17 +84,20 @@ def run_study(
     configs: Sequence[TrainConfig],
     *,
     project_dir: Path = PROJECT_DIR,
+    parallel: int = 1,
     echo: Callable[[str], None] = log.info,
 ) -> list[StepResult]:
-    """Run the study's steps as children of the active run and return them in order."""
-    version = code_version(project_dir)
-    first = configs[0]
+    """Run the study's steps as children of the active run and return them in order.
 
-    def execute(steps: Sequence[Step]) -> list[StepResult]:
-        # The steps of one stage are independent: a `parallel` option would run them at once.
-        return [
-            _execute(step, project_dir=project_dir, version=version, echo=echo) for step in steps
-        ]
+    The steps of one stage (the trainings, the evaluations) are independent: up to `parallel`
+    of them run at once, each on its own share of the CPU cores.
+    """
+    check_parallel(parallel)
+    runner = StepRunner(
+        project_dir=project_dir, version=code_version(project_dir), parallel=parallel, echo=echo
+    )
+    execute = runner.execute
+    first = configs[0]
 
     (prepared,) = execute([Step("prepare-stats", "prepare-stats", {"data": first.data})])
     stats = first.stats or f"runs:/{prepared.run_id}/stats.json"
@@ -113,13 +126,12 @@ def run_study(
         )
     evaluated = execute(evaluations)
 
-    parent = tracking.active_run_id()
     (compared,) = execute(
         [
             Step(
                 "compare",
                 "compare",
-                {"parent_run_id": parent, "experiment_name": "", "filter_string": ""},
+                {"parent_run_id": runner.parent_run_id, "experiment_name": "", "filter_string": ""},
                 reuse=False,
             )
         ]
@@ -135,33 +147,201 @@ def _model_label(model_uri: str, run_id: str) -> str:
     return run_id[:8]
 
 
-def _execute(step: Step, *, project_dir: Path, version: str, echo) -> StepResult:
-    if step.reuse:
-        found = tracking.find_finished_step(
-            entry_point=step.entry_point, parameters=step.parameters, code_version=version
-        )
-        if found:
-            tracking.record_reused_step(original_run_id=found, run_name=step.name)
-            echo(f"step {step.name}: reusing finished run {found} (same parameters and code)")
-            return StepResult(step, found, reused=True)
-    echo(f"step {step.name}: running entry point {step.entry_point}")
-    with _stderr_tail() as tail:
-        try:
-            run_id = tracking.run_project_step(
-                project_dir=project_dir,
-                entry_point=step.entry_point,
-                parameters=step.parameters,
-                run_name=step.name,
-                code_version=version,
-            )
-        except tracking.TrackingError as error:
-            failure = error
+def cpu_shares(count: int, cpus: Sequence[int]) -> list[set[int]]:
+    """Split `cpus` into `count` disjoint shares (sizes differ by at most one); with more
+    steps than cores, each step gets one core, shared round-robin."""
+    cpus = sorted(cpus)
+    if count <= len(cpus):
+        return [set(cpus[index::count]) for index in range(count)]
+    return [{cpus[index % len(cpus)]} for index in range(count)]
+
+
+class StepRunner:
+    """Runs steps as child runs of the active run, up to `parallel` at once.
+
+    Each step is a subprocess in its own session; on Ctrl-C or SIGTERM every running step gets
+    SIGTERM (its run ends KILLED) before the interrupt goes on. With `parallel` > 1 each step
+    is pinned to its share of the cores (torch sizes its thread pool from the affinity mask, so
+    the steps do not oversubscribe the CPU), and its output lines are prefixed with its name.
+    """
+
+    def __init__(
+        self, *, project_dir: Path, version: str, parallel: int, echo: Callable[[str], None]
+    ) -> None:
+        self.project_dir = project_dir
+        self.version = version
+        self.parallel = parallel
+        self.parent_run_id = tracking.active_run_id()
+        self.experiment_id = tracking.active_experiment_id()
+        self._echo = echo
+        self._output = threading.Lock()  # one writer at a time: lines never interleave
+        self._running: set[subprocess.Popen] = set()
+        self._running_lock = threading.Lock()
+
+    def echo(self, message: str) -> None:
+        with self._output:
+            self._echo(message)
+
+    def execute(self, steps: Sequence[Step]) -> list[StepResult]:
+        """Run (or reuse) `steps`; return their results in order. A failed step fails the
+        stage: steps not yet started are skipped, steps already running finish (so their runs
+        are complete, and reused by the next study)."""
+        results: list[StepResult | None] = [self._reuse(step) for step in steps]
+        pending = [index for index, result in enumerate(results) if result is None]
+        workers = min(self.parallel, len(pending))
+        failures: list[StepFailed] = []
+        if workers <= 1:
+            for index in pending:
+                results[index] = self._run(steps[index])
         else:
-            failure = None
-    if failure is not None:
-        raise StepFailed(f"step {step.name} failed: {_error_line(tail) or failure}")
-    echo(f"step {step.name}: finished run {run_id}")
-    return StepResult(step, run_id, reused=False)
+            if hasattr(os, "sched_getaffinity"):
+                shares = cpu_shares(workers, os.sched_getaffinity(0))
+            else:
+                shares = [None] * workers
+            free: queue.SimpleQueue = queue.SimpleQueue()
+            for share in shares:
+                free.put(share)
+
+            def job(step: Step) -> StepResult:
+                share = free.get()
+                try:
+                    return self._run(step, cpus=share, prefix=f"[{step.name}] ")
+                finally:
+                    free.put(share)
+
+            with concurrent.futures.ThreadPoolExecutor(workers, "step") as pool:
+                futures = {index: pool.submit(job, steps[index]) for index in pending}
+                try:
+                    for index, future in futures.items():
+                        if future.cancelled():
+                            continue
+                        try:
+                            results[index] = future.result()
+                        except StepFailed as error:
+                            failures.append(error)
+                            for waiting in futures.values():
+                                waiting.cancel()  # only those not yet started
+                except BaseException:  # Ctrl-C or SIGTERM lands in this (the main) thread
+                    for future in futures.values():
+                        future.cancel()
+                    self._stop_running()
+                    raise
+        if failures:
+            raise failures[0]
+        return results
+
+    def _reuse(self, step: Step) -> StepResult | None:
+        if not step.reuse:
+            return None
+        found = tracking.find_finished_step(
+            entry_point=step.entry_point, parameters=step.parameters, code_version=self.version
+        )
+        if not found:
+            return None
+        tracking.record_reused_step(original_run_id=found, run_name=step.name)
+        self.echo(f"step {step.name}: reusing finished run {found} (same parameters and code)")
+        return StepResult(step, found, reused=True)
+
+    def _run(
+        self, step: Step, *, cpus: set[int] | None = None, prefix: str | None = None
+    ) -> StepResult:
+        created = tracking.create_project_step(
+            project_dir=self.project_dir,
+            entry_point=step.entry_point,
+            parameters=step.parameters,
+            run_name=step.name,
+            experiment_id=self.experiment_id,
+            parent_run_id=self.parent_run_id,
+        )
+        env = {**os.environ, **created.env}
+        if prefix is not None:
+            env["TQDM_DISABLE"] = "1"  # progress bars of several steps would garble each other
+        if cpus is not None:
+            # Linux: the affinity of this thread, inherited by the child it starts.
+            os.sched_setaffinity(0, cpus)
+            env["OMP_NUM_THREADS"] = str(len(cpus))
+        where = f" on cores {','.join(map(str, sorted(cpus)))}" if cpus is not None else ""
+        self.echo(f"step {step.name}: running entry point {step.entry_point}{where}")
+        tail: deque[str] = deque(maxlen=50)
+        process = subprocess.Popen(
+            ["bash", "-c", created.command],
+            cwd=created.work_dir,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            start_new_session=True,  # so that a stop reaches the whole step, bash and python
+        )
+        with self._running_lock:
+            self._running.add(process)
+        pumps = [
+            threading.Thread(target=self._pump, args=(process.stdout, sys.stdout, prefix, None)),
+            threading.Thread(target=self._pump, args=(process.stderr, sys.stderr, prefix, tail)),
+        ]
+        for pump in pumps:
+            pump.start()
+        try:
+            code = process.wait()
+        except BaseException:  # an interrupt while this (the main) thread waits
+            self._stop_running()
+            raise
+        finally:
+            for pump in pumps:
+                pump.join(timeout=30)
+            with self._running_lock:
+                self._running.discard(process)
+        status = tracking.end_project_step(
+            created.run_id, succeeded=code == 0, code_version=self.version
+        )
+        if code != 0 or status != "FINISHED":
+            reason = _error_line(tail) or f"exit code {code}, run {status}"
+            raise StepFailed(f"step {step.name} failed: {reason}")
+        self.echo(f"step {step.name}: finished run {created.run_id}")
+        return StepResult(step, created.run_id, reused=False)
+
+    def _pump(self, stream, sink, prefix: str | None, tail: deque[str] | None) -> None:
+        """Copy a step's output to ours: unchanged when alone, whole prefixed lines when in
+        parallel; keep its last stderr lines for the error message."""
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        pending = ""
+        while chunk := stream.read1(65536):
+            text = decoder.decode(chunk)
+            pending += text
+            *lines, pending = pending.split("\n")
+            if tail is not None:
+                tail.extend(line.rstrip("\r") for line in lines)
+            if prefix is None:
+                out = text
+            else:
+                out = "".join(f"{prefix}{line}\n" for line in lines)
+            if out:
+                with self._output:
+                    sink.write(out)
+                    sink.flush()
+        pending += decoder.decode(b"", final=True)
+        if pending:
+            if tail is not None:
+                tail.append(pending)
+            if prefix is not None:
+                with self._output:
+                    sink.write(f"{prefix}{pending}\n")
+                    sink.flush()
+        stream.close()
+
+    def _stop_running(self, grace_seconds: float = 60) -> None:
+        """SIGTERM every running step (each ends its run KILLED) and wait for them to exit."""
+        with self._running_lock:
+            running = list(self._running)
+        for process in running:
+            if process.poll() is None:
+                try:
+                    os.killpg(process.pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+        for process in running:
+            try:
+                process.wait(timeout=grace_seconds)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
 
 
 def _error_line(lines: Sequence[str]) -> str:
@@ -170,36 +350,3 @@ def _error_line(lines: Sequence[str]) -> str:
         if line.startswith("error: "):
             return line[len("error: ") :]
     return next((line for line in reversed(lines) if line.strip()), "")
-
-
-@contextlib.contextmanager
-def _stderr_tail(keep: int = 50) -> Iterator[deque[str]]:
-    """Pass file descriptor 2 through unchanged while keeping its last lines, so a failed
-    child step's own error message can be repeated in the workflow's error."""
-    lines: deque[str] = deque(maxlen=keep)
-    sys.stderr.flush()
-    saved = os.dup(2)
-    reader, writer = os.pipe()
-    os.dup2(writer, 2)
-    os.close(writer)
-
-    def pump() -> None:
-        pending = b""
-        while chunk := os.read(reader, 65536):
-            os.write(saved, chunk)
-            pending += chunk
-            *complete, pending = pending.split(b"\n")
-            lines.extend(line.decode(errors="replace").rstrip("\r") for line in complete)
-        if pending:
-            lines.append(pending.decode(errors="replace"))
-
-    thread = threading.Thread(target=pump, daemon=True)
-    thread.start()
-    try:
-        yield lines
-    finally:
-        sys.stderr.flush()
-        os.dup2(saved, 2)  # closes the pipe's last writer here: the pump reads to EOF
-        thread.join(timeout=10)
-        os.close(reader)
-        os.close(saved)

@@ -38,17 +38,24 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import mlflow
 import numpy as np
 import torch
 from PIL import Image
 from torch import nn
 
 from pipeline import data as datasets
-from pipeline import engine, tracking
-from pipeline.cli import fit, prepare_training, train_model
+from pipeline import engine
 from pipeline.config import ConfigError, TrainConfig, parse_norms
 from pipeline.model import build_model
+from pipeline.training import fit, prepare_training
+
+try:  # the tracked rows need MLflow; the throughput rows run without it (e.g. on a bare GPU box)
+    import mlflow
+
+    from pipeline import tracking
+    from pipeline.cli import train_model
+except ImportError:
+    mlflow = tracking = train_model = None
 
 REPOSITORY_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = "../shared/data/cifar10-dev.tar.gz"  # relative to the repository root
@@ -602,6 +609,12 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
         "--tracked-norms",
         help="norms for the tracking comparison; default all of --norms, --quick the first",
     )
+    parser.add_argument(
+        "--tracking",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="measure the MLflow tracking overhead (needs MLflow); default on",
+    )
     parser.add_argument("--seed", type=int, default=DEFAULTS.seed)
     parser.add_argument("--quick", action="store_true", help="smoke run in under a minute")
     arguments = parser.parse_args(argv)
@@ -629,7 +642,7 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
 def run_benchmark(arguments: argparse.Namespace, *, command: str) -> str:
     """Measure everything the options ask for and return the Markdown report."""
     device = arguments.device
-    engine.configure_threads()
+    engine.configure_backend(device)
     data_path = Path(arguments.data).expanduser()
     if not data_path.is_absolute():
         data_path = REPOSITORY_ROOT / data_path
@@ -726,61 +739,68 @@ def run_benchmark(arguments: argparse.Namespace, *, command: str) -> str:
     del train_split  # free the device copy before the tracked runs load their own
 
     costs: dict[str, TrackingCost] = {}
-    tracked_images = min(arguments.tracked_images, train_count)
-    tracked_test_images = min(arguments.tracked_test_images, test_count)
-    if tracked_images < batch_size:
-        raise ConfigError(
-            f"--tracked-images must be at least the batch size {batch_size} (got {tracked_images})"
-        )
-    with tempfile.TemporaryDirectory(prefix="benchmark-") as directory:
-        temporary = Path(directory)
-        progress(f"tracking: temporary SQLite store and subset in {temporary}")
-        subset = write_cifar_subset(
-            dataset,
-            temporary / "subset",
-            train_images=tracked_images,
-            test_images=tracked_test_images,
-            seed=arguments.seed,
-        )
-        warmup_subset = write_cifar_subset(
-            dataset,
-            temporary / "warmup-subset",
-            train_images=batch_size,
-            test_images=min(batch_size, test_count),
-            seed=arguments.seed,
-        )
-        with temporary_tracking_store(temporary):
-            # Decode and cache the subset once, as a second `train` on the same data would find it.
-            datasets.cached_stats(datasets.load_dataset(subset))
-            epochs = arguments.tracked_epochs
-            settings = {
-                "epochs": epochs,
-                "batch_size": batch_size,
-                "warmup_epochs": min(DEFAULTS.warmup_epochs, float(epochs)),
-                "device": device.type,
-                "seed": arguments.seed,
-            }
-            cold_seconds = None
-            if arguments.tracking_warmup:
-                progress("tracking: one untimed train_model run (imports, first model export)")
-                cold_seconds = timed(
-                    lambda: train_tracked(
-                        TrainConfig(
-                            norm=arguments.tracked_norms[0],
-                            data=str(warmup_subset),
-                            **{**settings, "epochs": 1, "warmup_epochs": 0.0},
+    if mlflow is None or not arguments.tracking:
+        arguments.tracked_norms = []
+        progress("tracking: skipped (--no-tracking, or MLflow is not installed)")
+    if arguments.tracked_norms:
+        tracked_images = min(arguments.tracked_images, train_count)
+        tracked_test_images = min(arguments.tracked_test_images, test_count)
+        if tracked_images < batch_size:
+            raise ConfigError(
+                f"--tracked-images must be at least the batch size {batch_size} "
+                f"(got {tracked_images})"
+            )
+        with tempfile.TemporaryDirectory(prefix="benchmark-") as directory:
+            temporary = Path(directory)
+            progress(f"tracking: temporary SQLite store and subset in {temporary}")
+            subset = write_cifar_subset(
+                dataset,
+                temporary / "subset",
+                train_images=tracked_images,
+                test_images=tracked_test_images,
+                seed=arguments.seed,
+            )
+            warmup_subset = write_cifar_subset(
+                dataset,
+                temporary / "warmup-subset",
+                train_images=batch_size,
+                test_images=min(batch_size, test_count),
+                seed=arguments.seed,
+            )
+            with temporary_tracking_store(temporary):
+                # Decode and cache the subset once, as a second `train` on the same data finds it.
+                datasets.cached_stats(datasets.load_dataset(subset))
+                epochs = arguments.tracked_epochs
+                settings = {
+                    "epochs": epochs,
+                    "batch_size": batch_size,
+                    "warmup_epochs": min(DEFAULTS.warmup_epochs, float(epochs)),
+                    "device": device.type,
+                    "seed": arguments.seed,
+                }
+                cold_seconds = None
+                if arguments.tracking_warmup:
+                    progress("tracking: one untimed train_model run (imports, first model export)")
+                    cold_seconds = timed(
+                        lambda: train_tracked(
+                            TrainConfig(
+                                norm=arguments.tracked_norms[0],
+                                data=str(warmup_subset),
+                                **{**settings, "epochs": 1, "warmup_epochs": 0.0},
+                            )
                         )
                     )
-                )
-            for norm in arguments.tracked_norms:
-                progress(f"{norm}: untracked, per-epoch logging, tracked ({epochs} epochs)")
-                costs[norm] = measure_tracking(TrainConfig(norm=norm, data=str(subset), **settings))
+                for norm in arguments.tracked_norms:
+                    progress(f"{norm}: untracked, per-epoch logging, tracked ({epochs} epochs)")
+                    costs[norm] = measure_tracking(
+                        TrainConfig(norm=norm, data=str(subset), **settings)
+                    )
 
     timing = (
         f"{arguments.warmup_steps} untimed warm-up steps, then {arguments.steps} timed steps of "
         f"{batch_size} images; the reference times the same number of images in "
         f"{reference_steps} steps of {REFERENCE_BATCH_SIZE} after {reference_warmup} warm-up "
-        f"steps. Threads from `engine.configure_threads()`; `time.perf_counter`"
+        f"steps. Threads from `engine.configure_backend()`; `time.perf_counter`"
         f"{', CUDA synchronized' if device.type == 'cuda' else ''}."
     )
     lines = [
@@ -803,24 +823,30 @@ def run_benchmark(arguments: argparse.Namespace, *, command: str) -> str:
         "default layout and precision. `ceiling`: the same step on one fixed prepared batch. "
         "`pipeline / ceiling` near 1 means the data path costs next to nothing.",
         "",
-        "### Tracking overhead",
-        "",
-        f"Subset of {tracked_images:,} train / {tracked_test_images:,} test images, "
-        f"{arguments.tracked_epochs} epoch(s), batch {batch_size}, temporary SQLite store. "
-        "`tracked`: `pipeline.cli.train_model` (params, dataset, per-epoch metrics and "
-        "checkpoint, figures, exported model, registry). `untracked`: the same loading, "
-        "`engine.fit(on_epoch_end=None)` and final evaluation. `per-epoch logging`: `engine.fit` "
-        "with `on_epoch_end` = `tracking.log_epoch` + `tracking.log_checkpoint` inside "
-        "`tracking.run`. Overhead = (tracked - untracked) / untracked wall time; the fixed "
-        "part is paid once per run, so it weighs less in a full-length run. "
-        + (
-            f"The first `train_model` call in the process (untimed) took {cold_seconds:.1f} s."
-            if cold_seconds is not None
-            else "No untimed `train_model` call first (--quick): one-time imports are included."
-        ),
-        "",
-        *tracking_table(list(costs.values())),
     ]
+    if costs:
+        lines += [
+            "### Tracking overhead",
+            "",
+            f"Subset of {tracked_images:,} train / {tracked_test_images:,} test images, "
+            f"{arguments.tracked_epochs} epoch(s), batch {batch_size}, temporary SQLite store. "
+            "`tracked`: `pipeline.cli.train_model` (params, dataset, per-epoch metrics and "
+            "checkpoint, figures, exported model, registry). `untracked`: the same loading, "
+            "`engine.fit(on_epoch_end=None)` and final evaluation. `per-epoch logging`: "
+            "`engine.fit` "
+            "with `on_epoch_end` = `tracking.log_epoch` + `tracking.log_checkpoint` inside "
+            "`tracking.run`. Overhead = (tracked - untracked) / untracked wall time; the fixed "
+            "part is paid once per run, so it weighs less in a full-length run. "
+            + (
+                f"The first `train_model` call in the process (untimed) took {cold_seconds:.1f} s."
+                if cold_seconds is not None
+                else "No untimed `train_model` call first (--quick): one-time imports are included."
+            ),
+            "",
+            *tracking_table(list(costs.values())),
+        ]
+    else:
+        lines += ["Tracking overhead: not measured (--no-tracking, or MLflow is not installed)."]
     if arguments.layouts:
         lines += [
             "",
@@ -842,9 +868,12 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     words = sys.argv[1:] if argv is None else argv
     command = " ".join(["python scripts/benchmark.py", *map(shlex.quote, words)])
+    user_errors = (ConfigError, datasets.DataError)
+    if tracking is not None:
+        user_errors += (tracking.TrackingError,)
     try:
         report = run_benchmark(arguments, command=command)
-    except (ConfigError, datasets.DataError, tracking.TrackingError) as error:
+    except user_errors as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     print(report, end="")

@@ -18,6 +18,9 @@ from PIL import Image
 from pipeline.data import CIFAR10_CLASSES
 
 REPO = Path(__file__).resolve().parents[1]
+# MLflow's usage telemetry costs every process the tests start (mlflow run, each step, the
+# servers) about 3 s of CPU, with no network to send it to; set before any fixture runs.
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 CLASSES = CIFAR10_CLASSES
 TRAIN_PER_CLASS = 24
 TEST_PER_CLASS = 6

@@ -257,3 +257,21 @@ def test_failed_download_says_how_to_use_a_local_copy(tmp_path, monkeypatch):
     target.mkdir()
     with pytest.raises(DataError, match="downloading it failed .*pass data=<folder or .tar.gz>"):
         data.load_dataset(target)
+
+
+def test_cutout_blanks_one_square_per_image_to_the_mean():
+    split = _split(8)
+    generator = torch.Generator().manual_seed(2)
+    stats = DatasetStats(mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+    normalize = data.Normalizer(
+        stats, device=torch.device("cpu"), memory_format=torch.channels_last
+    )
+    (images, _), *_ = data.train_batches(
+        split, batch_size=8, generator=generator, normalize=normalize, pad=0, flip=False, cutout=8
+    )
+    blank = (images == 0).all(dim=1)  # (B, H, W): the mean pixel normalises to 0 in every channel
+    for mask in blank:
+        rows, cols = mask.any(dim=1).nonzero().flatten(), mask.any(dim=0).nonzero().flatten()
+        assert 4 <= len(rows) <= 8 and 4 <= len(cols) <= 8  # a square, clipped at most to half
+        assert mask.sum() == len(rows) * len(cols)
+        assert rows.max() - rows.min() + 1 == len(rows)  # contiguous

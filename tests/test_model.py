@@ -6,6 +6,7 @@ from pipeline.config import ConfigError
 from pipeline.model import (
     LAYER_PLAN,
     MAX_PARAMETERS,
+    Net,
     build_model,
     count_parameters,
     receptive_fields,
@@ -105,3 +106,11 @@ def test_summary_lists_each_layer_and_the_total():
     for name in LAYER_PLAN:
         assert f"\n{name}" in text
     assert f"{count_parameters(model):,}" in text
+
+
+def test_relu_before_norm_swaps_only_the_order():
+    model = Net(norm="group", groups=4, order="act-norm")
+    assert [name for name, _ in model.C4.named_children()] == ["conv", "relu", "norm"]
+    assert count_parameters(model) == count_parameters(Net(norm="group", groups=4))
+    with pytest.raises(ConfigError, match="order must be one of norm-act, act-norm"):
+        Net(norm="batch", order="sideways")

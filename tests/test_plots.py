@@ -1,6 +1,7 @@
 import numpy as np
 
 from pipeline import plots
+from pipeline.engine import EpochMetrics
 
 
 def test_misclassified_grid_shows_wrong_predictions_from_every_class():
@@ -25,3 +26,24 @@ def test_confusion_matrix_and_per_class_accuracy_agree():
     matrix = plots.confusion_matrix(labels, predictions, 3)
     assert matrix.tolist() == [[1, 1, 0], [0, 2, 0], [1, 0, 1]]
     np.testing.assert_allclose(plots.per_class_accuracy(matrix), [0.5, 1.0, 0.5])
+
+
+def test_training_curves_label_whole_epochs_only():
+    for count in (1, 2, 20):
+        records = [
+            EpochMetrics(
+                epoch=epoch,
+                train_loss=1.0,
+                train_acc=0.5,
+                test_loss=1.0,
+                test_acc=0.5,
+                lr=0.1,
+                epoch_seconds=1.0,
+            )
+            for epoch in range(1, count + 1)
+        ]
+        figure = plots.training_curves(records)
+        for axis in figure.axes:
+            low, high = axis.get_xlim()
+            shown = [tick for tick in axis.get_xticks() if low <= tick <= high]
+            assert shown and all(float(tick).is_integer() for tick in shown), (count, shown)

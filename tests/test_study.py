@@ -34,6 +34,7 @@ STUDY_PARAMS = {
     "epochs": 2,
     "warmup_epochs": 0.5,
     "batch_size": 32,
+    "parallel": 2,  # the two trainings (and the two evaluations) at once
 }
 EXPECTED_STEPS = {
     "prepare-stats",
@@ -186,6 +187,22 @@ def test_compare_report_has_every_artifact_and_the_childrens_numbers(store):
     findings = report.split("## Findings", 1)[1].split("##", 1)[0]
     assert f"**{leader}** norm leads" in findings
     assert "one seed per norm" in findings
+
+
+def test_main_runs_the_steps_of_a_stage_in_parallel_with_prefixed_output(study, store):
+    children = _children(_parents().loc[0, "run_id"])
+    assert _parents().loc[0, "params.parallel"] == "2"
+    first, second = (children.loc[f"train-{norm}-seed1"] for norm in NORMS)
+    # the two trainings overlapped in time
+    assert first["start_time"] < second["end_time"] and second["start_time"] < first["end_time"]
+    lines = study.first.stdout.splitlines()
+    for norm in NORMS:  # each step's lines carry its name
+        assert any(line.startswith(f"[train-{norm}-seed1] epoch  2/2") for line in lines)
+    shares = [line for line in lines if "running entry point train on cores" in line]
+    assert len(shares) == len(NORMS)
+    if len(os.sched_getaffinity(0)) >= 2:  # each training pinned to its own cores
+        first_cores, second_cores = (set(line.rsplit(" ", 1)[1].split(",")) for line in shares)
+        assert not first_cores & second_cores, shares
 
 
 def test_rerunning_main_reuses_finished_steps(study, store):
@@ -437,6 +454,13 @@ def test_report_renders_with_relative_links(tmp_path):
     assert "70.00 ± 1.41" not in text  # the headline is a mean, not one seed
     assert "71.00 ± 1.41" in text
     assert not math.isnan(float(pd.read_csv(report.parent / "norms.csv")["epochs"][0]))
+    # The HTML copy (MLflow renders it, images included) carries the same table, figures inlined.
+    page = (report.parent / "report.html").read_text()
+    assert "<td>71.00 ± 1.41</td>" in page
+    images = re.findall(r'<img alt="([^"]*)" src="([^"]+)"', page)
+    assert images and all(src.startswith("data:image/png;base64,") for _, src in images)
+    assert len(images) == text.count("![")
+    assert "<h2>Findings</h2>" in page and "<li><b>batch</b> norm leads" in page
 
 
 # --------------------------------------------------------------------------- MLproject

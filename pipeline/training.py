@@ -1,0 +1,111 @@
+"""`train`'s work without MLflow: build the seeded model and device-resident data from a
+`TrainConfig`, then run `engine.fit` with its recipe. The CLI adds tracking around it; the
+benchmark and ablation scripts call it directly."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipeline import data as datasets
+from pipeline import engine
+from pipeline.config import ConfigError, TrainConfig
+from pipeline.data import DataError, DatasetStats
+from pipeline.model import MAX_PARAMETERS, Net, count_parameters
+
+StatsLoader = Callable[[str, datasets.ArrayDataset], DatasetStats]
+
+
+@dataclass(frozen=True)
+class TrainingSetup:
+    """What `train` builds from its config before the first step."""
+
+    model: torch.nn.Module
+    parameters: int
+    dataset: datasets.ArrayDataset
+    stats: DatasetStats
+    device: torch.device
+    autocast_dtype: torch.dtype | None
+    normalize: datasets.Normalizer
+    train_split: datasets.DeviceSplit
+    test_split: datasets.DeviceSplit
+
+
+def load_local_stats(spec: str, dataset: datasets.ArrayDataset) -> DatasetStats:
+    """Stats from a stats.json path, or computed (and cached) when `spec` is empty."""
+    if not spec:
+        return datasets.cached_stats(dataset)
+    path = Path(spec)
+    if not path.is_file():
+        raise DataError(f"stats file {spec!r} does not exist")
+    return DatasetStats.from_json(path.read_text(), origin=spec)
+
+
+def prepare_training(
+    config: TrainConfig,
+    *,
+    load_stats: StatsLoader = load_local_stats,
+    model_options: dict[str, Any] | None = None,
+) -> TrainingSetup:
+    """Seeded model, data on the device, layout and precision: the defaults `train` runs.
+
+    `model_options` go to `Net` (widths, order, standardize) for architecture ablations.
+    """
+    torch.manual_seed(config.seed)  # the initial weights depend on the seed alone
+    model = Net(
+        norm=config.norm, groups=config.groups, dropout=config.dropout, **(model_options or {})
+    )
+    parameters = count_parameters(model)
+    if parameters > MAX_PARAMETERS:
+        raise ConfigError(
+            f"the model has {parameters:,} parameters; the limit is {MAX_PARAMETERS:,}"
+        )
+    device = engine.resolve_device(config.device)
+    engine.configure_backend(device)
+    dataset = datasets.load_dataset(config.data)
+    stats = load_stats(config.stats, dataset)
+    memory_format = engine.memory_format_for(config.norm, device)
+    return TrainingSetup(
+        model=model.to(device=device, memory_format=memory_format),
+        parameters=parameters,
+        dataset=dataset,
+        stats=stats,
+        device=device,
+        autocast_dtype=engine.resolve_precision(config.precision, device),
+        normalize=datasets.Normalizer(stats, device=device, memory_format=memory_format),
+        train_split=datasets.to_device(dataset.train_images, dataset.train_labels, device=device),
+        test_split=datasets.to_device(dataset.test_images, dataset.test_labels, device=device),
+    )
+
+
+def fit(
+    setup: TrainingSetup,
+    config: TrainConfig,
+    *,
+    resume_from: dict | None = None,
+    on_epoch_end: Callable[[engine.EpochMetrics, engine.TrainingState], None] | None = None,
+) -> list[engine.EpochMetrics]:
+    """`engine.fit` with the config's recipe."""
+    return engine.fit(
+        setup.model,
+        setup.train_split,
+        setup.test_split,
+        normalize=setup.normalize,
+        epochs=config.epochs,
+        batch_size=config.batch_size,
+        learning_rate=config.learning_rate,
+        momentum=config.momentum,
+        weight_decay=config.weight_decay,
+        label_smoothing=config.label_smoothing,
+        warmup_epochs=config.warmup_epochs,
+        seed=config.seed,
+        ema_decay=config.ema,
+        cutout=config.cutout,
+        autocast_dtype=setup.autocast_dtype,
+        resume_from=resume_from,
+        on_epoch_end=on_epoch_end,
+    )
