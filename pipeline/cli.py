@@ -134,34 +134,11 @@ def device_option(function):
     )(function)
 
 
-def ema_option(function):
-    return click.option(
-        "--ema",
-        type=float,
-        default=_DEFAULTS.ema,
-        help="Per-step decay of a moving average of the weights, which is what gets evaluated "
-        "and logged; 0 turns it off.",
-    )(function)
-
-
-def cutout_option(function):
-    return click.option(
-        "--cutout",
-        type=int,
-        default=_DEFAULTS.cutout,
-        help="Side in pixels of the square blanked in each training image; 0 turns it off.",
-    )(function)
-
-
 def _load_stats(spec: str, dataset: datasets.ArrayDataset) -> DatasetStats:
     """Stats from a path, from a run's artifact (runs:/<id>/stats.json) or computed."""
     if spec.startswith("runs:/"):
         return training.load_local_stats(str(tracking.download_artifact(spec)), dataset)
     return training.load_local_stats(spec, dataset)
-
-
-def prepare_training(config: TrainConfig) -> training.TrainingSetup:
-    return training.prepare_training(config, load_stats=_load_stats)
 
 
 # --------------------------------------------------------------------------- prepare-stats
@@ -233,8 +210,19 @@ def model_summary(norm: str, groups: int) -> None:
 @click.option("--dropout", type=float, default=_DEFAULTS.dropout)
 @click.option("--label-smoothing", "label_smoothing", type=float, default=_DEFAULTS.label_smoothing)
 @click.option("--warmup-epochs", "warmup_epochs", type=float, default=_DEFAULTS.warmup_epochs)
-@ema_option
-@cutout_option
+@click.option(
+    "--ema",
+    type=float,
+    default=_DEFAULTS.ema,
+    help="Per-step decay of a moving average of the weights, which is what gets evaluated "
+    "and logged; 0 turns it off.",
+)
+@click.option(
+    "--cutout",
+    type=int,
+    default=_DEFAULTS.cutout,
+    help="Side in pixels of the square blanked in each training image; 0 turns it off.",
+)
 @click.option("--seed", type=int, default=_DEFAULTS.seed)
 @data_option
 @stats_option
@@ -261,7 +249,7 @@ def train_model(config: TrainConfig) -> str:
     """Train, log and register one model; returns the run id."""
     engine.resolve_device(config.device)  # a missing device fails before the store is touched
     tracking.check_store()
-    setup = prepare_training(config)
+    setup = training.prepare_training(config, load_stats=_load_stats)
     resume_state = tracking.load_checkpoint(config.resume) if config.resume else None
     model, dataset = setup.model, setup.dataset
     fields = receptive_fields(model)

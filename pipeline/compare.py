@@ -544,11 +544,12 @@ def write_report(study: Study, directory: Path) -> Path:
     runs["final train acc %"] = [_percent(v) for v in summary["final_train_acc"]]
     runs["epoch s"] = [f"{v:.1f}" for v in summary["epoch_seconds"]]
     sections += ["## Runs", "", markdown_table(runs), ""]
+    text = "\n".join(sections)
     report = directory / "report.md"
-    report.write_text("\n".join(sections))
+    report.write_text(text)
     # MLflow's Markdown viewer shows relative images as text; its HTML viewer renders this copy,
     # with the figures inlined.
-    (directory / "report.html").write_text(markdown_to_html(report.read_text(), base=directory))
+    (directory / "report.html").write_text(markdown_to_html(text, base=directory))
     return report
 
 
