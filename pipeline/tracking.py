@@ -196,7 +196,14 @@ def log_dataset(*, name: str, source: str, digest: str, context: str) -> None:
 
         dataset_source = HTTPDatasetSource(url=f"file://{source}")
     dataset = MetaDataset(source=dataset_source, name=name, digest=digest[:8])
-    mlflow.log_input(dataset, context=context)
+    try:
+        mlflow.log_input(dataset, context=context)
+    except MlflowException as error:
+        # A tracking server inserts a new dataset without a lock: runs logging the same one at
+        # once can lose that race (a unique-key violation). The dataset exists now: log again.
+        if "duplicate key" not in error.message and "UNIQUE constraint" not in error.message:
+            raise
+        mlflow.log_input(dataset, context=context)
 
 
 def download_artifact(uri: str) -> Path:
