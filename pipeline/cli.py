@@ -28,6 +28,7 @@ from pipeline.config import (
     MAX_EPOCHS,
     NORMS,
     REGISTERED_MODEL,
+    TTA_MODES,
     ConfigError,
     EvalConfig,
     TrainConfig,
@@ -108,6 +109,14 @@ def _fail(message: str, *, code: int, status: str = "FAILED") -> None:
 # --------------------------------------------------------------------------- shared options
 
 _DEFAULTS = TrainConfig()
+
+
+def tta_option(default: str, what: str):
+    return click.option(
+        "--tta",
+        default=default,
+        help=f"Test-time augmentation: {', '.join(TTA_MODES)}. {what}.",
+    )
 
 
 def data_option(function):
@@ -223,6 +232,19 @@ def model_summary(norm: str, groups: int) -> None:
     default=_DEFAULTS.cutout,
     help="Side in pixels of the square blanked in each training image; 0 turns it off.",
 )
+@click.option(
+    "--translate",
+    type=int,
+    default=_DEFAULTS.translate,
+    help="Largest random shift in pixels of each training image; 0 turns it off.",
+)
+@click.option(
+    "--whiten",
+    type=click.BOOL,
+    default=_DEFAULTS.whiten,
+    help="Start C1 from PCA whitening filters of the training images' patches.",
+)
+@tta_option(_DEFAULTS.tta, "How each epoch's test accuracy is computed")
 @click.option("--seed", type=int, default=_DEFAULTS.seed)
 @data_option
 @stats_option
@@ -254,7 +276,11 @@ def train_model(config: TrainConfig) -> str:
     model, dataset = setup.model, setup.dataset
     fields = receptive_fields(model)
     run_name = f"train-{config.norm}-seed{config.seed}"
-    tags = {"step": "train", "norm": config.norm, "groups": str(config.groups)}
+    # `groups` only means something for group norm: tag it there alone (the param is always logged).
+    norm_tags = {"norm": config.norm}
+    if config.norm == "group":
+        norm_tags["groups"] = str(config.groups)
+    tags = {"step": "train", **norm_tags}
     with tracking.run(run_name=run_name, tags=tags, resume_run_id=config.resume or None) as run_id:
         tracking.log_params(
             {
@@ -296,7 +322,11 @@ def train_model(config: TrainConfig) -> str:
             tracking.log_metrics({"train_seconds": time.perf_counter() - started})
         history = tracking.metric_history(run_id)
         final = engine.evaluate(
-            model, setup.test_split, normalize=setup.normalize, autocast_dtype=setup.autocast_dtype
+            model,
+            setup.test_split,
+            normalize=setup.normalize,
+            autocast_dtype=setup.autocast_dtype,
+            tta=config.tta,
         )
         tracking.log_figure(plots.training_curves(history, title=run_name), "plots/curves.png")
         tracking.log_figure(
@@ -317,8 +347,7 @@ def train_model(config: TrainConfig) -> str:
                 name=config.registered_model,
                 run_id=run_id,
                 tags={
-                    "norm": config.norm,
-                    "groups": str(config.groups),
+                    **norm_tags,
                     "seed": str(config.seed),
                     "test_acc": f"{final.accuracy:.4f}",
                 },
@@ -346,6 +375,7 @@ def train_model(config: TrainConfig) -> str:
 @click.option("--stats", default="", help="Default: the training run's stats.json.")
 @click.option("--batch-size", "batch_size", type=int, default=1024)
 @device_option
+@tta_option("", "Default: what the training run used")
 def evaluate(**options) -> None:
     """Evaluate a logged or registered model on the test split, in its own run."""
     config = EvalConfig(**options)
@@ -364,15 +394,17 @@ def evaluate(**options) -> None:
         tags.update({"model_name": source.name or "", "model_version": source.version})
     source_params = tracking.run_params(source.run_id)
     for key in ("norm", "groups", "seed"):
-        if key in source_params:
+        if key in source_params and (key != "groups" or source_params.get("norm") == "group"):
             tags[key] = source_params[key]
+    # Runs from before `tta` existed evaluated with the mirror.
+    config = dataclasses.replace(config, tta=config.tta or source_params.get("tta", "flip"))
     with tracking.run(run_name=f"evaluate-{label}", tags=tags) as run_id:
         tracking.log_params(config.as_params())
         tracking.log_dataset(
             name=dataset.name, source=dataset.source, digest=dataset.digest, context="test"
         )
         result = engine.evaluate(
-            model, test_split, normalize=normalize, batch_size=config.batch_size
+            model, test_split, normalize=normalize, batch_size=config.batch_size, tta=config.tta
         )
         labels, predictions = result.labels.numpy(), result.predictions.numpy()
         matrix = plots.confusion_matrix(labels, predictions, len(dataset.classes))
@@ -507,8 +539,18 @@ study.params.extend(option for option in train.params if option.name not in _NOT
     default="",
     help="MLflow search filter, e.g. \"params.epochs = '20'\".",
 )
-def compare_command(parent_run_id: str, experiment_name: str, filter_string: str) -> None:
+@click.option(
+    "--group-by",
+    "group_by",
+    default="",
+    help="Comma-separated train parameters (e.g. whiten,translate): adds a table of each "
+    "norm's runs per combination of their values, with the gain over the default recipe.",
+)
+def compare_command(
+    parent_run_id: str, experiment_name: str, filter_string: str, group_by: str
+) -> None:
     """Side-by-side report of the norms: tables, overlay plots, findings, report.md."""
+    keys = parse_group_by(group_by)
     tracking.check_store()
     runs = tracking.study_runs(
         parent_run_id=parent_run_id,
@@ -528,9 +570,10 @@ def compare_command(parent_run_id: str, experiment_name: str, filter_string: str
                 "parent_run_id": parent_run_id,
                 "experiment_name": experiment_name,
                 "filter_string": filter_string,
+                "group_by": ",".join(keys),
             }
         )
-        study_data = _load_study(runs, source=source)
+        study_data = _load_study(runs, source=source, group_by=keys)
         if study_data.train.empty:
             raise tracking.TrackingError(f"no finished train runs to compare in {source}")
         target = parent_run_id or run_id
@@ -546,10 +589,26 @@ def compare_command(parent_run_id: str, experiment_name: str, filter_string: str
         )
     for note in comparison.findings(table):
         click.echo(f"- {note}")
+    if keys:
+        levers = comparison.readable_lever_table(comparison.lever_table(study_data), keys)
+        click.echo(comparison.markdown_table(levers))
     click.echo(f"report: runs:/{target}/comparison/report.md (compare run {run_id})")
 
 
-def _load_study(runs, *, source: str) -> comparison.Study:
+def parse_group_by(text: str) -> tuple[str, ...]:
+    """`whiten,translate` -> validated train parameter names (not norm or seed: every table
+    is per norm over seeds already)."""
+    allowed = [f.name for f in dataclasses.fields(TrainConfig) if f.name not in ("norm", "seed")]
+    keys = tuple(dict.fromkeys(part.strip() for part in text.split(",") if part.strip()))
+    for key in keys:
+        if key not in allowed:
+            raise ConfigError(
+                f"group_by names train parameters: {', '.join(allowed)} (got {key!r})"
+            )
+    return keys
+
+
+def _load_study(runs, *, source: str, group_by: tuple[str, ...] = ()) -> comparison.Study:
     """Fetch what compare.py needs: epoch histories, misclassified grids, evaluation.json."""
     train_ids = list(comparison.step_runs(runs, "train")["run_id"])
     histories = {run_id: tracking.metric_history(run_id) for run_id in train_ids}
@@ -568,7 +627,12 @@ def _load_study(runs, *, source: str) -> comparison.Study:
             continue
         evaluations[run_id] = json.loads(path.read_text())
     return comparison.build_study(
-        runs, histories, evaluations=evaluations, misclassified=grids, source=source
+        runs,
+        histories,
+        evaluations=evaluations,
+        misclassified=grids,
+        source=source,
+        group_by=group_by,
     )
 
 

@@ -29,7 +29,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from pipeline.config import NORMS  # noqa: E402
+from pipeline.config import NORMS, TTA_MODES, TrainConfig  # noqa: E402
 from pipeline.engine import EpochMetrics  # noqa: E402
 from pipeline.plots import whole_epochs  # noqa: E402
 
@@ -65,6 +65,10 @@ class Study:
     per_class: pd.DataFrame  # run_id, norm, seed, class, accuracy (from evaluation.json)
     misclassified: dict[str, Path]  # norm -> plots/misclassified.png of its first seed
     source: str  # what was compared, for the report's first line
+    # Train-run params whose values split each norm's runs into the rows of the lever table.
+    group_by: tuple[str, ...] = ()
+    # One row per evaluate run: run_id, norm, seed, source_run_id, tta, test_acc.
+    evaluated: pd.DataFrame = dataclasses.field(default_factory=pd.DataFrame)
 
     @property
     def norms(self) -> list[str]:
@@ -79,11 +83,14 @@ def build_study(
     evaluations: Mapping[str, dict] | None = None,
     misclassified: Mapping[str, Path] | None = None,
     source: str = "",
+    group_by: Sequence[str] = (),
 ) -> Study:
     """Assemble a Study from `mlflow.search_runs` rows, each train run's epoch records, the
     evaluate runs' evaluation.json payloads and the train runs' misclassified grids (by run id).
     """
-    train = train_runs(runs)
+    group_by = tuple(group_by)
+    runs = runs.reset_index(drop=True)  # rows are looked up by index below
+    train = train_runs(runs, extra_params=group_by)
     rows = []
     for run in train.itertuples(index=False):
         for record in histories.get(run.run_id, ()):
@@ -116,15 +123,31 @@ def build_study(
         path = (misclassified or {}).get(run.run_id)
         if path is not None and run.norm not in grids:
             grids[run.norm] = Path(path)
+    evaluated = evaluate.copy()
+    for column, key in (
+        ("source_run_id", "tags.source_run_id"),
+        ("tta", "params.tta"),
+        ("test_acc", "metrics.test_acc"),
+    ):
+        evaluated[column] = _column(runs.loc[evaluate.index], key).map(_unquote)
+    # Evaluate runs from before `tta` existed evaluated with the mirror.
+    evaluated["tta"] = evaluated["tta"].fillna("flip")
+    evaluated["test_acc"] = pd.to_numeric(evaluated["test_acc"], errors="coerce")
     return Study(
-        train=train, history=history, per_class=per_class, misclassified=grids, source=source
+        train=train,
+        history=history,
+        per_class=per_class,
+        misclassified=grids,
+        source=source,
+        group_by=group_by,
+        evaluated=evaluated.reset_index(drop=True),
     )
 
 
-def train_runs(runs: pd.DataFrame) -> pd.DataFrame:
-    """One row per train run: run id and name, norm, seed and the TABLE_PARAMS."""
+def train_runs(runs: pd.DataFrame, *, extra_params: Sequence[str] = ()) -> pd.DataFrame:
+    """One row per train run: run id and name, norm, seed, the TABLE_PARAMS and `extra_params`."""
     rows = step_runs(runs, "train")
-    for name in TABLE_PARAMS:
+    for name in dict.fromkeys([*TABLE_PARAMS, *extra_params]):
         rows[name] = _column(runs.loc[rows.index], f"params.{name}").map(_unquote)
     return rows.reset_index(drop=True)
 
@@ -242,6 +265,126 @@ def per_class_table(study: Study) -> pd.DataFrame:
         index="class", columns="norm", values="accuracy", aggfunc="mean", sort=False
     )
     return table[[n for n in study.norms if n in table.columns]]
+
+
+def lever_table(study: Study) -> pd.DataFrame:
+    """One row per norm and combination of `study.group_by` values: final test accuracy over
+    seeds, and the mean gain over that norm's default-recipe runs on the seeds both have.
+
+    The default recipe is the row whose group_by values are `TrainConfig`'s defaults; pairing
+    by seed compares runs that started from the same initial weights and batch order.
+    """
+    keys = list(study.group_by)
+    summary = run_summary(study).merge(study.train[["run_id", *keys]], on="run_id")
+    for key in keys:
+        summary[key] = summary[key].map(param_value)
+    defaults = {key: param_value(value) for key, value in TrainConfig().as_params().items()}
+    rows = []
+    for norm in study.norms:
+        runs = summary[summary["norm"] == norm]
+        is_default = pd.Series(True, index=runs.index)
+        for key in keys:
+            is_default &= runs[key] == defaults.get(key, "")
+        baseline = runs[is_default].set_index("seed")["final_test_acc"]
+        groups = list(runs.groupby(keys, sort=True, dropna=False))
+        groups.sort(key=lambda item: not is_default.loc[item[1].index].all())  # default first
+        for values, group in groups:
+            values = values if isinstance(values, tuple) else (values,)
+            mine = group.set_index("seed")["final_test_acc"]
+            shared = sorted(set(mine.index) & set(baseline.index))
+            is_baseline = bool(is_default.loc[group.index].all())
+            accuracy = group["final_test_acc"]
+            rows.append(
+                {
+                    "norm": norm,
+                    **dict(zip(keys, values, strict=True)),
+                    "default": is_baseline,
+                    "runs": len(group),
+                    "seeds": ",".join(str(s) for s in sorted(group["seed"].dropna().astype(int))),
+                    "final_test_acc_mean": float(accuracy.mean()),
+                    "final_test_acc_std": float(accuracy.std(ddof=1))
+                    if len(group) > 1
+                    else math.nan,
+                    "gain_points": math.nan
+                    if is_baseline or not shared
+                    else float(100 * (mine[shared] - baseline[shared]).mean()),
+                    "paired_seeds": 0 if is_baseline else len(shared),
+                }
+            )
+    return pd.DataFrame(rows)
+
+
+def param_value(value) -> str:
+    """One spelling per value: `mlflow run -P whiten=true` logs "true" where the CLI logs
+    "True", and "0" and "0.0" are the same number."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    text = str(value).strip()
+    if text.lower() in ("true", "false"):
+        return text.lower()
+    try:
+        return f"{float(text):g}"
+    except ValueError:
+        return text
+
+
+def readable_lever_table(table: pd.DataFrame, keys: Sequence[str]) -> pd.DataFrame:
+    out = table[["norm", *keys]].copy()
+    out["recipe"] = ["default" if d else "" for d in table["default"]]
+    out["runs"] = table["runs"]
+    out["seeds"] = table["seeds"]
+    out["final test acc %"] = [
+        _percent(m, s)
+        for m, s in zip(table["final_test_acc_mean"], table["final_test_acc_std"], strict=True)
+    ]
+    out["gain (points)"] = [
+        "" if math.isnan(g) else f"{g:+.2f} ({n} seed{'s' * (n != 1)})"
+        for g, n in zip(table["gain_points"], table["paired_seeds"], strict=True)
+    ]
+    return out
+
+
+def tta_table(study: Study) -> pd.DataFrame:
+    """Evaluate runs per norm and test-time augmentation: test accuracy over the evaluated
+    models, and the mean gain over `TrainConfig`'s default tta on the models evaluated both ways.
+    """
+    evaluated = study.evaluated.dropna(subset=["test_acc"])
+    default = TrainConfig().tta
+    present = set(evaluated["norm"])  # models trained outside the compared runs count too
+    rows = []
+    for norm in [n for n in NORMS if n in present] + sorted(present - set(NORMS)):
+        runs = evaluated[evaluated["norm"] == norm]
+        baseline = runs[runs["tta"] == default].groupby("source_run_id")["test_acc"].mean()
+        for tta in [t for t in TTA_MODES if t in set(runs["tta"])]:
+            group = runs[runs["tta"] == tta]
+            mine = group.groupby("source_run_id")["test_acc"].mean()
+            shared = sorted(set(mine.index) & set(baseline.index))
+            rows.append(
+                {
+                    "norm": norm,
+                    "tta": tta,
+                    "models": int(group["source_run_id"].nunique()),
+                    "test_acc_mean": float(mine.mean()),
+                    "test_acc_std": float(mine.std(ddof=1)) if len(mine) > 1 else math.nan,
+                    "gain_points": math.nan
+                    if tta == default or not shared
+                    else float(100 * (mine[shared] - baseline[shared]).mean()),
+                    "paired_models": 0 if tta == default else len(shared),
+                }
+            )
+    return pd.DataFrame(rows)
+
+
+def readable_tta_table(table: pd.DataFrame) -> pd.DataFrame:
+    out = table[["norm", "tta", "models"]].copy()
+    out["test acc %"] = [
+        _percent(m, s) for m, s in zip(table["test_acc_mean"], table["test_acc_std"], strict=True)
+    ]
+    out["gain (points)"] = [
+        "" if math.isnan(g) else f"{g:+.2f} ({n} model{'s' * (n != 1)})"
+        for g, n in zip(table["gain_points"], table["paired_models"], strict=True)
+    ]
+    return out
 
 
 def markdown_table(frame: pd.DataFrame, *, index: bool = False) -> str:
@@ -500,6 +643,34 @@ def write_report(study: Study, directory: Path) -> Path:
         *[f"- {note}" for note in findings(table)],
         "",
     ]
+    if study.group_by:
+        levers = lever_table(study)
+        levers.to_csv(directory / "levers.csv", index=False)
+        keys = ", ".join(f"`{key}`" for key in study.group_by)
+        sections += [
+            f"## Levers: runs grouped by {keys}",
+            "",
+            markdown_table(readable_lever_table(levers, study.group_by)),
+            "",
+            "Final test accuracy, mean ± std over seeds. Gain: the mean difference in points "
+            "from the norm's default recipe (the row marked *default*: every grouped parameter "
+            "at `train`'s default), paired on the seeds both have. "
+            "Machine-readable: [levers.csv](levers.csv).",
+            "",
+        ]
+    if "tta" in study.evaluated and study.evaluated["tta"].nunique() > 1:
+        ttas = tta_table(study)
+        ttas.to_csv(directory / "tta.csv", index=False)
+        sections += [
+            "## Test-time augmentation",
+            "",
+            markdown_table(readable_tta_table(ttas)),
+            "",
+            "From the evaluate runs: test accuracy per `tta`, mean ± std over the evaluated "
+            f"models; gain over `tta={TrainConfig().tta}` on the same models. "
+            "Machine-readable: [tta.csv](tta.csv).",
+            "",
+        ]
     if not study.history.empty:
         _save(overlay_figure(study), directory / "plots" / "test_curves.png")
         _save(train_vs_test_figure(study), directory / "plots" / "train_vs_test.png")

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 NORMS = ("batch", "group", "layer")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 PRECISIONS = ("auto", "fp32", "bf16")
+# Test-time augmentation: the image alone, with its mirror, or mirror x two 1-pixel translations.
+TTA_MODES = ("none", "flip", "flip-translate")
 MAX_EPOCHS = 20
 REGISTERED_MODEL = "cifar10-{norm}"  # "{norm}" is filled in; an empty name skips registration
 DEFAULT_DATA = "~/.cache/cifar10"  # where torchvision downloads CIFAR-10 when it is missing
@@ -37,6 +39,9 @@ class TrainConfig:
     warmup_epochs: float = 2.0
     ema: float = 0.0
     cutout: int = 0
+    translate: int = 4
+    whiten: bool = False
+    tta: str = "flip"
     seed: int = 1
     data: str = DEFAULT_DATA
     stats: str = ""
@@ -60,6 +65,10 @@ class TrainConfig:
         check_float_range("warmup_epochs", self.warmup_epochs, low=0.0, high=float(MAX_EPOCHS))
         check_float_range("ema", self.ema, low=0.0, high=1.0, open_high=True)
         check_int_range("cutout", self.cutout, low=0, high=32)
+        check_int_range("translate", self.translate, low=0, high=16)
+        if not isinstance(self.whiten, bool):
+            raise ConfigError(f"whiten must be true or false (got {self.whiten!r})")
+        check_choice("tta", self.tta, TTA_MODES)
         check_int_range("seed", self.seed, low=0, high=2**31 - 1)
         check_choice("device", self.device, DEVICES)
         check_choice("precision", self.precision, PRECISIONS)
@@ -83,6 +92,7 @@ class EvalConfig:
     stats: str = ""
     batch_size: int = 1024
     device: str = "auto"
+    tta: str = ""  # empty: what the training run evaluated with
 
     def __post_init__(self) -> None:
         if not self.model_uri.startswith(("runs:/", "models:/")):
@@ -92,6 +102,8 @@ class EvalConfig:
             )
         check_int_range("batch_size", self.batch_size, low=1, high=65536)
         check_choice("device", self.device, DEVICES)
+        if self.tta:
+            check_choice("tta", self.tta, TTA_MODES)
 
     def as_params(self) -> dict[str, str]:
         return {f.name: _param_string(getattr(self, f.name)) for f in dataclasses.fields(self)}

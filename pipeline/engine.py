@@ -14,6 +14,7 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
+from pipeline.config import TTA_MODES, check_choice
 from pipeline.data import DeviceSplit, Normalizer, eval_batches, train_batches
 
 log = logging.getLogger(__name__)
@@ -179,10 +180,10 @@ def evaluate(
     normalize: Normalizer,
     batch_size: int = 1024,
     autocast_dtype: torch.dtype | None = None,
-    flip_tta: bool = True,
+    tta: str = "flip",
 ) -> Evaluation:
-    """Loss and accuracy on `split`; with `flip_tta` the logits of the image and its mirror
-    are averaged (test-time augmentation that costs one extra forward pass)."""
+    """Loss and accuracy on `split`, with test-time augmentation `tta` (see `tta_logits`)."""
+    check_choice("tta", tta, TTA_MODES)
     if isinstance(model, nn.Module) and hasattr(model, "eval") and not _is_graph_module(model):
         model.eval()
     device = split.images.device
@@ -190,9 +191,7 @@ def evaluate(
     predictions = []
     for images, labels in eval_batches(split, batch_size=batch_size, normalize=normalize):
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            logits = model(images).float()
-            if flip_tta:
-                logits = (logits + model(images.flip(3)).float()) / 2
+            logits = tta_logits(model, images, tta)
         loss_sum += nn.functional.cross_entropy(logits, labels, reduction="sum")
         predictions.append(logits.argmax(dim=1))
     predicted = torch.cat(predictions).cpu()
@@ -203,6 +202,26 @@ def evaluate(
         predictions=predicted,
         labels=labels,
     )
+
+
+def tta_logits(model: nn.Module, images: torch.Tensor, tta: str) -> torch.Tensor:
+    """fp32 logits of `images` averaged over test-time views.
+
+    "none": the image alone. "flip": the image and its mirror (one extra forward pass).
+    "flip-translate": half the "flip" logits plus half those of the image shifted one pixel
+    up-left and one pixel down-right (reflected borders), each with its mirror: six passes.
+    """
+    logits = model(images).float()
+    if tta == "none":
+        return logits
+    logits = (logits + model(images.flip(3)).float()) / 2
+    if tta == "flip":
+        return logits
+    height, width = images.shape[-2:]
+    padded = nn.functional.pad(images, (1, 1, 1, 1), mode="reflect")
+    shifted = [padded[..., :height, :width], padded[..., 2:, 2:]]
+    translated = sum((model(v).float() + model(v.flip(3)).float()) / 2 for v in shifted) / 2
+    return (logits + translated) / 2
 
 
 def _is_graph_module(model: nn.Module) -> bool:
@@ -263,6 +282,8 @@ def fit(
     seed: int,
     ema_decay: float = 0.0,
     cutout: int = 0,
+    translate: int = 4,
+    tta: str = "flip",
     autocast_dtype: torch.dtype | None = None,
     eval_batch_size: int = 1024,
     resume_from: dict | None = None,
@@ -274,7 +295,8 @@ def fit(
     `resume_from` is a `TrainingState.state_dict()`: training continues after its epoch.
     With `ema_decay` > 0 an exponential moving average of the weights (and BatchNorm buffers)
     is updated after every step; it is what each epoch evaluates, and `model` holds it on return.
-    `cutout` > 0 blanks a `cutout`-pixel square of every training image.
+    `cutout` > 0 blanks a `cutout`-pixel square of every training image; `translate` is the
+    largest random shift (pixels) of the training images; `tta` is how each epoch evaluates.
     """
     device = train_split.images.device
     steps = len(train_split) // batch_size
@@ -308,6 +330,7 @@ def fit(
                 batch_size=batch_size,
                 generator=generator,
                 normalize=normalize,
+                pad=translate,
                 cutout=cutout,
             ),
             optimizer=optimizer,
@@ -325,6 +348,7 @@ def fit(
             normalize=normalize,
             batch_size=eval_batch_size,
             autocast_dtype=autocast_dtype,
+            tta=tta,
         )
         if not math.isfinite(train_loss):
             raise FloatingPointError(

@@ -123,6 +123,7 @@ class Net(nn.Sequential):
         standardize: bool | None = None,
         widths: dict[str, int] | None = None,
         order: str = "norm-act",
+        whiten: bool = False,
     ) -> None:
         widths = {**WIDTHS, **(widths or {})}
         if norm == "group" and groups not in allowed_groups(widths):
@@ -157,7 +158,8 @@ class Net(nn.Sequential):
                             norm=norm,
                             groups=groups,
                             dropout=dropout,
-                            standardize=standardize,
+                            # A whitening C1 keeps its filters as set: no standardization.
+                            standardize=standardize and not (whiten and name == "C1"),
                             name=name,
                             order=order,
                         ),
@@ -166,6 +168,40 @@ class Net(nn.Sequential):
                 channels = widths[name]
         layers.append(("flatten", nn.Flatten()))
         super().__init__(OrderedDict(layers))
+        self.whiten = whiten
+
+    @torch.no_grad()
+    def init_whitening(self, images: torch.Tensor) -> None:
+        """Set C1's filters to PCA whitening filters of `images`' patches (normalized images).
+
+        Fast CIFAR-10 training starts from such a layer (Page, 2018; Jordan, 2024): each filter
+        projects a patch on one principal component, scaled to unit variance, so the first
+        layer sees decorrelated inputs from the first step. The top C1/2 components are used,
+        each with its negative, so ReLU passes both signs. The filters stay trainable.
+        """
+        conv = self.C1.conv
+        conv.weight.copy_(whitening_filters(images, conv.out_channels, conv.kernel_size[0]))
+
+
+def whitening_filters(
+    images: torch.Tensor, out_channels: int, kernel_size: int = 3, *, eps: float = 5e-4
+) -> torch.Tensor:
+    """(out_channels, C, k, k) filters from the principal components of k x k patches."""
+    patches = nn.functional.unfold(images.float().contiguous(), kernel_size)  # (N, C*k*k, L)
+    patches = patches.transpose(1, 2).reshape(-1, patches.shape[1]).double()
+    patches = patches - patches.mean(dim=0)
+    covariance = patches.T @ patches / len(patches)
+    eigenvalues, eigenvectors = torch.linalg.eigh(covariance)  # ascending
+    half = min((out_channels + 1) // 2, len(eigenvalues))
+    top = eigenvalues.flip(0)[:half]
+    filters = eigenvectors.flip(1)[:, :half].T / torch.sqrt(top + eps)[:, None]
+    filters = torch.cat([filters, -filters])
+    if len(filters) < out_channels:
+        raise ConfigError(
+            f"C1 has {out_channels} channels; whitening {kernel_size}x{kernel_size} patches of "
+            f"{images.shape[1]} channels gives at most {len(filters)}"
+        )
+    return filters[:out_channels].reshape(out_channels, images.shape[1], kernel_size, kernel_size)
 
 
 def build_model(

@@ -17,6 +17,8 @@ from pipeline.config import ConfigError, TrainConfig
 from pipeline.data import DataError, DatasetStats
 from pipeline.model import MAX_PARAMETERS, Net, count_parameters
 
+WHITENING_IMAGES = 5000  # training images whose patches set the whitening filters (whiten=true)
+
 StatsLoader = Callable[[str, datasets.ArrayDataset], DatasetStats]
 
 
@@ -57,7 +59,11 @@ def prepare_training(
     """
     torch.manual_seed(config.seed)  # the initial weights depend on the seed alone
     model = Net(
-        norm=config.norm, groups=config.groups, dropout=config.dropout, **(model_options or {})
+        norm=config.norm,
+        groups=config.groups,
+        dropout=config.dropout,
+        whiten=config.whiten,
+        **(model_options or {}),
     )
     parameters = count_parameters(model)
     if parameters > MAX_PARAMETERS:
@@ -69,15 +75,20 @@ def prepare_training(
     dataset = datasets.load_dataset(config.data)
     stats = load_stats(config.stats, dataset)
     memory_format = engine.memory_format_for(config.norm, device)
+    normalize = datasets.Normalizer(stats, device=device, memory_format=memory_format)
+    train_split = datasets.to_device(dataset.train_images, dataset.train_labels, device=device)
+    model = model.to(device=device, memory_format=memory_format)
+    if config.whiten:
+        model.init_whitening(normalize(train_split.images[:WHITENING_IMAGES]))
     return TrainingSetup(
-        model=model.to(device=device, memory_format=memory_format),
+        model=model,
         parameters=parameters,
         dataset=dataset,
         stats=stats,
         device=device,
         autocast_dtype=engine.resolve_precision(config.precision, device),
-        normalize=datasets.Normalizer(stats, device=device, memory_format=memory_format),
-        train_split=datasets.to_device(dataset.train_images, dataset.train_labels, device=device),
+        normalize=normalize,
+        train_split=train_split,
         test_split=datasets.to_device(dataset.test_images, dataset.test_labels, device=device),
     )
 
@@ -105,6 +116,8 @@ def fit(
         seed=config.seed,
         ema_decay=config.ema,
         cutout=config.cutout,
+        translate=config.translate,
+        tta=config.tta,
         autocast_dtype=setup.autocast_dtype,
         resume_from=resume_from,
         on_epoch_end=on_epoch_end,

@@ -8,6 +8,7 @@ from conftest import mlflow_run, run_cli
 from mlflow.tracking import MlflowClient
 
 from pipeline import cli
+from pipeline.config import ConfigError, EvalConfig
 from pipeline.engine import EpochMetrics
 
 EPOCH_METRICS = [name for name in EpochMetrics.__dataclass_fields__ if name != "epoch"]
@@ -143,6 +144,9 @@ BAD_TRAIN = [
     (["--learning-rate=-1"], "learning_rate must be in (0, 10]"),
     (["--learning-rate=fast"], "'fast' is not a valid float"),
     (["--device=tpu"], "device must be one of auto, cpu, cuda, mps (got 'tpu')"),
+    (["--translate=-1"], "translate must be between 0 and 16 (got -1)"),
+    (["--whiten=maybe"], "'maybe' is not a valid boolean"),
+    (["--tta=mirror"], "tta must be one of none, flip, flip-translate (got 'mirror')"),
     (["--data=/nonexistent/cifar"], "data path '/nonexistent/cifar' does not exist"),
 ]
 
@@ -160,6 +164,12 @@ def test_bad_train_input_is_one_line_and_leaves_no_running_run(
     assert "Traceback" not in stderr
     assert all(r.info.status != "RUNNING" for r in _runs(MlflowClient()))
     assert MlflowClient().search_registered_models() == []
+
+
+def test_evaluate_checks_its_tta_before_touching_the_store():
+    with pytest.raises(ConfigError, match="tta must be one of none, flip, flip-translate"):
+        EvalConfig(model_uri="models:/cifar10-batch/1", tta="mirror")
+    assert EvalConfig(model_uri="models:/cifar10-batch/1").tta == ""  # the training run's
 
 
 def test_bad_model_uris_name_the_uri(tracking_store, image_folder, monkeypatch, capsys):

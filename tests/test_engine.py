@@ -1,9 +1,11 @@
 import copy
 
+import pytest
 import torch
 from conftest import make_split_arrays
 
 from pipeline import data, engine
+from pipeline.config import ConfigError
 from pipeline.model import build_model
 
 CPU = torch.device("cpu")
@@ -148,3 +150,46 @@ def test_resuming_with_ema_reaches_the_same_weights_bit_for_bit():
     _fit(resumed_model, epochs=3, seed=8, ema_decay=0.95, cutout=8, resume_from=checkpoints[1])
     for name, tensor in full_model.state_dict().items():
         assert torch.equal(tensor, resumed_model.state_dict()[name]), name
+
+
+class _Recorder(torch.nn.Module):
+    """Logits = per-channel means (4 classes from 3 channels + 1); records every input."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def forward(self, images):
+        self.seen.append(images.clone())
+        means = images.mean(dim=(2, 3))
+        return torch.cat([means, images[:, :1, 0, :1].reshape(-1, 1)], dim=1)
+
+
+def test_tta_views_are_the_image_its_mirror_and_two_one_pixel_shifts():
+    images = torch.arange(2 * 3 * 6 * 6, dtype=torch.float32).reshape(2, 3, 6, 6)
+    for tta, calls in (("none", 1), ("flip", 2), ("flip-translate", 6)):
+        model = _Recorder()
+        logits = engine.tta_logits(model, images, tta)
+        assert len(model.seen) == calls, tta
+        assert logits.shape == (2, 4)
+    padded = torch.nn.functional.pad(images, (1, 1, 1, 1), mode="reflect")
+    up_left, down_right = padded[..., :6, :6], padded[..., 2:, 2:]
+    expected = [images, images.flip(3), up_left, up_left.flip(3), down_right, down_right.flip(3)]
+    for seen, view in zip(model.seen, expected, strict=True):
+        assert torch.equal(seen, view)
+    # Half the mirror pair, half the mean of the two shifted mirror pairs.
+    pair = [model.forward(v) for v in expected]
+    want = ((pair[0] + pair[1]) / 2 + ((pair[2] + pair[3]) / 2 + (pair[4] + pair[5]) / 2) / 2) / 2
+    assert torch.allclose(logits, want)
+
+
+def test_evaluate_rejects_an_unknown_tta():
+    train, test, normalize = _splits(64)
+    with pytest.raises(ConfigError, match="tta must be one of none, flip, flip-translate"):
+        engine.evaluate(build_model(norm="batch", groups=4), test, normalize=normalize, tta="x")
+
+
+def test_translate_zero_trains_on_unshifted_images():
+    model = build_model(norm="batch", groups=4)
+    records = _fit(model, epochs=1, translate=0, tta="flip-translate", count=64)
+    assert len(records) == 1 and 0.0 <= records[0].test_acc <= 1.0

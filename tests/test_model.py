@@ -11,6 +11,7 @@ from pipeline.model import (
     count_parameters,
     receptive_fields,
     summary,
+    whitening_filters,
 )
 
 VARIANTS = [("batch", 4), ("group", 2), ("group", 4), ("group", 8), ("layer", 1)]
@@ -114,3 +115,41 @@ def test_relu_before_norm_swaps_only_the_order():
     assert count_parameters(model) == count_parameters(Net(norm="group", groups=4))
     with pytest.raises(ConfigError, match="order must be one of norm-act, act-norm"):
         Net(norm="batch", order="sideways")
+
+
+@pytest.mark.parametrize("norm", ["batch", "group", "layer"])
+def test_whitening_c1_decorrelates_patches_without_changing_the_budget(norm):
+    torch.manual_seed(0)
+    # Neighbouring pixels correlated, as in natural images.
+    images = nn.functional.avg_pool2d(torch.randn(64, 3, 34, 34), 3, stride=1)
+    plain, whitened = Net(norm=norm), Net(norm=norm, whiten=True)
+    assert count_parameters(whitened) == count_parameters(plain)
+    assert type(whitened.C1.conv) is nn.Conv2d  # no weight standardization on C1
+    assert type(whitened.C2.conv) is type(plain.C2.conv)
+    whitened.init_whitening(images)
+    out = nn.functional.conv2d(images, whitened.C1.conv.weight)
+    channels = whitened.C1.conv.out_channels
+    features = out.permute(0, 2, 3, 1).reshape(-1, channels)
+    half = features[:, : channels // 2]  # the other half are their negatives
+    covariance = torch.cov(half.T)
+    assert torch.allclose(covariance.diagonal(), torch.ones(channels // 2), atol=0.02)
+    assert (covariance - torch.diag(covariance.diagonal())).abs().max() < 0.02
+    assert torch.allclose(features[:, channels // 2 :], -half)
+
+
+def test_whitening_needs_enough_patch_dimensions():
+    with pytest.raises(ConfigError, match="C1 has 64 channels"):
+        whitening_filters(torch.randn(8, 3, 8, 8), 64)
+
+
+def test_train_setup_whitens_c1_from_the_training_images(image_folder):
+    from pipeline import training
+    from pipeline.config import TrainConfig
+
+    config = TrainConfig(norm="layer", whiten=True, data=str(image_folder), device="cpu")
+    setup = training.prepare_training(config)
+    images = setup.normalize(setup.train_split.images[: training.WHITENING_IMAGES])
+    expected = whitening_filters(images, setup.model.C1.conv.out_channels)
+    assert torch.allclose(setup.model.C1.conv.weight, expected.float())
+    plain = training.prepare_training(TrainConfig(norm="layer", data=str(image_folder)))
+    assert not torch.allclose(plain.model.C1.conv.weight, expected.float())

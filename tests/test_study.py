@@ -26,6 +26,7 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from pipeline import cli, compare, tracking
+from pipeline.config import ConfigError
 from pipeline.engine import EpochMetrics
 
 NORMS = ("batch", "layer")
@@ -486,3 +487,84 @@ def test_mlproject_main_and_compare_match_their_commands():
     for key, spec in train.items():
         if key not in ("norm", "seed", "resume"):
             assert main[key] == spec, key
+
+
+def _lever_runs(finals: dict[tuple[str, str], list[float]]) -> tuple[pd.DataFrame, dict]:
+    """Train runs of (norm, whiten) with per-seed final accuracies, as search_runs rows."""
+    rows, histories = [], {}
+    for (norm, whiten), accuracies in finals.items():
+        for seed, accuracy in enumerate(accuracies, start=1):
+            run_id = f"{norm}-{whiten}-{seed}"
+            rows.append(
+                {
+                    "run_id": run_id,
+                    "status": "FINISHED",
+                    "tags.step": "train",
+                    "params.norm": norm,
+                    "params.seed": str(seed),
+                    "params.whiten": whiten,
+                    "params.translate": "4",
+                }
+            )
+            histories[run_id] = [EpochMetrics(1, 1.0, accuracy, 1.0, accuracy, 0.1, 1.0)]
+    return pd.DataFrame(rows), histories
+
+
+def test_lever_table_pairs_each_lever_with_the_default_recipe_on_shared_seeds():
+    runs, histories = _lever_runs(
+        {
+            ("batch", "False"): [0.80, 0.82, 0.84],
+            ("batch", "true"): [0.81, 0.84],  # seeds 1-2: +1 and +2 points; as `mlflow run` logs
+            ("layer", "True"): [0.70],  # as the CLI logs; no default-recipe layer run to pair with
+        }
+    )
+    study = compare.build_study(runs, histories, group_by=("whiten", "translate"))
+    table = compare.lever_table(study)
+    assert list(zip(table["norm"], table["whiten"], table["default"], strict=True)) == [
+        ("batch", "false", True),
+        ("batch", "true", False),
+        ("layer", "true", False),
+    ]
+    assert set(table["translate"]) == {"4"}
+    batch = table[table["norm"] == "batch"].set_index("whiten")
+    assert batch.loc["false", "final_test_acc_mean"] == pytest.approx(0.82)
+    assert batch.loc["true", "gain_points"] == pytest.approx(1.5)
+    assert batch.loc["true", "paired_seeds"] == 2
+    assert math.isnan(batch.loc["false", "gain_points"])
+    assert math.isnan(table[table["norm"] == "layer"]["gain_points"].iloc[0])
+    readable = compare.readable_lever_table(table, ("whiten", "translate"))
+    assert readable.loc[1, "gain (points)"] == "+1.50 (2 seeds)"
+    assert readable.loc[0, "recipe"] == "default"
+
+
+def test_tta_table_compares_evaluations_of_the_same_models(tmp_path):
+    runs, histories = _lever_runs({("batch", "False"): [0.80, 0.82]})
+    evaluations = []
+    for seed, (flip, translate) in enumerate([(0.80, 0.81), (0.82, 0.825)], start=1):
+        for tta, accuracy in (("flip", flip), ("flip-translate", translate)):
+            evaluations.append(
+                {
+                    "run_id": f"eval-{seed}-{tta}",
+                    "status": "FINISHED",
+                    "tags.step": "evaluate",
+                    "tags.norm": "batch",
+                    "tags.seed": str(seed),
+                    "tags.source_run_id": f"batch-False-{seed}",
+                    "params.tta": tta,
+                    "metrics.test_acc": accuracy,
+                }
+            )
+    study = compare.build_study(pd.concat([runs, pd.DataFrame(evaluations)]), histories)
+    table = compare.tta_table(study).set_index("tta")
+    assert table.loc["flip", "models"] == 2
+    assert table.loc["flip-translate", "test_acc_mean"] == pytest.approx(0.8175)
+    assert table.loc["flip-translate", "gain_points"] == pytest.approx(0.75)
+    report = compare.write_report(study, tmp_path / "out").read_text()
+    assert "## Test-time augmentation" in report and "+0.75 (2 models)" in report
+    assert "## Levers" not in report  # no group_by given
+
+
+def test_compare_rejects_group_by_names_that_are_not_train_parameters():
+    assert cli.parse_group_by(" whiten, translate,whiten") == ("whiten", "translate")
+    with pytest.raises(ConfigError, match=r"group_by names train parameters: .* \(got 'seed'\)"):
+        cli.parse_group_by("seed")
