@@ -28,6 +28,7 @@ from pipeline.config import (
     MAX_EPOCHS,
     NORMS,
     REGISTERED_MODEL,
+    TTA_BEFORE_PARAM,
     TTA_MODES,
     ConfigError,
     EvalConfig,
@@ -263,6 +264,15 @@ def train(**options) -> None:
     train_model(config)
 
 
+def _norm_tags(norm: str, groups: str) -> dict[str, str]:
+    """Run and registry tags naming the norm; `groups` only means something for group norm,
+    so only there is it tagged (the param is always logged)."""
+    tags = {"norm": norm}
+    if norm == "group" and groups:
+        tags["groups"] = groups
+    return tags
+
+
 def _precision_name(autocast_dtype: torch.dtype | None) -> str:
     return str(autocast_dtype).removeprefix("torch.") if autocast_dtype else "fp32"
 
@@ -276,10 +286,7 @@ def train_model(config: TrainConfig) -> str:
     model, dataset = setup.model, setup.dataset
     fields = receptive_fields(model)
     run_name = f"train-{config.norm}-seed{config.seed}"
-    # `groups` only means something for group norm: tag it there alone (the param is always logged).
-    norm_tags = {"norm": config.norm}
-    if config.norm == "group":
-        norm_tags["groups"] = str(config.groups)
+    norm_tags = _norm_tags(config.norm, str(config.groups))
     tags = {"step": "train", **norm_tags}
     with tracking.run(run_name=run_name, tags=tags, resume_run_id=config.resume or None) as run_id:
         tracking.log_params(
@@ -393,11 +400,13 @@ def evaluate(**options) -> None:
     if source.version:
         tags.update({"model_name": source.name or "", "model_version": source.version})
     source_params = tracking.run_params(source.run_id)
-    for key in ("norm", "groups", "seed"):
-        if key in source_params and (key != "groups" or source_params.get("norm") == "group"):
-            tags[key] = source_params[key]
-    # Runs from before `tta` existed evaluated with the mirror.
-    config = dataclasses.replace(config, tta=config.tta or source_params.get("tta", "flip"))
+    if "norm" in source_params:
+        tags.update(_norm_tags(source_params["norm"], source_params.get("groups", "")))
+    if "seed" in source_params:
+        tags["seed"] = source_params["seed"]
+    config = dataclasses.replace(
+        config, tta=config.tta or source_params.get("tta", TTA_BEFORE_PARAM)
+    )
     with tracking.run(run_name=f"evaluate-{label}", tags=tags) as run_id:
         tracking.log_params(config.as_params())
         tracking.log_dataset(

@@ -29,7 +29,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from pipeline.config import NORMS, TTA_MODES, TrainConfig  # noqa: E402
+from pipeline.config import NORMS, TTA_BEFORE_PARAM, TTA_MODES, TrainConfig  # noqa: E402
 from pipeline.engine import EpochMetrics  # noqa: E402
 from pipeline.plots import whole_epochs  # noqa: E402
 
@@ -72,8 +72,13 @@ class Study:
 
     @property
     def norms(self) -> list[str]:
-        present = set(self.train["norm"])
-        return [n for n in NORMS if n in present] + sorted(present - set(NORMS))
+        return ordered_norms(self.train["norm"])
+
+
+def ordered_norms(names) -> list[str]:
+    """The distinct norms in `names`: batch, group, layer first, anything else after, sorted."""
+    present = set(names)
+    return [n for n in NORMS if n in present] + sorted(present - set(NORMS))
 
 
 def build_study(
@@ -130,8 +135,7 @@ def build_study(
         ("test_acc", "metrics.test_acc"),
     ):
         evaluated[column] = _column(runs.loc[evaluate.index], key).map(_unquote)
-    # Evaluate runs from before `tta` existed evaluated with the mirror.
-    evaluated["tta"] = evaluated["tta"].fillna("flip")
+    evaluated["tta"] = evaluated["tta"].fillna(TTA_BEFORE_PARAM)
     evaluated["test_acc"] = pd.to_numeric(evaluated["test_acc"], errors="coerce")
     return Study(
         train=train,
@@ -286,13 +290,14 @@ def lever_table(study: Study) -> pd.DataFrame:
         for key in keys:
             is_default &= runs[key] == defaults.get(key, "")
         baseline = runs[is_default].set_index("seed")["final_test_acc"]
-        groups = list(runs.groupby(keys, sort=True, dropna=False))
-        groups.sort(key=lambda item: not is_default.loc[item[1].index].all())  # default first
-        for values, group in groups:
+        groups = [
+            (bool(is_default.loc[group.index].all()), values, group)
+            for values, group in runs.groupby(keys, sort=True, dropna=False)
+        ]
+        groups.sort(key=lambda item: not item[0])  # the default recipe first
+        for is_baseline, values, group in groups:
             values = values if isinstance(values, tuple) else (values,)
-            mine = group.set_index("seed")["final_test_acc"]
-            shared = sorted(set(mine.index) & set(baseline.index))
-            is_baseline = bool(is_default.loc[group.index].all())
+            gain, paired = _paired_gain(group.set_index("seed")["final_test_acc"], baseline)
             accuracy = group["final_test_acc"]
             rows.append(
                 {
@@ -305,13 +310,28 @@ def lever_table(study: Study) -> pd.DataFrame:
                     "final_test_acc_std": float(accuracy.std(ddof=1))
                     if len(group) > 1
                     else math.nan,
-                    "gain_points": math.nan
-                    if is_baseline or not shared
-                    else float(100 * (mine[shared] - baseline[shared]).mean()),
-                    "paired_seeds": 0 if is_baseline else len(shared),
+                    "gain_points": math.nan if is_baseline else gain,
+                    "paired_seeds": 0 if is_baseline else paired,
                 }
             )
     return pd.DataFrame(rows)
+
+
+def _paired_gain(mine: pd.Series, baseline: pd.Series) -> tuple[float, int]:
+    """Mean of `mine - baseline` in points over the index labels both have (seeds, models),
+    and how many there are; NaN when they share none."""
+    shared = sorted(set(mine.index) & set(baseline.index))
+    if not shared:
+        return math.nan, 0
+    return float(100 * (mine[shared] - baseline[shared]).mean()), len(shared)
+
+
+def _gain_cells(gains: pd.Series, counts: pd.Series, noun: str) -> list[str]:
+    """ "+1.50 (2 seeds)" per row; empty where there is no gain."""
+    return [
+        "" if math.isnan(g) else f"{g:+.2f} ({n} {noun}{'s' * (n != 1)})"
+        for g, n in zip(gains, counts, strict=True)
+    ]
 
 
 def param_value(value) -> str:
@@ -337,10 +357,7 @@ def readable_lever_table(table: pd.DataFrame, keys: Sequence[str]) -> pd.DataFra
         _percent(m, s)
         for m, s in zip(table["final_test_acc_mean"], table["final_test_acc_std"], strict=True)
     ]
-    out["gain (points)"] = [
-        "" if math.isnan(g) else f"{g:+.2f} ({n} seed{'s' * (n != 1)})"
-        for g, n in zip(table["gain_points"], table["paired_seeds"], strict=True)
-    ]
+    out["gain (points)"] = _gain_cells(table["gain_points"], table["paired_seeds"], "seed")
     return out
 
 
@@ -350,15 +367,15 @@ def tta_table(study: Study) -> pd.DataFrame:
     """
     evaluated = study.evaluated.dropna(subset=["test_acc"])
     default = TrainConfig().tta
-    present = set(evaluated["norm"])  # models trained outside the compared runs count too
     rows = []
-    for norm in [n for n in NORMS if n in present] + sorted(present - set(NORMS)):
+    # Models trained outside the compared runs count too: norms come from the evaluations.
+    for norm in ordered_norms(evaluated["norm"]):
         runs = evaluated[evaluated["norm"] == norm]
         baseline = runs[runs["tta"] == default].groupby("source_run_id")["test_acc"].mean()
         for tta in [t for t in TTA_MODES if t in set(runs["tta"])]:
             group = runs[runs["tta"] == tta]
             mine = group.groupby("source_run_id")["test_acc"].mean()
-            shared = sorted(set(mine.index) & set(baseline.index))
+            gain, paired = _paired_gain(mine, baseline)
             rows.append(
                 {
                     "norm": norm,
@@ -366,10 +383,8 @@ def tta_table(study: Study) -> pd.DataFrame:
                     "models": int(group["source_run_id"].nunique()),
                     "test_acc_mean": float(mine.mean()),
                     "test_acc_std": float(mine.std(ddof=1)) if len(mine) > 1 else math.nan,
-                    "gain_points": math.nan
-                    if tta == default or not shared
-                    else float(100 * (mine[shared] - baseline[shared]).mean()),
-                    "paired_models": 0 if tta == default else len(shared),
+                    "gain_points": math.nan if tta == default else gain,
+                    "paired_models": 0 if tta == default else paired,
                 }
             )
     return pd.DataFrame(rows)
@@ -380,10 +395,7 @@ def readable_tta_table(table: pd.DataFrame) -> pd.DataFrame:
     out["test acc %"] = [
         _percent(m, s) for m, s in zip(table["test_acc_mean"], table["test_acc_std"], strict=True)
     ]
-    out["gain (points)"] = [
-        "" if math.isnan(g) else f"{g:+.2f} ({n} model{'s' * (n != 1)})"
-        for g, n in zip(table["gain_points"], table["paired_models"], strict=True)
-    ]
+    out["gain (points)"] = _gain_cells(table["gain_points"], table["paired_models"], "model")
     return out
 
 

@@ -14,6 +14,7 @@ DEVICES = ("auto", "cpu", "cuda", "mps")
 PRECISIONS = ("auto", "fp32", "bf16")
 # Test-time augmentation: the image alone, with its mirror, or mirror x two 1-pixel translations.
 TTA_MODES = ("none", "flip", "flip-translate")
+TTA_BEFORE_PARAM = "flip"  # what runs logged before `tta` existed evaluated with
 MAX_EPOCHS = 20
 REGISTERED_MODEL = "cifar10-{norm}"  # "{norm}" is filled in; an empty name skips registration
 DEFAULT_DATA = "~/.cache/cifar10"  # where torchvision downloads CIFAR-10 when it is missing

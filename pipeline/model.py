@@ -168,7 +168,6 @@ class Net(nn.Sequential):
                 channels = widths[name]
         layers.append(("flatten", nn.Flatten()))
         super().__init__(OrderedDict(layers))
-        self.whiten = whiten
 
     @torch.no_grad()
     def init_whitening(self, images: torch.Tensor) -> None:
