@@ -149,10 +149,14 @@ def build_study(
 
 
 def train_runs(runs: pd.DataFrame, *, extra_params: Sequence[str] = ()) -> pd.DataFrame:
-    """One row per train run: run id and name, norm, seed, the TABLE_PARAMS and `extra_params`."""
+    """One row per train run: run id and name, norm, seed, the TABLE_PARAMS and `extra_params`,
+    and the run's wall time in minutes (start to end, as the tracking store recorded them)."""
     rows = step_runs(runs, "train")
     for name in dict.fromkeys([*TABLE_PARAMS, *extra_params]):
         rows[name] = _column(runs.loc[rows.index], f"params.{name}").map(_unquote)
+    started = pd.to_datetime(_column(runs.loc[rows.index], "start_time"), utc=True)
+    ended = pd.to_datetime(_column(runs.loc[rows.index], "end_time"), utc=True)
+    rows["run_minutes"] = (ended - started).dt.total_seconds() / 60
     return rows.reset_index(drop=True)
 
 
@@ -209,6 +213,7 @@ def run_summary(study: Study) -> pd.DataFrame:
         "train_test_gap",
         "final_test_loss",
         "epoch_seconds",
+        "run_minutes",
     ]
     rows = []
     for run in study.train.itertuples(index=False):
@@ -229,6 +234,7 @@ def run_summary(study: Study) -> pd.DataFrame:
                 "train_test_gap": float(last["train_acc"] - last["test_acc"]),
                 "final_test_loss": float(last["test_loss"]),
                 "epoch_seconds": float(history["epoch_seconds"].mean()),
+                "run_minutes": float(run.run_minutes),
             }
         )
     summary = pd.DataFrame(rows, columns=columns)
@@ -253,6 +259,7 @@ def norm_table(study: Study) -> pd.DataFrame:
             "final_train_acc",
             "train_test_gap",
             "epoch_seconds",
+            "run_minutes",
         ):
             values = runs[metric]
             row[f"{metric}_mean"] = float(values.mean()) if len(values) else math.nan
@@ -417,10 +424,15 @@ def _cell(value) -> str:
 
 
 def _percent(mean: float, std: float = math.nan) -> str:
+    return _spread(100 * mean, 100 * std, digits=2)
+
+
+def _spread(mean: float, std: float = math.nan, *, digits: int = 1) -> str:
+    """ "82.10 ± 0.20"; the mean alone without a std (one run); empty without a mean."""
     if math.isnan(mean):
         return ""
-    text = f"{100 * mean:.2f}"
-    return text if math.isnan(std) else f"{text} ± {100 * std:.2f}"
+    text = f"{mean:.{digits}f}"
+    return text if math.isnan(std) else f"{text} ± {std:.{digits}f}"
 
 
 def _norm_order_key(column: pd.Series) -> pd.Series:
@@ -433,6 +445,9 @@ def _norm_order_key(column: pd.Series) -> pd.Series:
 def readable_norm_table(table: pd.DataFrame) -> pd.DataFrame:
     """norm_table with accuracies as `mean ± std` percentages, for the Markdown report."""
     out = table[["norm", "runs", "seeds", *TABLE_PARAMS]].copy()
+    out["groups"] = [
+        g if n == "group" else "" for n, g in zip(out["norm"], out["groups"], strict=True)
+    ]
     for label, prefix in (
         ("final test acc %", "final_test_acc"),
         ("best test acc %", "best_test_acc"),
@@ -444,6 +459,10 @@ def readable_norm_table(table: pd.DataFrame) -> pd.DataFrame:
             for m, s in zip(table[f"{prefix}_mean"], table[f"{prefix}_std"], strict=True)
         ]
     out["epoch s"] = [f"{s:.1f}" for s in table["epoch_seconds_mean"]]
+    out["run min"] = [
+        _spread(m, s)
+        for m, s in zip(table["run_minutes_mean"], table["run_minutes_std"], strict=True)
+    ]
     return out
 
 
@@ -647,7 +666,10 @@ def write_report(study: Study, directory: Path) -> Path:
         "",
         "Accuracies are percentages after the last epoch, mean ± std over seeds (std needs two "
         "or more seeds). *Best* is the best epoch on the test set, for reference only: it is "
-        "picked on the test set. Gap = final train minus final test accuracy. "
+        "picked on the test set. Gap = final train minus final test accuracy. *Epoch s*: "
+        "mean seconds per epoch (training and evaluation); *run min*: wall time of a train run "
+        "from start to end as the tracking store recorded it (data, epochs, logging, "
+        "registration). `groups` applies to group norm only. "
         "Machine-readable: [norms.csv](norms.csv), per run: [runs.csv](runs.csv).",
         "",
         "## Findings",
@@ -726,6 +748,7 @@ def write_report(study: Study, directory: Path) -> Path:
     runs["best test acc %"] = [_percent(v) for v in summary["best_test_acc"]]
     runs["final train acc %"] = [_percent(v) for v in summary["final_train_acc"]]
     runs["epoch s"] = [f"{v:.1f}" for v in summary["epoch_seconds"]]
+    runs["run min"] = [_spread(v) for v in summary["run_minutes"]]
     sections += ["## Runs", "", markdown_table(runs), ""]
     text = "\n".join(sections)
     report = directory / "report.md"

@@ -207,7 +207,12 @@ def log_dataset(*, name: str, source: str, digest: str, context: str) -> None:
 
 
 def download_artifact(uri: str) -> Path:
-    """Download an artifact (`runs:/<id>/stats.json`, ...) to a temporary directory."""
+    """Download an artifact (`runs:/<id>/stats.json`, ...) to a temporary directory.
+
+    These are small files fetched one after another (compare fetches two per run): MLflow's
+    per-download progress bars are turned off unless MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR is set.
+    """
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     try:
         return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
     except MlflowException as error:

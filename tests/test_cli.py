@@ -130,6 +130,8 @@ def test_train_directly_from_cifar_pickles_without_registration(tracking_store, 
     (run,) = _runs(client)
     assert run.info.status == "FINISHED" and run.data.params["groups"] == "2"
     assert client.search_registered_models() == []
+    # the model is logged in NCHW: a channels_last one makes torch.export's writer warn
+    assert "No complete tensor" not in result.stderr
 
 
 BAD_TRAIN = [

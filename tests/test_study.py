@@ -392,7 +392,12 @@ def _fake_study(tmp_path: Path, finals: dict[str, list[float]]) -> compare.Study
                     "params.norm": norm,
                     "params.seed": str(seed),
                     "params.epochs": "2",
+                    "params.groups": "4",
                     "params.data": "'~/data'",
+                    # search_runs' times; the runs of seed s take 10 + s minutes
+                    "start_time": pd.Timestamp("2026-01-01 12:00", tz="UTC"),
+                    "end_time": pd.Timestamp("2026-01-01 12:10", tz="UTC")
+                    + pd.Timedelta(minutes=seed),
                 }
             )
             histories[run_id] = [
@@ -431,6 +436,11 @@ def test_norm_table_is_mean_and_std_over_seeds(tmp_path):
         assert table.loc[norm, "final_test_acc_std"] == pytest.approx(np.std(values, ddof=1))
         assert table.loc[norm, "train_test_gap_mean"] == pytest.approx(0.02)
         assert table.loc[norm, "epoch_seconds_mean"] == pytest.approx(2.5)
+        assert table.loc[norm, "run_minutes_mean"] == pytest.approx(12.0)
+        assert table.loc[norm, "run_minutes_std"] == pytest.approx(1.0)
+    readable = compare.readable_norm_table(compare.norm_table(study)).set_index("norm")
+    assert readable.loc["batch", "run min"] == "12.0 ± 1.0"
+    assert readable.loc["layer", "groups"] == ""  # groups is a group-norm parameter
     notes = compare.findings(compare.norm_table(study))
     assert notes[0].startswith("**batch** norm leads on final test accuracy with 71.00%")
     assert "9.00 points ahead of layer" in notes[0]
