@@ -103,9 +103,19 @@ def build_study(
     fields = [field.name for field in dataclasses.fields(EpochMetrics)]
     history = pd.DataFrame(rows, columns=["run_id", "norm", "seed", *fields])
 
-    per_class_rows = []
     evaluate = step_runs(runs, "evaluate")
-    for run in evaluate.itertuples(index=False):
+    evaluated = evaluate.copy()
+    for column, key in (
+        ("source_run_id", "tags.source_run_id"),
+        ("tta", "params.tta"),
+        ("test_acc", "metrics.test_acc"),
+    ):
+        evaluated[column] = _column(runs.loc[evaluate.index], key).map(_unquote)
+    evaluated["tta"] = evaluated["tta"].fillna(TTA_BEFORE_PARAM)
+    evaluated["test_acc"] = pd.to_numeric(evaluated["test_acc"], errors="coerce")
+
+    per_class_rows = []
+    for run in _one_evaluation_per_model(evaluated, runs).itertuples(index=False):
         payload = (evaluations or {}).get(run.run_id)
         if not payload:
             continue
@@ -128,15 +138,6 @@ def build_study(
         path = (misclassified or {}).get(run.run_id)
         if path is not None and run.norm not in grids:
             grids[run.norm] = Path(path)
-    evaluated = evaluate.copy()
-    for column, key in (
-        ("source_run_id", "tags.source_run_id"),
-        ("tta", "params.tta"),
-        ("test_acc", "metrics.test_acc"),
-    ):
-        evaluated[column] = _column(runs.loc[evaluate.index], key).map(_unquote)
-    evaluated["tta"] = evaluated["tta"].fillna(TTA_BEFORE_PARAM)
-    evaluated["test_acc"] = pd.to_numeric(evaluated["test_acc"], errors="coerce")
     return Study(
         train=train,
         history=history,
@@ -146,6 +147,30 @@ def build_study(
         group_by=group_by,
         evaluated=evaluated.reset_index(drop=True),
     )
+
+
+def _one_evaluation_per_model(evaluated: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
+    """One evaluate run per model: the one that used the test-time augmentation its training
+    run evaluated with (what `evaluate` does by default), else the first. A model evaluated
+    several ways (for the TTA table) thus counts once, as its training saw it, per class."""
+    trained = runs[runs["run_id"].isin(set(evaluated["source_run_id"].dropna()))]
+    trained_tta = dict(
+        zip(trained["run_id"], _column(trained, "params.tta").map(_unquote), strict=True)
+    )
+
+    def expected(source_run_id) -> str:
+        if source_run_id not in trained_tta:  # a model trained outside the compared runs
+            return TrainConfig().tta
+        tta = trained_tta[source_run_id]
+        return TTA_BEFORE_PARAM if pd.isna(tta) else tta
+
+    mismatch = [
+        tta != expected(source)
+        for source, tta in zip(evaluated["source_run_id"], evaluated["tta"], strict=True)
+    ]
+    ranked = evaluated.assign(_mismatch=mismatch).sort_values("_mismatch", kind="stable")
+    model = ranked["source_run_id"].fillna(ranked["run_id"])
+    return ranked[~model.duplicated()].drop(columns="_mismatch").sort_index()
 
 
 def train_runs(runs: pd.DataFrame, *, extra_params: Sequence[str] = ()) -> pd.DataFrame:

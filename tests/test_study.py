@@ -551,7 +551,7 @@ def test_tta_table_compares_evaluations_of_the_same_models(tmp_path):
     runs, histories = _lever_runs({("batch", "False"): [0.80, 0.82]})
     evaluations = []
     for seed, (flip, translate) in enumerate([(0.80, 0.81), (0.82, 0.825)], start=1):
-        for tta, accuracy in (("flip", flip), ("flip-translate", translate)):
+        for tta, accuracy in (("flip-translate", translate), ("flip", flip)):
             evaluations.append(
                 {
                     "run_id": f"eval-{seed}-{tta}",
@@ -564,7 +564,15 @@ def test_tta_table_compares_evaluations_of_the_same_models(tmp_path):
                     "metrics.test_acc": accuracy,
                 }
             )
-    study = compare.build_study(pd.concat([runs, pd.DataFrame(evaluations)]), histories)
+    payloads = {
+        e["run_id"]: {"per_class_accuracy": {"cat": e["metrics.test_acc"]}} for e in evaluations
+    }
+    study = compare.build_study(
+        pd.concat([runs, pd.DataFrame(evaluations)]), histories, evaluations=payloads
+    )
+    # per class, each model counts once, evaluated as its training run evaluated (flip)
+    assert sorted(study.per_class["run_id"]) == ["eval-1-flip", "eval-2-flip"]
+    assert compare.per_class_table(study).loc["cat", "batch"] == pytest.approx(0.81)
     table = compare.tta_table(study).set_index("tta")
     assert table.loc["flip", "models"] == 2
     assert table.loc["flip-translate", "test_acc_mean"] == pytest.approx(0.8175)
