@@ -407,10 +407,11 @@ def evaluate(**options) -> None:
         tags.update(_norm_tags(source_params["norm"], source_params.get("groups", "")))
     if "seed" in source_params:
         tags["seed"] = source_params["seed"]
-    config = dataclasses.replace(
-        config, tta=config.tta or source_params.get("tta", TTA_BEFORE_PARAM)
-    )
-    with tracking.run(run_name=f"evaluate-{label}", tags=tags) as run_id:
+    trained_tta = source_params.get("tta", TTA_BEFORE_PARAM)
+    config = dataclasses.replace(config, tta=config.tta or trained_tta)
+    # A model evaluated other than as it was trained says so in its name (the UI's run list).
+    run_name = f"evaluate-{label}" + ("" if config.tta == trained_tta else f"-tta-{config.tta}")
+    with tracking.run(run_name=run_name, tags=tags) as run_id:
         tracking.log_params(config.as_params())
         tracking.log_dataset(
             name=dataset.name, source=dataset.source, digest=dataset.digest, context="test"

@@ -114,6 +114,15 @@ def test_train_and_evaluate_end_to_end_through_mlflow_run(tracking_store, image_
     )
     assert sum(map(sum, report["confusion_matrix"])) == 60
 
+    # Another test-time augmentation than the training run's: named so in the run list.
+    cli.cli.main(
+        ["evaluate", "--model-uri=models:/cifar10-layer/1", "--tta=none", f"--data={image_folder}"],
+        standalone_mode=False,
+    )
+    (plain,) = [r for r in _runs(client) if r.data.params.get("tta") == "none"]
+    assert plain.data.tags["mlflow.runName"] == "evaluate-cifar10-layer-v1-tta-none"
+    assert registered.data.tags["mlflow.runName"] == "evaluate-cifar10-layer-v1"
+
 
 def test_train_directly_from_cifar_pickles_without_registration(tracking_store, cifar_pickles):
     result = run_cli(
