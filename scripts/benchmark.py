@@ -15,9 +15,11 @@ Measured for each norm, on the same machine, model and data, after untimed warm-
 * `tracked` / `untracked`: `pipeline.cli.train_model` with MLflow on a temporary SQLite store
   vs the same work through `engine.fit` without a callback, on a subset for a few epochs.
 
-The `--layouts` section measures the ceiling in NCHW vs channels_last and fp32 vs bf16 autocast,
-the numbers behind `engine.memory_format_for` and `engine.resolve_precision`. The report is
-Markdown (stdout) to paste into the README; progress goes to stderr.
+The `--tta` section times one evaluation of the test split per test-time augmentation (what
+each epoch of `train` adds after its training steps). The `--layouts` section measures the
+ceiling in NCHW vs channels_last and fp32 vs bf16 autocast, the numbers behind
+`engine.memory_format_for` and `engine.resolve_precision`. The report is Markdown (stdout) to
+paste into the README; progress goes to stderr.
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ from torch import nn
 
 from pipeline import data as datasets
 from pipeline import engine
-from pipeline.config import ConfigError, TrainConfig, parse_norms
+from pipeline.config import TTA_MODES, ConfigError, TrainConfig, parse_norms
 from pipeline.model import build_model
 from pipeline.training import fit, prepare_training
 
@@ -95,6 +97,7 @@ QUICK_SETTINGS = {
     "tracked_epochs": 1,
     "tracking_warmup": False,
 }
+EVAL_BATCH_SIZE = 1024  # engine.fit's evaluation batch
 PRECISION_NAMES = {None: "fp32", torch.bfloat16: "bf16 autocast", torch.float16: "fp16 autocast"}
 
 
@@ -113,6 +116,17 @@ class Measurement:
     @property
     def images_per_second(self) -> float:
         return self.images / self.seconds
+
+
+@dataclass(frozen=True)
+class EvaluationCost:
+    """Wall seconds of one evaluation of the test split with one test-time augmentation."""
+
+    norm: str
+    tta: str
+    passes: int  # forward passes of the model per batch (counted)
+    images: int
+    seconds: float
 
 
 @dataclass(frozen=True)
@@ -442,6 +456,47 @@ def timed(function: Callable[[], None]) -> float:
     return time.perf_counter() - started
 
 
+def measure_evaluation(
+    test_split: datasets.DeviceSplit,
+    stats: datasets.DatasetStats,
+    *,
+    norm: str,
+    tta: str,
+    memory_format: torch.memory_format,
+    autocast_dtype: torch.dtype | None,
+    seed: int,
+) -> EvaluationCost:
+    """`engine.evaluate` over the whole test split as `fit` runs it after each epoch (after one
+    untimed evaluation of a batch: first-call allocations)."""
+    device = test_split.images.device
+    torch.manual_seed(seed)
+    model = build_model(norm=norm, groups=DEFAULTS.groups).to(device, memory_format=memory_format)
+    normalize = datasets.Normalizer(stats, device=device, memory_format=memory_format)
+    warmup = datasets.DeviceSplit(
+        test_split.images[:EVAL_BATCH_SIZE], test_split.labels[:EVAL_BATCH_SIZE]
+    )
+
+    def run(split: datasets.DeviceSplit) -> None:
+        engine.evaluate(
+            model,
+            split,
+            normalize=normalize,
+            batch_size=EVAL_BATCH_SIZE,
+            autocast_dtype=autocast_dtype,
+            tta=tta,
+        )
+
+    calls = []
+    hook = model.register_forward_hook(lambda *_: calls.append(1))
+    run(warmup)  # one batch: counts the forward passes per batch
+    hook.remove()
+    synchronize(device)
+    seconds = timed(lambda: (run(test_split), synchronize(device)))
+    return EvaluationCost(
+        norm=norm, tta=tta, passes=len(calls), images=len(test_split), seconds=seconds
+    )
+
+
 def measure_tracking(config: TrainConfig) -> TrackingCost:
     """Time the same training untracked, with per-epoch logging, and as the full `train_model`."""
 
@@ -506,6 +561,25 @@ def tracking_table(costs: list[TrackingCost]) -> list[str]:
             f"| {cost.norm} | {cost.untracked_seconds:.1f} | {cost.epoch_logged_seconds:.1f} | "
             f"{cost.tracked_seconds:.1f} | {cost.logging_seconds_per_epoch:.2f} | "
             f"{cost.fixed_seconds_per_run:.1f} | {cost.overhead_percent:+.1f}% |"
+        )
+    return lines
+
+
+def evaluation_table(
+    costs: list[EvaluationCost], rates: dict[tuple[str, str], float], train_images: int
+) -> list[str]:
+    lines = [
+        "| norm | tta | forward passes | evaluation s | vs flip | share of an epoch |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for cost in costs:
+        flip = next(c for c in costs if c.norm == cost.norm and c.tta == "flip")
+        # An epoch: the training images at the pipeline's rate, then this evaluation.
+        training_seconds = train_images / rates[cost.norm, "pipeline"]
+        share = cost.seconds / (training_seconds + cost.seconds)
+        lines.append(
+            f"| {cost.norm} | {cost.tta} | {cost.passes} | {cost.seconds:.3f} | "
+            f"{cost.seconds / flip.seconds:.2f} | {100 * share:.1f}% |"
         )
     return lines
 
@@ -580,6 +654,12 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
         action=argparse.BooleanOptionalAction,
         default=True,
         help="measure the ceiling in NCHW / channels_last x fp32 / bf16 autocast; default on",
+    )
+    parser.add_argument(
+        "--tta",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="time one test-split evaluation per test-time augmentation; default on",
     )
     parser.add_argument(
         "--layout-steps",
@@ -738,6 +818,25 @@ def run_benchmark(arguments: argparse.Namespace, *, command: str) -> str:
                     )
     del train_split  # free the device copy before the tracked runs load their own
 
+    evaluation_costs: list[EvaluationCost] = []
+    if arguments.tta:
+        test_split = datasets.to_device(dataset.test_images, dataset.test_labels, device=device)
+        for norm in arguments.norms:
+            for tta in TTA_MODES:
+                progress(f"{norm}: evaluation of {test_count:,} test images, tta={tta}")
+                evaluation_costs.append(
+                    measure_evaluation(
+                        test_split,
+                        stats,
+                        norm=norm,
+                        tta=tta,
+                        memory_format=engine.memory_format_for(norm, device),
+                        autocast_dtype=autocast_dtype,
+                        seed=arguments.seed,
+                    )
+                )
+        del test_split
+
     costs: dict[str, TrackingCost] = {}
     if mlflow is None or not arguments.tracking:
         arguments.tracked_norms = []
@@ -847,6 +946,18 @@ def run_benchmark(arguments: argparse.Namespace, *, command: str) -> str:
         ]
     else:
         lines += ["Tracking overhead: not measured (--no-tracking, or MLflow is not installed)."]
+    if evaluation_costs:
+        lines += [
+            "",
+            "### Evaluation per test-time augmentation",
+            "",
+            f"One evaluation of the {test_count:,} test images (batches of {EVAL_BATCH_SIZE}, "
+            "the default layout and precision), as `train` runs after every epoch. `vs flip`: "
+            "time relative to the default `tta=flip`; `share of an epoch`: this evaluation over "
+            f"itself plus {train_count:,} training images at the `pipeline` rate above.",
+            "",
+            *evaluation_table(evaluation_costs, rates, train_count),
+        ]
     if arguments.layouts:
         lines += [
             "",

@@ -84,3 +84,10 @@ def test_quick_run_reports_every_measurement(
                 line for line in rows if line.startswith(f"| {norm} | {layout} | {precision} |")
             ]
             assert numbers(row)[0] > 0, row  # ceiling images/s
+    for tta, passes in (("none", 1), ("flip", 2), ("flip-translate", 6)):
+        [row] = [line for line in rows if line.startswith(f"| {norm} | {tta} |")]
+        forward_passes, seconds, per_flip, share = numbers(row)
+        assert forward_passes == passes and seconds > 0 and per_flip > 0, row
+        assert 0 < share < 100, row
+        if tta == "flip":
+            assert per_flip == 1.0, row
