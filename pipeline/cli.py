@@ -383,7 +383,14 @@ def train_model(config: TrainConfig) -> str:
 )
 @data_option
 @click.option("--stats", default="", help="Default: the training run's stats.json.")
-@click.option("--batch-size", "batch_size", type=int, default=1024)
+@click.option(
+    "--batch-size",
+    "batch_size",
+    type=int,
+    default=0,
+    show_default=True,
+    help="Images per forward pass; 0: 128 on the CPU, 1024 on a GPU.",
+)
 @device_option
 @tta_option("", "Default: what the training run used")
 def evaluate(**options) -> None:
@@ -417,7 +424,11 @@ def evaluate(**options) -> None:
             name=dataset.name, source=dataset.source, digest=dataset.digest, context="test"
         )
         result = engine.evaluate(
-            model, test_split, normalize=normalize, batch_size=config.batch_size, tta=config.tta
+            model,
+            test_split,
+            normalize=normalize,
+            batch_size=config.batch_size or None,
+            tta=config.tta,
         )
         labels, predictions = result.labels.numpy(), result.predictions.numpy()
         matrix = plots.confusion_matrix(labels, predictions, len(dataset.classes))

@@ -42,7 +42,7 @@ class TrainConfig:
     cutout: int = 0
     translate: int = 4
     whiten: bool = False
-    tta: str = "flip"
+    tta: str = "flip-translate"
     seed: int = 1
     data: str = DEFAULT_DATA
     stats: str = ""
@@ -91,7 +91,7 @@ class EvalConfig:
     model_uri: str
     data: str = DEFAULT_DATA
     stats: str = ""
-    batch_size: int = 1024
+    batch_size: int = 0  # 0: engine.eval_batch_size_for the device
     device: str = "auto"
     tta: str = ""  # empty: what the training run evaluated with
 
@@ -101,7 +101,7 @@ class EvalConfig:
                 "model_uri must look like runs:/<run_id>/model, models:/<name>/<version> "
                 f"or models:/<name>@<alias> (got {self.model_uri!r})"
             )
-        check_int_range("batch_size", self.batch_size, low=1, high=65536)
+        check_int_range("batch_size", self.batch_size, low=0, high=65536)
         check_choice("device", self.device, DEVICES)
         if self.tta:
             check_choice("tta", self.tta, TTA_MODES)

@@ -97,7 +97,7 @@ QUICK_SETTINGS = {
     "tracked_epochs": 1,
     "tracking_warmup": False,
 }
-EVAL_BATCH_SIZE = 1024  # engine.fit's evaluation batch
+EVAL_BATCH_SIZE_BEFORE = 1024  # every device's evaluation batch before eval_batch_size_for
 PRECISION_NAMES = {None: "fp32", torch.bfloat16: "bf16 autocast", torch.float16: "fp16 autocast"}
 
 
@@ -124,6 +124,7 @@ class EvaluationCost:
 
     norm: str
     tta: str
+    batch_size: int
     passes: int  # forward passes of the model per batch (counted)
     images: int
     seconds: float
@@ -462,6 +463,7 @@ def measure_evaluation(
     *,
     norm: str,
     tta: str,
+    batch_size: int,
     memory_format: torch.memory_format,
     autocast_dtype: torch.dtype | None,
     seed: int,
@@ -472,16 +474,14 @@ def measure_evaluation(
     torch.manual_seed(seed)
     model = build_model(norm=norm, groups=DEFAULTS.groups).to(device, memory_format=memory_format)
     normalize = datasets.Normalizer(stats, device=device, memory_format=memory_format)
-    warmup = datasets.DeviceSplit(
-        test_split.images[:EVAL_BATCH_SIZE], test_split.labels[:EVAL_BATCH_SIZE]
-    )
+    warmup = datasets.DeviceSplit(test_split.images[:batch_size], test_split.labels[:batch_size])
 
     def run(split: datasets.DeviceSplit) -> None:
         engine.evaluate(
             model,
             split,
             normalize=normalize,
-            batch_size=EVAL_BATCH_SIZE,
+            batch_size=batch_size,
             autocast_dtype=autocast_dtype,
             tta=tta,
         )
@@ -493,7 +493,12 @@ def measure_evaluation(
     synchronize(device)
     seconds = timed(lambda: (run(test_split), synchronize(device)))
     return EvaluationCost(
-        norm=norm, tta=tta, passes=len(calls), images=len(test_split), seconds=seconds
+        norm=norm,
+        tta=tta,
+        batch_size=batch_size,
+        passes=len(calls),
+        images=len(test_split),
+        seconds=seconds,
     )
 
 
@@ -566,20 +571,31 @@ def tracking_table(costs: list[TrackingCost]) -> list[str]:
 
 
 def evaluation_table(
-    costs: list[EvaluationCost], rates: dict[tuple[str, str], float], train_images: int
+    costs: list[EvaluationCost],
+    rates: dict[tuple[str, str], float],
+    *,
+    train_images: int,
+    default_batch_size: int,
 ) -> list[str]:
     lines = [
-        "| norm | tta | forward passes | evaluation s | vs flip | share of an epoch |",
-        "|---|---|---:|---:|---:|---:|",
+        "| norm | tta | batch | forward passes | evaluation s | vs default | share of an epoch "
+        "| default |",
+        "|---|---|---:|---:|---:|---:|---:|---|",
     ]
     for cost in costs:
-        flip = next(c for c in costs if c.norm == cost.norm and c.tta == "flip")
+        is_default = (cost.tta, cost.batch_size) == (DEFAULTS.tta, default_batch_size)
+        default = next(
+            c
+            for c in costs
+            if c.norm == cost.norm and (c.tta, c.batch_size) == (DEFAULTS.tta, default_batch_size)
+        )
         # An epoch: the training images at the pipeline's rate, then this evaluation.
         training_seconds = train_images / rates[cost.norm, "pipeline"]
         share = cost.seconds / (training_seconds + cost.seconds)
         lines.append(
-            f"| {cost.norm} | {cost.tta} | {cost.passes} | {cost.seconds:.3f} | "
-            f"{cost.seconds / flip.seconds:.2f} | {100 * share:.1f}% |"
+            f"| {cost.norm} | {cost.tta} | {cost.batch_size} | {cost.passes} | "
+            f"{cost.seconds:.3f} | {cost.seconds / default.seconds:.2f} | {100 * share:.1f}% | "
+            f"{'yes' if is_default else ''} |"
         )
     return lines
 
@@ -819,22 +835,25 @@ def run_benchmark(arguments: argparse.Namespace, *, command: str) -> str:
     del train_split  # free the device copy before the tracked runs load their own
 
     evaluation_costs: list[EvaluationCost] = []
+    eval_batch_size = engine.eval_batch_size_for(device)
+    # The default evaluation batch, and the GPU's 1,024 beside it where the default differs.
+    eval_batch_sizes = sorted({eval_batch_size, EVAL_BATCH_SIZE_BEFORE})
     if arguments.tta:
         test_split = datasets.to_device(dataset.test_images, dataset.test_labels, device=device)
-        for norm in arguments.norms:
-            for tta in TTA_MODES:
-                progress(f"{norm}: evaluation of {test_count:,} test images, tta={tta}")
-                evaluation_costs.append(
-                    measure_evaluation(
-                        test_split,
-                        stats,
-                        norm=norm,
-                        tta=tta,
-                        memory_format=engine.memory_format_for(norm, device),
-                        autocast_dtype=autocast_dtype,
-                        seed=arguments.seed,
-                    )
+        for norm, tta, size in itertools.product(arguments.norms, TTA_MODES, eval_batch_sizes):
+            progress(f"{norm}: evaluation of {test_count:,} test images, tta={tta}, batch {size}")
+            evaluation_costs.append(
+                measure_evaluation(
+                    test_split,
+                    stats,
+                    norm=norm,
+                    tta=tta,
+                    batch_size=size,
+                    memory_format=engine.memory_format_for(norm, device),
+                    autocast_dtype=autocast_dtype,
+                    seed=arguments.seed,
                 )
+            )
         del test_split
 
     costs: dict[str, TrackingCost] = {}
@@ -951,12 +970,19 @@ def run_benchmark(arguments: argparse.Namespace, *, command: str) -> str:
             "",
             "### Evaluation per test-time augmentation",
             "",
-            f"One evaluation of the {test_count:,} test images (batches of {EVAL_BATCH_SIZE}, "
-            "the default layout and precision), as `train` runs after every epoch. `vs flip`: "
-            "time relative to the default `tta=flip`; `share of an epoch`: this evaluation over "
-            f"itself plus {train_count:,} training images at the `pipeline` rate above.",
+            f"One evaluation of the {test_count:,} test images (the default layout and "
+            "precision) per test-time augmentation and evaluation batch, as `train` runs after "
+            "every epoch; `default`: `train`'s `tta` at `engine.eval_batch_size_for` this "
+            "device, and `vs default` the time relative to it; `share of an epoch`: this "
+            f"evaluation over itself plus {train_count:,} training images at the `pipeline` "
+            "rate above.",
             "",
-            *evaluation_table(evaluation_costs, rates, train_count),
+            *evaluation_table(
+                evaluation_costs,
+                rates,
+                train_images=train_count,
+                default_batch_size=eval_batch_size,
+            ),
         ]
     if arguments.layouts:
         lines += [

@@ -84,10 +84,14 @@ def test_quick_run_reports_every_measurement(
                 line for line in rows if line.startswith(f"| {norm} | {layout} | {precision} |")
             ]
             assert numbers(row)[0] > 0, row  # ceiling images/s
+    defaults = 0
     for tta, passes in (("none", 1), ("flip", 2), ("flip-translate", 6)):
-        [row] = [line for line in rows if line.startswith(f"| {norm} | {tta} |")]
-        forward_passes, seconds, per_flip, share = numbers(row)
-        assert forward_passes == passes and seconds > 0 and per_flip > 0, row
-        assert 0 < share < 100, row
-        if tta == "flip":
-            assert per_flip == 1.0, row
+        for batch in (128, 1024):  # the CPU's evaluation batch, and the GPU's beside it
+            [row] = [line for line in rows if line.startswith(f"| {norm} | {tta} | {batch} |")]
+            forward_passes, seconds, per_default, share = numbers(row)[1:]
+            assert forward_passes == passes and seconds > 0 and per_default > 0, row
+            assert 0 < share < 100, row
+            if row.endswith("| yes |"):
+                defaults += 1
+                assert per_default == 1.0 and (tta, batch) == ("flip-translate", 128), row
+    assert defaults == 1

@@ -57,6 +57,31 @@ def test_same_seed_gives_the_same_metrics_and_a_record_per_epoch():
     assert strip == [{k: v for k, v in r.metrics().items() if k != "epoch_seconds"} for r in second]
 
 
+def test_evaluation_does_not_depend_on_its_batch_size():
+    _, test, normalize = _splits()
+    model = build_model(norm="group", groups=4)
+    assert engine.eval_batch_size_for(CPU) == 128
+    default = engine.evaluate(model, test, normalize=normalize, tta="flip-translate")
+    odd = engine.evaluate(model, test, normalize=normalize, tta="flip-translate", batch_size=7)
+    assert torch.equal(default.predictions, odd.predictions)
+    assert default.loss == pytest.approx(odd.loss, rel=1e-5)
+
+
+def test_test_time_augmentation_leaves_training_untouched():
+    """The README's results rest on this: a run with another `tta` trains the same weights."""
+
+    def weights(tta):
+        torch.manual_seed(4)
+        model = build_model(norm="batch", groups=4)
+        records = _fit(model, epochs=2, seed=4, tta=tta)
+        return model.state_dict(), [(r.train_loss, r.train_acc) for r in records]
+
+    flip, translated = weights("flip"), weights("flip-translate")
+    assert flip[1] == translated[1]
+    for name, tensor in flip[0].items():
+        assert torch.equal(tensor, translated[0][name]), name
+
+
 def test_callback_sees_every_epoch_and_learning_rate_follows_one_cycle():
     seen = []
     torch.manual_seed(0)

@@ -576,9 +576,11 @@ def test_tta_table_compares_evaluations_of_the_same_models(tmp_path):
     table = compare.tta_table(study).set_index("tta")
     assert table.loc["flip", "models"] == 2
     assert table.loc["flip-translate", "test_acc_mean"] == pytest.approx(0.8175)
-    assert table.loc["flip-translate", "gain_points"] == pytest.approx(0.75)
+    # gains are over train's default tta (flip-translate), on the models evaluated both ways
+    assert table.loc["flip", "gain_points"] == pytest.approx(-0.75)
+    assert math.isnan(table.loc["flip-translate", "gain_points"])
     report = compare.write_report(study, tmp_path / "out").read_text()
-    assert "## Test-time augmentation" in report and "+0.75 (2 models)" in report
+    assert "## Test-time augmentation" in report and "-0.75 (2 models)" in report
     assert "## Levers" not in report  # no group_by given
 
 
