@@ -76,9 +76,10 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
 
 
 def eval_batch_size_for(device: torch.device) -> int:
-    """Evaluation batch size: 128 on the CPU, where forward passes of 128-256 images ran 1.6-2x
-    the images/s of 1,024 for every norm (cache-sized activations; measured on our AVX2
-    machine), and 1,024 on a GPU, which larger batches keep busy."""
+    """Evaluation batch size: 128 on the CPU, where a test-split evaluation ran 1.3-2.3x faster
+    than in batches of 1,024 for every norm and `tta` (cache-sized activations; README, Speed:
+    scripts/benchmark.py on our AVX2 machine), and 1,024 on a GPU, which larger batches keep
+    busy."""
     return 128 if device.type == "cpu" else 1024
 
 
