@@ -73,7 +73,7 @@ def test_test_time_augmentation_leaves_training_untouched():
     def weights(tta):
         torch.manual_seed(4)
         model = build_model(norm="batch", groups=4)
-        records = _fit(model, epochs=2, seed=4, tta=tta)
+        records = _fit(model, epochs=2, seed=4, tta=tta, count=96)
         return model.state_dict(), [(r.train_loss, r.train_acc) for r in records]
 
     flip, translated = weights("flip"), weights("flip-translate")
