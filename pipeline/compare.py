@@ -107,11 +107,10 @@ def build_study(
     evaluated = evaluate.copy()
     for column, key in (
         ("source_run_id", "tags.source_run_id"),
-        ("tta", "params.tta"),
         ("test_acc", "metrics.test_acc"),
     ):
         evaluated[column] = _column(runs.loc[evaluate.index], key).map(_unquote)
-    evaluated["tta"] = evaluated["tta"].fillna(TTA_BEFORE_PARAM)
+    evaluated["tta"] = _logged_tta(runs.loc[evaluate.index])
     evaluated["test_acc"] = pd.to_numeric(evaluated["test_acc"], errors="coerce")
 
     per_class_rows = []
@@ -149,26 +148,20 @@ def build_study(
     )
 
 
+def _logged_tta(runs: pd.DataFrame) -> pd.Series:
+    """The `tta` param of each run; runs from before the param existed evaluated with flip."""
+    return _column(runs, "params.tta").map(_unquote).fillna(TTA_BEFORE_PARAM)
+
+
 def _one_evaluation_per_model(evaluated: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
     """One evaluate run per model: the one that used the test-time augmentation its training
     run evaluated with (what `evaluate` does by default), else the first. A model evaluated
     several ways (for the TTA table) thus counts once, as its training saw it, per class."""
-    trained = runs[runs["run_id"].isin(set(evaluated["source_run_id"].dropna()))]
-    trained_tta = dict(
-        zip(trained["run_id"], _column(trained, "params.tta").map(_unquote), strict=True)
-    )
-
-    def expected(source_run_id) -> str:
-        if source_run_id not in trained_tta:  # a model trained outside the compared runs
-            return TrainConfig().tta
-        tta = trained_tta[source_run_id]
-        return TTA_BEFORE_PARAM if pd.isna(tta) else tta
-
-    mismatch = [
-        tta != expected(source)
-        for source, tta in zip(evaluated["source_run_id"], evaluated["tta"], strict=True)
-    ]
-    ranked = evaluated.assign(_mismatch=mismatch).sort_values("_mismatch", kind="stable")
+    trained_tta = pd.Series(_logged_tta(runs).to_numpy(), index=runs["run_id"].to_numpy())
+    # A model trained outside the compared runs: evaluated as train's default would have.
+    expected = evaluated["source_run_id"].map(trained_tta).fillna(TrainConfig().tta)
+    ranked = evaluated.assign(_mismatch=evaluated["tta"] != expected)
+    ranked = ranked.sort_values("_mismatch", kind="stable")
     model = ranked["source_run_id"].fillna(ranked["run_id"])
     return ranked[~model.duplicated()].drop(columns="_mismatch").sort_index()
 
