@@ -14,6 +14,7 @@ DEVICES = ("auto", "cpu", "cuda", "mps")
 PRECISIONS = ("auto", "fp32", "bf16")
 # Test-time augmentation: the image alone, with its mirror, or mirror x two 1-pixel translations.
 TTA_MODES = ("none", "flip", "flip-translate")
+DEFAULT_TTA = "flip-translate"  # how `train` evaluates each epoch unless told otherwise
 TTA_BEFORE_PARAM = "flip"  # what runs logged before `tta` existed evaluated with
 MAX_EPOCHS = 20
 REGISTERED_MODEL = "cifar10-{norm}"  # "{norm}" is filled in; an empty name skips registration
@@ -42,7 +43,7 @@ class TrainConfig:
     cutout: int = 0
     translate: int = 4
     whiten: bool = False
-    tta: str = "flip-translate"
+    tta: str = DEFAULT_TTA
     seed: int = 1
     data: str = DEFAULT_DATA
     stats: str = ""

@@ -432,11 +432,11 @@ def train_batches(
     batch_size: int,
     generator: torch.Generator,
     normalize: Normalizer,
-    pad: int = 4,
+    translate: int = 4,
     flip: bool = True,
     cutout: int = 0,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Shuffled, augmented training batches (random translate by up to `pad` pixels + flip,
+    """Shuffled, augmented training batches (random shift by up to `translate` pixels + flip,
     and with `cutout` > 0 a `cutout`-pixel square of each image set to the dataset mean).
 
     Augmentation is batch-wise tensor indexing on the device; the last partial batch is dropped
@@ -451,9 +451,11 @@ def train_batches(
     for start in range(0, count - batch_size + 1, batch_size):
         index = order[start : start + batch_size]
         images = split.images[index]  # (B, 3, H, W) uint8
-        if pad:
-            shifts = torch.randint(0, 2 * pad + 1, (2, batch_size), generator=generator).to(device)
-            padded = torch.nn.functional.pad(images, (pad, pad, pad, pad), mode="constant")
+        if translate:
+            shifts = torch.randint(0, 2 * translate + 1, (2, batch_size), generator=generator)
+            shifts = shifts.to(device)
+            border = (translate,) * 4
+            padded = torch.nn.functional.pad(images, border, mode="constant")
             row_index = (shifts[0, :, None] + rows)[:, :, None]  # (B, H, 1)
             col_index = (shifts[1, :, None] + cols)[:, None, :]  # (B, 1, W)
             batch_index = torch.arange(batch_size, device=device)[:, None, None]

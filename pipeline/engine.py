@@ -14,7 +14,7 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
-from pipeline.config import TTA_MODES, check_choice
+from pipeline.config import DEFAULT_TTA, TTA_MODES, check_choice
 from pipeline.data import DeviceSplit, Normalizer, eval_batches, train_batches
 
 log = logging.getLogger(__name__)
@@ -188,7 +188,7 @@ def evaluate(
     normalize: Normalizer,
     batch_size: int | None = None,
     autocast_dtype: torch.dtype | None = None,
-    tta: str = "flip",
+    tta: str = DEFAULT_TTA,
 ) -> Evaluation:
     """Loss and accuracy on `split`, with test-time augmentation `tta` (see `tta_logits`), in
     batches of `batch_size` (default: `eval_batch_size_for` the split's device)."""
@@ -290,10 +290,10 @@ def fit(
     label_smoothing: float,
     warmup_epochs: float,
     seed: int,
-    ema_decay: float = 0.0,
+    ema: float = 0.0,
     cutout: int = 0,
     translate: int = 4,
-    tta: str = "flip",
+    tta: str = DEFAULT_TTA,
     autocast_dtype: torch.dtype | None = None,
     eval_batch_size: int | None = None,
     resume_from: dict | None = None,
@@ -303,7 +303,7 @@ def fit(
 
     `on_epoch_end(record, state)` is called after every epoch (logging, checkpointing).
     `resume_from` is a `TrainingState.state_dict()`: training continues after its epoch.
-    With `ema_decay` > 0 an exponential moving average of the weights (and BatchNorm buffers)
+    With `ema` > 0 (its per-step decay) a moving average of the weights (and BatchNorm buffers)
     is updated after every step; it is what each epoch evaluates, and `model` holds it on return.
     `cutout` > 0 blanks a `cutout`-pixel square of every training image; `translate` is the
     largest random shift (pixels) of the training images; `tta` is how each epoch evaluates.
@@ -322,10 +322,10 @@ def fit(
     scheduler = make_scheduler(
         optimizer, epochs=epochs, steps_per_epoch=steps, warmup_epochs=warmup_epochs
     )
-    ema = None
-    if ema_decay > 0:
-        ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(ema_decay), use_buffers=True)
-    state = TrainingState(model, optimizer, scheduler, generator, ema=ema)
+    average = None
+    if ema > 0:
+        average = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(ema), use_buffers=True)
+    state = TrainingState(model, optimizer, scheduler, generator, ema=average)
     if resume_from is not None:
         state.load_state_dict(resume_from)
     loss_fn = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
@@ -340,7 +340,7 @@ def fit(
                 batch_size=batch_size,
                 generator=generator,
                 normalize=normalize,
-                pad=translate,
+                translate=translate,
                 cutout=cutout,
             ),
             optimizer=optimizer,
@@ -350,10 +350,10 @@ def fit(
             device=device,
             steps=steps,
             description=f"epoch {epoch}/{epochs}",
-            ema=ema,
+            ema=average,
         )
         result = evaluate(
-            model if ema is None else ema.module,
+            model if average is None else average.module,
             test_split,
             normalize=normalize,
             batch_size=eval_batch_size,
@@ -389,6 +389,6 @@ def fit(
         )
         if on_epoch_end is not None:
             on_epoch_end(record, state)
-    if ema is not None:
-        model.load_state_dict(ema.module.state_dict())
+    if average is not None:
+        model.load_state_dict(average.module.state_dict())
     return records

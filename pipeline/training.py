@@ -114,7 +114,7 @@ def fit(
         label_smoothing=config.label_smoothing,
         warmup_epochs=config.warmup_epochs,
         seed=config.seed,
-        ema_decay=config.ema,
+        ema=config.ema,
         cutout=config.cutout,
         translate=config.translate,
         tta=config.tta,

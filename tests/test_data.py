@@ -171,7 +171,7 @@ def test_batches_without_augmentation_are_the_normalised_images_in_shuffled_orde
             batch_size=8,
             generator=torch.Generator().manual_seed(0),
             normalize=_identity_normalizer(),
-            pad=0,
+            translate=0,
             flip=False,
         )
     )
@@ -190,7 +190,7 @@ def test_augmented_images_are_shifted_or_mirrored_copies_of_their_source():
     split = _split(8)
     generator = torch.Generator().manual_seed(1)
     (images, labels), *_ = data.train_batches(
-        split, batch_size=8, generator=generator, normalize=_identity_normalizer(), pad=4
+        split, batch_size=8, generator=generator, normalize=_identity_normalizer(), translate=4
     )
     padded = torch.nn.functional.pad(split.images.float(), (4, 4, 4, 4))
     moved = 0
@@ -267,7 +267,13 @@ def test_cutout_blanks_one_square_per_image_to_the_mean():
         stats, device=torch.device("cpu"), memory_format=torch.channels_last
     )
     (images, _), *_ = data.train_batches(
-        split, batch_size=8, generator=generator, normalize=normalize, pad=0, flip=False, cutout=8
+        split,
+        batch_size=8,
+        generator=generator,
+        normalize=normalize,
+        translate=0,
+        flip=False,
+        cutout=8,
     )
     blank = (images == 0).all(dim=1)  # (B, H, W): the mean pixel normalises to 0 in every channel
     for mask in blank:

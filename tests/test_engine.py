@@ -145,7 +145,7 @@ def test_ema_is_what_each_epoch_evaluates_and_what_the_model_holds_at_the_end():
     def keep(record, state):
         seen[record.epoch] = (record, copy.deepcopy(state.ema.module.state_dict()))
 
-    records = _fit(model, epochs=2, seed=5, ema_decay=0.9, on_epoch_end=keep)
+    records = _fit(model, epochs=2, seed=5, ema=0.9, on_epoch_end=keep)
     _, test, normalize = _splits()
     averaged = build_model(norm="batch", groups=4)
     averaged.load_state_dict(seen[2][1])
@@ -163,7 +163,7 @@ def test_resuming_with_ema_reaches_the_same_weights_bit_for_bit():
         full_model,
         epochs=3,
         seed=8,
-        ema_decay=0.95,
+        ema=0.95,
         cutout=8,
         on_epoch_end=lambda record, state: checkpoints.__setitem__(
             record.epoch, copy.deepcopy(state.state_dict())
@@ -172,7 +172,7 @@ def test_resuming_with_ema_reaches_the_same_weights_bit_for_bit():
     assert "ema" in checkpoints[1]
     resumed_model = build_model(norm="layer", groups=1)
     resumed_model.load_state_dict(start)
-    _fit(resumed_model, epochs=3, seed=8, ema_decay=0.95, cutout=8, resume_from=checkpoints[1])
+    _fit(resumed_model, epochs=3, seed=8, ema=0.95, cutout=8, resume_from=checkpoints[1])
     for name, tensor in full_model.state_dict().items():
         assert torch.equal(tensor, resumed_model.state_dict()[name]), name
 
