@@ -6,37 +6,31 @@ call these commands with the same parameter names.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import json
 import logging
 import os
 import signal
 import sys
-import tempfile
-import time
 import traceback
-from pathlib import Path
 
 import click
-import torch
 
-from pipeline import compare as comparison
-from pipeline import data as datasets
-from pipeline import engine, plots, tracking, training, workflow
+from pipeline import runs, tracking, workflow
+from pipeline import sweep as sweeps
 from pipeline.config import (
     MAX_EPOCHS,
     NORMS,
+    ORDERS,
     REGISTERED_MODEL,
-    TTA_BEFORE_PARAM,
+    STANDARDIZE,
     TTA_MODES,
     ConfigError,
     EvalConfig,
     TrainConfig,
     parse_norms,
 )
-from pipeline.data import DataError, DatasetStats
-from pipeline.model import build_model, receptive_fields, summary
+from pipeline.data import DataError
+from pipeline.model import build_model, summary
 
 log = logging.getLogger("pipeline")
 
@@ -52,20 +46,6 @@ def _setup_logging(verbose: bool) -> None:
     )
     for noisy in ("mlflow", "alembic", "urllib3", "matplotlib", "PIL", "torch"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-
-
-@contextlib.contextmanager
-def _signals_deferred():
-    """Hold SIGINT and SIGTERM until the block ends (then their handlers run as usual)."""
-    if not hasattr(signal, "pthread_sigmask"):  # Windows
-        yield
-        return
-    deferred = {signal.SIGINT, signal.SIGTERM}
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, deferred)
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def _on_sigterm(signum, frame) -> None:
@@ -144,13 +124,6 @@ def device_option(function):
     )(function)
 
 
-def _load_stats(spec: str, dataset: datasets.ArrayDataset) -> DatasetStats:
-    """Stats from a path, from a run's artifact (runs:/<id>/stats.json) or computed."""
-    if spec.startswith("runs:/"):
-        return training.load_local_stats(str(tracking.download_artifact(spec)), dataset)
-    return training.load_local_stats(spec, dataset)
-
-
 # --------------------------------------------------------------------------- prepare-stats
 
 
@@ -158,28 +131,7 @@ def _load_stats(spec: str, dataset: datasets.ArrayDataset) -> DatasetStats:
 @data_option
 def prepare_stats(data: str) -> None:
     """Compute per-channel mean/std of the training split; log and cache them."""
-    tracking.check_store()
-    dataset = datasets.load_dataset(data)
-    with tracking.run(run_name="prepare-stats", tags={"step": "prepare-stats"}):
-        stats = datasets.cached_stats(dataset)
-        tracking.log_params(
-            {
-                "data": data,
-                "mean": ",".join(f"{v:.4f}" for v in stats.mean),
-                "std": ",".join(f"{v:.4f}" for v in stats.std),
-                "train_images": str(len(dataset.train_labels)),
-                "test_images": str(len(dataset.test_labels)),
-            }
-        )
-        tracking.log_dataset(
-            name=dataset.name, source=dataset.source, digest=dataset.digest, context="train"
-        )
-        tracking.log_text(stats.to_json(), "stats.json")
-        tracking.log_figure(
-            plots.class_samples(dataset.train_images, dataset.train_labels, dataset.classes),
-            "samples/train_per_class.png",
-        )
-    click.echo(f"mean {stats.mean}  std {stats.std}")
+    runs.prepare_stats(data, echo=click.echo)
 
 
 # --------------------------------------------------------------------------- summary
@@ -245,6 +197,24 @@ def model_summary(norm: str, groups: int) -> None:
     default=_DEFAULTS.whiten,
     help="Start C1 from PCA whitening filters of the training images' patches.",
 )
+@click.option(
+    "--widths",
+    default=_DEFAULTS.widths,
+    help="Output channels of some layers instead of the defaults, e.g. C2=32,C7=24 (the model "
+    "stays within 50,000 parameters).",
+)
+@click.option(
+    "--order",
+    type=click.Choice(ORDERS),
+    default=_DEFAULTS.order,
+    help="conv -> norm -> ReLU, or conv -> ReLU -> norm.",
+)
+@click.option(
+    "--standardize",
+    type=click.Choice(STANDARDIZE, case_sensitive=False),
+    default=_DEFAULTS.standardize,
+    help="Weight standardization of the convs; auto: on for group and layer norm.",
+)
 @tta_option(_DEFAULTS.tta, "How each epoch's test accuracy is computed")
 @click.option("--seed", type=int, default=_DEFAULTS.seed)
 @data_option
@@ -260,115 +230,7 @@ def model_summary(norm: str, groups: int) -> None:
 @click.option("--resume", default="", help="Run id of an interrupted train run to continue.")
 def train(**options) -> None:
     """Train one model, log everything to MLflow and register it."""
-    config = TrainConfig(**options)
-    train_model(config)
-
-
-def _norm_tags(norm: str, groups: str) -> dict[str, str]:
-    """Run and registry tags naming the norm; `groups` only means something for group norm,
-    so only there is it tagged (the param is always logged)."""
-    tags = {"norm": norm}
-    if norm == "group" and groups:
-        tags["groups"] = groups
-    return tags
-
-
-def _precision_name(autocast_dtype: torch.dtype | None) -> str:
-    return str(autocast_dtype).removeprefix("torch.") if autocast_dtype else "fp32"
-
-
-def train_model(config: TrainConfig) -> str:
-    """Train, log and register one model; returns the run id."""
-    engine.resolve_device(config.device)  # a missing device fails before the store is touched
-    tracking.check_store()
-    setup = training.prepare_training(config, load_stats=_load_stats)
-    resume_state = tracking.load_checkpoint(config.resume) if config.resume else None
-    model, dataset = setup.model, setup.dataset
-    fields = receptive_fields(model)
-    run_name = f"train-{config.norm}-seed{config.seed}"
-    norm_tags = _norm_tags(config.norm, str(config.groups))
-    tags = {"step": "train", **norm_tags}
-    with tracking.run(run_name=run_name, tags=tags, resume_run_id=config.resume or None) as run_id:
-        tracking.log_params(
-            {
-                **config.as_params(),
-                "num_params": str(setup.parameters),
-                "receptive_field": str(fields[-3].receptive_field),  # after C9, before GAP
-                "device": str(setup.device),
-                "autocast": _precision_name(setup.autocast_dtype),
-            }
-        )
-        tracking.log_dataset(
-            name=dataset.name, source=dataset.source, digest=dataset.digest, context="train"
-        )
-        tracking.log_text(summary(model), "model_summary.txt")
-        tracking.log_dict(
-            {row.layer: dataclasses.asdict(row) for row in fields}, "receptive_field.json"
-        )
-        tracking.log_text(setup.stats.to_json(), "stats.json")
-        click.echo(
-            f"run {run_id}: {config.norm} norm, {setup.parameters:,} parameters, on {setup.device}"
-        )
-
-        def on_epoch_end(record: engine.EpochMetrics, state: engine.TrainingState) -> None:
-            # An epoch's metrics and its checkpoint are logged together or not at all: Ctrl-C
-            # or SIGTERM arriving in between waits until both are written.
-            with _signals_deferred():
-                tracking.log_epoch(record)
-                tracking.log_checkpoint(state.state_dict())
-            click.echo(
-                f"epoch {record.epoch:>2}/{config.epochs}  "
-                f"train loss {record.train_loss:.4f} acc {100 * record.train_acc:5.2f}%  "
-                f"test loss {record.test_loss:.4f} acc {100 * record.test_acc:5.2f}%  "
-                f"lr {record.lr:.4f}  {record.epoch_seconds:5.1f}s"
-            )
-
-        started = time.perf_counter()
-        records = training.fit(setup, config, resume_from=resume_state, on_epoch_end=on_epoch_end)
-        if records:
-            tracking.log_metrics({"train_seconds": time.perf_counter() - started})
-        history = tracking.metric_history(run_id)
-        final = engine.evaluate(
-            model,
-            setup.test_split,
-            normalize=setup.normalize,
-            autocast_dtype=setup.autocast_dtype,
-            tta=config.tta,
-        )
-        tracking.log_figure(plots.training_curves(history, title=run_name), "plots/curves.png")
-        tracking.log_figure(
-            plots.misclassified_grid(
-                dataset.test_images,
-                final.labels.numpy(),
-                final.predictions.numpy(),
-                dataset.classes,
-                title=f"{run_name}: misclassified test images",
-            ),
-            "plots/misclassified.png",
-        )
-        example = setup.normalize(setup.test_split.images[:8]).cpu().contiguous()
-        # Logged in the portable NCHW layout: a channels_last model's weights are strided views,
-        # which torch.export's archive writer warns about ("No complete tensor found").
-        portable = model.cpu().to(memory_format=torch.contiguous_format)
-        model_uri = tracking.log_model(portable, input_example=example.numpy())
-        if config.registered_model:
-            version = tracking.register_model(
-                model_uri,
-                name=config.registered_model,
-                run_id=run_id,
-                tags={
-                    **norm_tags,
-                    "seed": str(config.seed),
-                    "test_acc": f"{final.accuracy:.4f}",
-                },
-            )
-            champion = tracking.update_champion(config.registered_model)
-            click.echo(
-                f"registered {config.registered_model} version {version} "
-                f"(champion: version {champion})"
-            )
-    click.echo(f"final test accuracy {100 * final.accuracy:.2f}% (run {run_id})")
-    return run_id
+    runs.train_model(TrainConfig(**options), echo=click.echo)
 
 
 # --------------------------------------------------------------------------- evaluate
@@ -395,85 +257,7 @@ def train_model(config: TrainConfig) -> str:
 @tta_option("", "Default: what the training run used")
 def evaluate(**options) -> None:
     """Evaluate a logged or registered model on the test split, in its own run."""
-    config = EvalConfig(**options)
-    device = engine.resolve_device(config.device)
-    tracking.check_store()
-    source = tracking.resolve_model_uri(config.model_uri)
-    dataset = datasets.load_dataset(config.data)
-    stats = _load_stats(config.stats or f"runs:/{source.run_id}/stats.json", dataset)
-    model = tracking.load_model(config.model_uri, device=str(device))
-    memory_format = torch.contiguous_format
-    normalize = datasets.Normalizer(stats, device=device, memory_format=memory_format)
-    test_split = datasets.to_device(dataset.test_images, dataset.test_labels, device=device)
-    label = f"{source.name}-v{source.version}" if source.version else source.run_id[:8]
-    tags = {"step": "evaluate", "source_run_id": source.run_id, "model_uri": config.model_uri}
-    if source.version:
-        tags.update({"model_name": source.name or "", "model_version": source.version})
-    source_params = tracking.run_params(source.run_id)
-    if "norm" in source_params:
-        tags.update(_norm_tags(source_params["norm"], source_params.get("groups", "")))
-    if "seed" in source_params:
-        tags["seed"] = source_params["seed"]
-    trained_tta = source_params.get("tta", TTA_BEFORE_PARAM)
-    config = dataclasses.replace(config, tta=config.tta or trained_tta)
-    # A model evaluated other than as it was trained says so in its name (the UI's run list).
-    run_name = f"evaluate-{label}" + ("" if config.tta == trained_tta else f"-tta-{config.tta}")
-    with tracking.run(run_name=run_name, tags=tags) as run_id:
-        tracking.log_params(config.as_params())
-        tracking.log_dataset(
-            name=dataset.name, source=dataset.source, digest=dataset.digest, context="test"
-        )
-        result = engine.evaluate(
-            model,
-            test_split,
-            normalize=normalize,
-            batch_size=config.batch_size or None,
-            tta=config.tta,
-        )
-        labels, predictions = result.labels.numpy(), result.predictions.numpy()
-        matrix = plots.confusion_matrix(labels, predictions, len(dataset.classes))
-        per_class = plots.per_class_accuracy(matrix)
-        tracking.log_metrics(
-            {
-                "test_acc": result.accuracy,
-                "test_loss": result.loss,
-                **{
-                    f"class_acc/{name}": float(a)
-                    for name, a in zip(dataset.classes, per_class, strict=True)
-                },
-            }
-        )
-        tracking.log_dict(
-            {
-                "test_acc": result.accuracy,
-                "test_loss": result.loss,
-                "per_class_accuracy": dict(
-                    zip(dataset.classes, map(float, per_class), strict=True)
-                ),
-                "confusion_matrix": matrix.tolist(),
-                "classes": list(dataset.classes),
-            },
-            "evaluation.json",
-        )
-        tracking.log_figure(
-            plots.confusion_matrix_figure(
-                matrix, dataset.classes, title=f"{label}: confusion matrix"
-            ),
-            "plots/confusion_matrix.png",
-        )
-        tracking.log_figure(
-            plots.misclassified_grid(
-                dataset.test_images,
-                labels,
-                predictions,
-                dataset.classes,
-                title=f"{label}: misclassified test images",
-            ),
-            "plots/misclassified.png",
-        )
-    click.echo(f"test accuracy {100 * result.accuracy:.2f}%  loss {result.loss:.4f} (run {run_id})")
-    for name, accuracy in zip(dataset.classes, per_class, strict=True):
-        click.echo(f"  {name:<12} {100 * accuracy:6.2f}%")
+    runs.evaluate_model(EvalConfig(**options), echo=click.echo)
 
 
 # --------------------------------------------------------------------------- main (the study)
@@ -503,6 +287,7 @@ def study(norm: str, seeds: int, parallel: int, **train_options) -> None:
     one; a step that already finished with the same parameters and code is reused.
     """
     norms = parse_norms(norm)
+    train_options["data"] = workflow.step_data(train_options["data"])
     configs = workflow.study_configs(norms, seeds, **train_options)
     workflow.check_parallel(parallel)
     tracking.check_store()
@@ -517,20 +302,7 @@ def study(norm: str, seeds: int, parallel: int, **train_options) -> None:
             }
         )
         results = workflow.run_study(configs, parallel=parallel, echo=click.echo)
-        tracking.log_dict(
-            {
-                "steps": [
-                    {
-                        "name": result.step.name,
-                        "entry_point": result.step.entry_point,
-                        "run_id": result.run_id,
-                        "reused": result.reused,
-                    }
-                    for result in results
-                ]
-            },
-            "steps.json",
-        )
+        _log_steps(results)
     reused = sum(result.reused for result in results)
     click.echo(
         f"study {run_id}: {len(results)} steps ({reused} reused); "
@@ -538,7 +310,105 @@ def study(norm: str, seeds: int, parallel: int, **train_options) -> None:
     )
 
 
+def _log_steps(results: list[workflow.StepResult]) -> None:
+    """steps.json on the parent run: each child's name, entry point, run and reuse."""
+    steps = [
+        {
+            "name": result.step.name,
+            "entry_point": result.step.entry_point,
+            "run_id": result.run_id,
+            "reused": result.reused,
+        }
+        for result in results
+    ]
+    tracking.log_dict({"steps": steps}, "steps.json")
+
+
 study.params.extend(option for option in train.params if option.name not in _NOT_STUDY_OPTIONS)
+
+
+# --------------------------------------------------------------------------- sweep
+
+
+@cli.command("sweep")
+@click.option(
+    "--grid",
+    required=True,
+    help="Train parameters and their values, 'learning_rate=0.1,0.4;label_smoothing=0,0.1', "
+    "or a YAML file (see sweeps/levers.yaml).",
+)
+@click.option(
+    "--mode",
+    type=click.Choice(sweeps.MODES),
+    default="grid",
+    help="grid: every combination; one-at-a-time: the defaults and each value alone.",
+)
+@click.option("--norm", default=",".join(NORMS), help="One norm or a comma-separated list of them.")
+@click.option("--seeds", type=int, default=1, help="Train seeds 1..SEEDS of every trial.")
+@click.option(
+    "--parallel",
+    type=int,
+    default=1,
+    help="Run up to N trainings at once, each on its share of the cores.",
+)
+@click.option(
+    "--max-trials",
+    "max_trials",
+    type=int,
+    default=sweeps.MAX_TRIALS,
+    help="Refuse a sweep of more trainings than this, before any run starts.",
+)
+@click.option(
+    "--registered-model",
+    "registered_model",
+    default="",
+    help="Registry name of each trial's model ({norm} is filled in); empty: none registered.",
+)
+def sweep(
+    grid: str, mode: str, norm: str, seeds: int, parallel: int, max_trials: int, **train_options
+) -> None:
+    """A sweep: a `train` child run per trial and norm and seed, then the lever table.
+
+    Every other option is the recipe the grid's values override. A trial that already
+    finished with the same parameters and code is reused, so an interrupted or extended sweep
+    runs only what is new.
+    """
+    norms = parse_norms(norm)
+    train_options["data"] = workflow.step_data(train_options["data"])
+    trials, swept = sweeps.trials(
+        grid, norms=norms, seeds=seeds, mode=mode, max_trials=max_trials, **train_options
+    )
+    workflow.check_models([trial.config for trial in trials])
+    workflow.check_parallel(parallel)
+    tracking.check_store()
+    tags = {"step": "sweep", "norms": ",".join(norms), "swept": ",".join(swept)}
+    with tracking.run(run_name="sweep", tags=tags) as run_id:
+        tracking.log_params(
+            {
+                "grid": grid,
+                "mode": mode,
+                "norm": ",".join(norms),
+                "seeds": str(seeds),
+                "parallel": str(parallel),
+                "max_trials": str(max_trials),
+                **{key: str(value) for key, value in train_options.items()},
+            }
+        )
+        click.echo(f"sweep {run_id}: {len(trials)} trainings over {', '.join(swept)} ({mode})")
+        results = workflow.run_sweep(trials, swept=swept, parallel=parallel, echo=click.echo)
+        _log_steps(results)
+    reused = sum(result.reused for result in results)
+    click.echo(
+        f"sweep {run_id}: {len(results)} steps ({reused} reused); "
+        "lever table: artifacts comparison/report.md"
+    )
+
+
+sweep.params.extend(
+    option
+    for option in train.params
+    if option.name not in (*_NOT_STUDY_OPTIONS, "registered_model")
+)
 
 
 # --------------------------------------------------------------------------- compare
@@ -574,49 +444,13 @@ def compare_command(
     parent_run_id: str, experiment_name: str, filter_string: str, group_by: str
 ) -> None:
     """Side-by-side report of the norms: tables, overlay plots, findings, report.md."""
-    keys = parse_group_by(group_by)
-    tracking.check_store()
-    runs = tracking.study_runs(
+    runs.compare_runs(
         parent_run_id=parent_run_id,
         experiment_name=experiment_name,
         filter_string=filter_string,
+        group_by=parse_group_by(group_by),
+        echo=click.echo,
     )
-    source = (
-        f"children of parent run `{parent_run_id}`"
-        if parent_run_id
-        else f"experiment `{experiment_name}`"
-    )
-    if filter_string:
-        source += f" matching `{filter_string}`"
-    with tracking.run(run_name="compare", tags={"step": "compare"}) as run_id:
-        tracking.log_params(
-            {
-                "parent_run_id": parent_run_id,
-                "experiment_name": experiment_name,
-                "filter_string": filter_string,
-                "group_by": ",".join(keys),
-            }
-        )
-        study_data = _load_study(runs, source=source, group_by=keys)
-        if study_data.train.empty:
-            raise tracking.TrackingError(f"no finished train runs to compare in {source}")
-        target = parent_run_id or run_id
-        with tempfile.TemporaryDirectory() as directory:
-            comparison.write_report(study_data, Path(directory))
-            tracking.log_artifacts(directory, "comparison", run_id=target)
-        tracking.set_tags({"report_run_id": target})
-    table = comparison.norm_table(study_data)
-    for row in table.itertuples(index=False):
-        click.echo(
-            f"{row.norm:<6} {row.runs} runs  final test acc "
-            f"{comparison._percent(row.final_test_acc_mean, row.final_test_acc_std)}%"
-        )
-    for note in comparison.findings(table):
-        click.echo(f"- {note}")
-    if keys:
-        levers = comparison.readable_lever_table(comparison.lever_table(study_data), keys)
-        click.echo(comparison.markdown_table(levers))
-    click.echo(f"report: runs:/{target}/comparison/report.md (compare run {run_id})")
 
 
 def parse_group_by(text: str) -> tuple[str, ...]:
@@ -630,34 +464,6 @@ def parse_group_by(text: str) -> tuple[str, ...]:
                 f"group_by names train parameters: {', '.join(allowed)} (got {key!r})"
             )
     return keys
-
-
-def _load_study(runs, *, source: str, group_by: tuple[str, ...] = ()) -> comparison.Study:
-    """Fetch what compare.py needs: epoch histories, misclassified grids, evaluation.json."""
-    train_ids = list(comparison.step_runs(runs, "train")["run_id"])
-    histories = {run_id: tracking.metric_history(run_id) for run_id in train_ids}
-    grids = {}
-    for run_id in train_ids:
-        try:
-            grids[run_id] = tracking.download_artifact(f"runs:/{run_id}/plots/misclassified.png")
-        except tracking.TrackingError as error:
-            log.warning("run %s: no misclassified grid (%s)", run_id, error)
-    evaluations = {}
-    for run_id in comparison.step_runs(runs, "evaluate")["run_id"]:
-        try:
-            path = tracking.download_artifact(f"runs:/{run_id}/evaluation.json")
-        except tracking.TrackingError as error:
-            log.warning("run %s: no evaluation.json (%s)", run_id, error)
-            continue
-        evaluations[run_id] = json.loads(path.read_text())
-    return comparison.build_study(
-        runs,
-        histories,
-        evaluations=evaluations,
-        misclassified=grids,
-        source=source,
-        group_by=group_by,
-    )
 
 
 # --------------------------------------------------------------------------- registry

@@ -12,6 +12,9 @@ from dataclasses import dataclass
 NORMS = ("batch", "group", "layer")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 PRECISIONS = ("auto", "fp32", "bf16")
+ORDERS = ("norm-act", "act-norm")  # conv -> norm -> ReLU, or conv -> ReLU -> norm
+# Weight standardization of the convs: auto = on for group and layer norm, off for batch norm.
+STANDARDIZE = ("auto", "true", "false")
 # Test-time augmentation: the image alone, with its mirror, or mirror x two 1-pixel translations.
 TTA_MODES = ("none", "flip", "flip-translate")
 DEFAULT_TTA = "flip-translate"  # how `train` evaluates each epoch unless told otherwise
@@ -27,7 +30,7 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Everything `train` needs; defaults are the recipe the README's results come from."""
+    """Everything `train` needs; defaults are the recipe the results (docs/results.md) come from."""
 
     norm: str = "batch"
     groups: int = 4
@@ -43,6 +46,9 @@ class TrainConfig:
     cutout: int = 0
     translate: int = 4
     whiten: bool = False
+    widths: str = ""  # overrides of the layers' output channels, e.g. "C2=32,C7=24"
+    order: str = "norm-act"
+    standardize: str = "auto"
     tta: str = DEFAULT_TTA
     seed: int = 1
     data: str = DEFAULT_DATA
@@ -70,6 +76,10 @@ class TrainConfig:
         check_int_range("translate", self.translate, low=0, high=16)
         if not isinstance(self.whiten, bool):
             raise ConfigError(f"whiten must be true or false (got {self.whiten!r})")
+        object.__setattr__(self, "widths", _widths_string(parse_widths(self.widths)))
+        check_choice("order", self.order, ORDERS)
+        object.__setattr__(self, "standardize", str(self.standardize).lower())
+        check_choice("standardize", self.standardize, STANDARDIZE)
         check_choice("tta", self.tta, TTA_MODES)
         check_int_range("seed", self.seed, low=0, high=2**31 - 1)
         check_choice("device", self.device, DEVICES)
@@ -81,6 +91,18 @@ class TrainConfig:
         if "{norm}" in self.registered_model:
             name = self.registered_model.replace("{norm}", self.norm)
             object.__setattr__(self, "registered_model", name)
+
+    def model_options(self) -> dict:
+        """What `model.Net` takes from this config."""
+        return {
+            "norm": self.norm,
+            "groups": self.groups,
+            "dropout": self.dropout,
+            "whiten": self.whiten,
+            "widths": parse_widths(self.widths),
+            "order": self.order,
+            "standardize": None if self.standardize == "auto" else self.standardize == "true",
+        }
 
     def as_params(self) -> dict[str, str]:
         """The run parameters as MLflow records them (strings, one name per knob)."""
@@ -144,6 +166,30 @@ def check_float_range(
     if too_low or too_high:
         interval = f"{'(' if open_low else '['}{low:g}, {high:g}{')' if open_high else ']'}"
         raise ConfigError(f"{name} must be in {interval} (got {value:g})")
+
+
+def parse_widths(text: str) -> dict[str, int]:
+    """`C2=32,C7=24` -> {"C2": 32, "C7": 24}; which layers exist is the model's to check."""
+    widths: dict[str, int] = {}
+    for part in str(text).split(","):
+        if not part.strip():
+            continue
+        layer, _, value = part.partition("=")
+        try:
+            channels = int(value)
+        except ValueError:
+            channels = 0
+        if not layer.strip() or channels < 1 or channels > 1024:
+            raise ConfigError(
+                f"widths are LAYER=CHANNELS pairs, channels in 1..1024, e.g. C2=32,C7=24 "
+                f"(got {part.strip()!r})"
+            )
+        widths[layer.strip()] = channels
+    return widths
+
+
+def _widths_string(widths: dict[str, int]) -> str:
+    return ",".join(f"{layer}={channels}" for layer, channels in widths.items())
 
 
 def parse_norms(text: str) -> list[str]:

@@ -65,10 +65,8 @@ def _mps_available() -> bool:
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype for `precision`, or None for plain fp32.
 
-    `auto` is fp32 everywhere. Measured with scripts/benchmark.py (README, Speed): on this
-    project's AVX2 CPU bf16 autocast runs at a tenth of fp32's speed, and on an H200 this model's
-    convolutions are too small for bf16 to pay (fp32 was 1.1-1.2x faster for every norm), so
-    mixed precision would cost speed without buying any.
+    `auto` is fp32 everywhere: bf16 autocast measured slower than fp32 on an AVX2 CPU and on
+    an H200 (docs/speed.md).
     """
     if precision == "bf16":
         return torch.bfloat16
@@ -76,17 +74,15 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
 
 
 def eval_batch_size_for(device: torch.device) -> int:
-    """Evaluation batch size: 128 on the CPU, where a test-split evaluation ran 1.3-2.3x faster
-    than in batches of 1,024 for every norm and `tta` (cache-sized activations; README, Speed:
-    scripts/benchmark.py on our AVX2 machine), and 1,024 on a GPU, which larger batches keep
-    busy."""
+    """Evaluation batch size: 128 on the CPU (cache-sized activations; faster than 1,024 for
+    every norm and `tta`, docs/speed.md), 1,024 on a GPU, which larger batches keep busy."""
     return 128 if device.type == "cpu" else 1024
 
 
 def memory_format_for(norm: str, device: torch.device) -> torch.memory_format:
-    """The faster layout measured for `norm` on `device` (scripts/benchmark.py, layouts table):
-    channels_last on the CPU for every norm (1.1-1.3x NCHW on our AVX2 machine); on CUDA
-    channels_last for batch norm, NCHW for group and layer norm, whose CUDA kernels want it."""
+    """The faster layout measured for `norm` on `device` (docs/speed.md, layouts table):
+    channels_last on the CPU for every norm; on CUDA channels_last for batch norm, NCHW for
+    group and layer norm, whose CUDA kernels want it."""
     if device.type == "cuda" and norm != "batch":
         return torch.contiguous_format
     return torch.channels_last

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from pipeline.config import NORMS, ConfigError, check_choice
+from pipeline.config import NORMS, ORDERS, ConfigError, check_choice
 
 # C = 3x3 conv, c = 1x1 conv, P = 2x2 max-pool, GAP = global average pool; each used once.
 LAYER_PLAN = ("C1", "C2", "c3", "P1", "C3", "C4", "C5", "c6", "P2", "C7", "C8", "C9", "GAP", "c10")
@@ -17,7 +17,7 @@ MAX_PARAMETERS = 50_000
 NUM_CLASSES = 10
 
 # Output channels per conv. Parameters go where resolution is low (8x8 costs a sixteenth of the
-# compute of 32x32 per weight), compute goes where it buys accuracy: see the README's ablation.
+# compute of 32x32 per weight), compute where it buys accuracy: the ablation in docs/results.md.
 WIDTHS = {
     "C1": 16,
     "C2": 24,
@@ -48,18 +48,14 @@ class WSConv2d(nn.Conv2d):
         return self._conv_forward(x, weight, self.bias)
 
 
-def make_norm(norm: str, channels: int, *, groups: int, layer: str) -> nn.Module:
-    """The normalization layer for `channels` feature maps ("layer" is GroupNorm with one group)."""
+def make_norm(norm: str, channels: int, *, groups: int) -> nn.Module:
+    """The normalization layer for `channels` feature maps ("layer" is GroupNorm with one group).
+    `groups` must divide `channels` (`check_groups` checks every layer of a model at once)."""
     check_choice("norm", norm, NORMS)
     if norm == "batch":
         return nn.BatchNorm2d(channels)
     if norm == "layer":
         return nn.GroupNorm(1, channels)
-    if groups < 1 or channels % groups:
-        raise ConfigError(
-            f"groups must divide the channels of every layer: {layer} has {channels} channels "
-            f"(got groups={groups})"
-        )
     return nn.GroupNorm(groups, channels)
 
 
@@ -69,7 +65,17 @@ def allowed_groups(widths: dict[str, int]) -> list[int]:
     return [g for g in range(1, min(normalized) + 1) if all(w % g == 0 for w in normalized)]
 
 
-ORDERS = ("norm-act", "act-norm")
+def check_groups(groups: int, widths: dict[str, int]) -> None:
+    """Fail naming the first layer whose channels `groups` does not divide, and the counts
+    that would do."""
+    if groups in allowed_groups(widths):
+        return
+    layer = next((n for n, w in widths.items() if groups < 1 or w % groups), "C1")
+    allowed = ", ".join(map(str, allowed_groups(widths)))
+    raise ConfigError(
+        f"groups must divide the channels of every layer: {layer} has {widths[layer]} "
+        f"channels (got groups={groups}; allowed: {allowed})"
+    )
 
 
 class ConvBlock(nn.Sequential):
@@ -85,7 +91,6 @@ class ConvBlock(nn.Sequential):
         groups: int,
         dropout: float,
         standardize: bool,
-        name: str,
         order: str = "norm-act",
     ) -> None:
         check_choice("order", order, ORDERS)
@@ -101,7 +106,7 @@ class ConvBlock(nn.Sequential):
                     bias=False,  # the norm's shift makes a conv bias redundant
                 ),
             ),
-            ("norm", make_norm(norm, out_channels, groups=groups, layer=name)),
+            ("norm", make_norm(norm, out_channels, groups=groups)),
             ("relu", nn.ReLU(inplace=True)),
         ]
         if order == "act-norm":
@@ -125,14 +130,16 @@ class Net(nn.Sequential):
         order: str = "norm-act",
         whiten: bool = False,
     ) -> None:
-        widths = {**WIDTHS, **(widths or {})}
-        if norm == "group" and groups not in allowed_groups(widths):
-            layer = next((n for n, w in widths.items() if groups < 1 or w % groups), "C1")
-            allowed = ", ".join(map(str, allowed_groups(widths)))
+        unknown = sorted(set(widths or {}) - (set(WIDTHS) - {"c10"}))
+        if unknown:
+            layers = ", ".join(name for name in WIDTHS if name != "c10")
             raise ConfigError(
-                f"groups must divide the channels of every layer: {layer} has {widths[layer]} "
-                f"channels (got groups={groups}; allowed: {allowed})"
+                f"widths: {', '.join(unknown)} is not a conv layer whose width can change "
+                f"({layers})"
             )
+        widths = {**WIDTHS, **(widths or {})}
+        if norm == "group":
+            check_groups(groups, widths)
         if standardize is None:
             standardize = norm != "batch"
         layers: list[tuple[str, nn.Module]] = []
@@ -160,7 +167,6 @@ class Net(nn.Sequential):
                             dropout=dropout,
                             # A whitening C1 keeps its filters as set: no standardization.
                             standardize=standardize and not (whiten and name == "C1"),
-                            name=name,
                             order=order,
                         ),
                     )

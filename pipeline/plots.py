@@ -1,8 +1,10 @@
-"""Matplotlib figures from records and arrays (no MLflow: tracking logs what these return)."""
+"""Matplotlib figures from records, arrays and DataFrames (no MLflow: tracking logs what these
+return)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 import matplotlib
 
@@ -10,6 +12,7 @@ matplotlib.use("Agg")  # headless: figures are written to files and MLflow artif
 
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
@@ -147,3 +150,100 @@ def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, classes: int) 
 def per_class_accuracy(matrix: np.ndarray) -> np.ndarray:
     totals = matrix.sum(axis=1)
     return np.divide(np.diag(matrix), totals, out=np.zeros(len(matrix)), where=totals > 0)
+
+
+# --------------------------------------------------------------------------- study figures
+# The compare report's figures: a study's epoch histories (one row per run and epoch: norm,
+# epoch, train_acc, test_acc, test_loss, ...) and per-norm images, one colour per norm.
+
+NORM_COLORS = {"batch": "tab:blue", "group": "tab:orange", "layer": "tab:green"}
+
+
+def _band_by_norm(history: pd.DataFrame, metric: str) -> dict[str, pd.DataFrame]:
+    """Per norm and epoch: mean, min and max of `metric` over seeds."""
+    bands = {}
+    for norm, rows in history.groupby("norm", sort=False):
+        bands[norm] = rows.groupby("epoch")[metric].agg(["mean", "min", "max"]).sort_index()
+    return bands
+
+
+def _plot_band(axis, band: pd.DataFrame, *, label: str, color, scale: float = 1.0, style="o-"):
+    axis.plot(band.index, scale * band["mean"], style, color=color, label=label)
+    axis.fill_between(band.index, scale * band["min"], scale * band["max"], color=color, alpha=0.2)
+
+
+def overlay_figure(history: pd.DataFrame, norms: Sequence[str]) -> Figure:
+    """Test accuracy and loss per epoch: one line per norm (mean), band = min-max over seeds."""
+    figure, (acc_axis, loss_axis) = plt.subplots(1, 2, figsize=(12, 4.5))
+    accuracy = _band_by_norm(history, "test_acc")
+    loss = _band_by_norm(history, "test_loss")
+    for norm in norms:
+        if norm not in accuracy:
+            continue
+        color = NORM_COLORS.get(norm)
+        _plot_band(acc_axis, accuracy[norm], label=norm, color=color, scale=100)
+        _plot_band(loss_axis, loss[norm], label=norm, color=color)
+    acc_axis.set(xlabel="epoch", ylabel="test accuracy (%)", title="Test accuracy")
+    loss_axis.set(xlabel="epoch", ylabel="test loss", title="Test loss")
+    for axis in (acc_axis, loss_axis):
+        whole_epochs(axis, sorted(set(history["epoch"])))
+        axis.grid(alpha=0.3)
+        axis.legend(title="norm (band: seed min-max)")
+    figure.tight_layout()
+    return figure
+
+
+def train_vs_test_figure(history: pd.DataFrame, norms: Sequence[str]) -> Figure:
+    """Train vs test accuracy per epoch, one panel per norm, bands over seeds."""
+    panels = [n for n in norms if n in set(history["norm"])] or list(norms)
+    figure, axes = plt.subplots(
+        1, len(panels), figsize=(4.5 * len(panels), 4), squeeze=False, sharey=True
+    )
+    train = _band_by_norm(history, "train_acc")
+    test = _band_by_norm(history, "test_acc")
+    for axis, norm in zip(axes[0], panels, strict=True):
+        if norm in train:
+            _plot_band(axis, train[norm], label="train", color="tab:gray", scale=100, style="s--")
+            _plot_band(axis, test[norm], label="test", color=NORM_COLORS.get(norm), scale=100)
+        axis.set(xlabel="epoch", title=f"{norm} norm")
+        whole_epochs(axis, sorted(set(history["epoch"])))
+        axis.grid(alpha=0.3)
+        axis.legend()
+    axes[0][0].set_ylabel("accuracy (%)")
+    figure.tight_layout()
+    return figure
+
+
+def misclassified_figure(grids: Mapping[str, Path], norms: Sequence[str]) -> Figure:
+    """Each norm's misclassified-image grid (norm -> PNG of its train run), side by side."""
+    panels = [n for n in norms if n in grids]
+    figure, axes = plt.subplots(
+        1, len(panels), figsize=(7 * len(panels), 8.5), squeeze=False, layout="constrained"
+    )
+    for axis, norm in zip(axes[0], panels, strict=True):
+        axis.imshow(plt.imread(grids[norm]))
+        axis.set_title(f"{norm} norm", fontsize=16)
+        axis.axis("off")
+    return figure
+
+
+def per_class_figure(table: pd.DataFrame) -> Figure:
+    """Grouped bars: test accuracy per class, one bar per norm."""
+    figure, axis = plt.subplots(figsize=(12, 4.5))
+    width = 0.8 / max(1, len(table.columns))
+    positions = np.arange(len(table.index))
+    for offset, norm in enumerate(table.columns):
+        axis.bar(
+            positions + (offset - (len(table.columns) - 1) / 2) * width,
+            100 * table[norm].to_numpy(),
+            width,
+            label=norm,
+            color=NORM_COLORS.get(norm),
+        )
+    axis.set_xticks(positions, table.index, rotation=30, ha="right")
+    axis.set(ylabel="test accuracy (%)", title="Per-class test accuracy (mean over seeds)")
+    axis.set_ylim(0, 105)
+    axis.grid(alpha=0.3, axis="y")
+    axis.legend(title="norm")
+    figure.tight_layout()
+    return figure

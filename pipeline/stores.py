@@ -16,18 +16,15 @@ imports itself: keep it free of heavy imports and of MLflow imports at module le
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import os
 import tempfile
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+from filelock import FileLock
+
 SQLITE_PREFIX = "sqlite:///"
-# Locks this thread holds: `check_store` takes the lock and then builds the store, which takes
-# it again when the plugin is installed; a second flock on a new descriptor would wait forever.
-_held = threading.local()
 
 
 def sqlite_path(uri: str) -> Path | None:
@@ -40,25 +37,25 @@ def sqlite_path(uri: str) -> Path | None:
     return Path(os.path.abspath(os.path.expanduser(path)))
 
 
+def file_lock(purpose: str, key: str) -> FileLock:
+    """The project's one inter-process lock: exclusive among the processes (and threads) of
+    this machine, re-entrant in the thread that holds it (`check_store` takes the schema lock,
+    then builds the store, whose plugin takes it again). One lock file per purpose and key."""
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    path = Path(tempfile.gettempdir()) / f"cifar10-pipeline-{purpose}-{digest}.lock"
+    return FileLock(path, is_singleton=True)
+
+
 @contextlib.contextmanager
 def schema_lock(uri: str) -> Iterator[None]:
     """Hold an exclusive lock per SQLite database file among the processes of this machine
     (no-op for other URIs: a tracking server or a database server creates its own schema)."""
     path = sqlite_path(uri)
-    held = _held.__dict__.setdefault("paths", set())
-    if path is None or path in held:
+    if path is None:
         yield
         return
-    key = hashlib.sha256(str(path).encode()).hexdigest()[:16]
-    lock = Path(tempfile.gettempdir()) / f"cifar10-pipeline-sqlite-schema-{key}.lock"
-    with open(lock, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        held.add(path)
-        try:
-            yield
-        finally:
-            held.discard(path)
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    with file_lock("sqlite-schema", str(path)):
+        yield
 
 
 def tracking_store(store_uri: str, artifact_uri: str | None = None):

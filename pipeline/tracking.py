@@ -4,11 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import fcntl
-import hashlib
 import logging
 import os
-import shlex
 import tempfile
 import time
 import warnings
@@ -328,19 +325,6 @@ def register_model(model_uri: str, *, name: str, run_id: str, tags: dict[str, st
     return str(version.version)
 
 
-@contextlib.contextmanager
-def _registry_lock(name: str) -> Iterator[None]:
-    """Serialise champion updates of one model among processes on this machine."""
-    key = hashlib.sha256(f"{tracking_uri()}|{name}".encode()).hexdigest()[:16]
-    path = Path(tempfile.gettempdir()) / f"cifar10-pipeline-registry-{key}.lock"
-    with open(path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 def _version_score(version) -> float:
     try:
         return float(version.tags.get("test_acc", "nan"))
@@ -355,7 +339,8 @@ def update_champion(name: str) -> str | None:
     once cannot leave the alias on the worse one, and a stale writer is corrected by the next.
     """
     client = MlflowClient()
-    with _registry_lock(name):
+    # Serialises champion updates of one model among the processes of this machine.
+    with stores.file_lock("registry", f"{tracking_uri()}|{name}"):
         versions = client.search_model_versions(f"name = '{name}'")
         scored = [(v, _version_score(v)) for v in versions]
         scored = [(v, s) for v, s in scored if s == s]
@@ -429,157 +414,6 @@ def registered_model_uri(run_id: str, name: str) -> str:
     return f"runs:/{run_id}/{MODEL_ARTIFACT}"
 
 
-# --------------------------------------------------------------------------- workflow steps
-
-CODE_VERSION_TAG = "pipeline.code_version"
-REUSED_TAG = "reused_run_id"
-
-
-def active_run_id() -> str:
-    return _active_run_id()
-
-
-def find_finished_step(
-    *, entry_point: str, parameters: dict[str, str], code_version: str
-) -> str | None:
-    """The newest FINISHED run of `entry_point` in the active run's experiment with the same
-    parameters and code version (MLflow's multistep example's `_already_ran`), or None."""
-    experiment_id = mlflow.active_run().info.experiment_id
-    query = (
-        f"tags.`mlflow.project.entryPoint` = '{entry_point}' "
-        f"and tags.`{CODE_VERSION_TAG}` = '{code_version}' and attributes.status = 'FINISHED'"
-    )
-    runs = MlflowClient().search_runs(
-        [experiment_id], query, order_by=["attributes.start_time DESC"], max_results=1000
-    )
-    for candidate in runs:
-        if REUSED_TAG in candidate.data.tags:
-            continue
-        logged = candidate.data.params
-        if all(_same_param(logged.get(key), value) for key, value in parameters.items()):
-            return candidate.info.run_id
-    return None
-
-
-def _same_param(logged: str | None, value: str) -> bool:
-    # `mlflow run` logs the shell-quoted value it substituted into the command.
-    return logged is not None and logged in (value, shlex.quote(value))
-
-
-@dataclass(frozen=True)
-class ProjectStep:
-    """A child run created as `mlflow run` creates one, and the command that fills it."""
-
-    run_id: str
-    command: str  # the entry point's shell command, parameters filled in
-    work_dir: str
-    env: dict[str, str]  # MLFLOW_RUN_ID, MLFLOW_TRACKING_URI, MLFLOW_EXPERIMENT_ID
-
-
-def create_project_step(
-    *,
-    project_dir: Path,
-    entry_point: str,
-    parameters: dict[str, str],
-    run_name: str,
-    experiment_id: str,
-    parent_run_id: str,
-) -> ProjectStep:
-    """Create the run of one MLproject entry point as a child of `parent_run_id`.
-
-    The run gets what `mlflow.projects.run` gives it (source, entry point and git tags, the
-    parameters with their defaults); the caller runs `command` with `env` in a subprocess,
-    which lets the workflow read each step's output and run several steps at once, then calls
-    `end_project_step`. Safe to call from any thread (nothing here reads the active run).
-    """
-    from mlflow.exceptions import ExecutionException
-    from mlflow.projects import utils as projects
-    from mlflow.utils.mlflow_tags import (
-        MLFLOW_PARENT_RUN_ID,
-        MLFLOW_PROJECT_BACKEND,
-        MLFLOW_PROJECT_ENV,
-        MLFLOW_RUN_NAME,
-    )
-
-    uri = str(project_dir)
-    try:
-        work_dir = projects.fetch_and_validate_project(uri, None, entry_point, parameters)
-        project = projects.load_project(work_dir)
-        created = projects.get_or_create_run(
-            None, uri, experiment_id, work_dir, None, entry_point, parameters
-        )
-        (command,) = projects.get_entry_point_command(project, entry_point, parameters, None)
-    except (ExecutionException, MlflowException) as error:
-        raise TrackingError(f"step {run_name}: {str(error.message).splitlines()[0]}") from None
-    run_id = created.info.run_id
-    tags = {
-        MLFLOW_PARENT_RUN_ID: parent_run_id,
-        MLFLOW_RUN_NAME: run_name,
-        MLFLOW_PROJECT_BACKEND: "local",
-        MLFLOW_PROJECT_ENV: "local",
-    }
-    client = MlflowClient()
-    for key, value in tags.items():
-        client.set_tag(run_id, key, value)
-    return ProjectStep(
-        run_id=run_id,
-        command=command,
-        work_dir=work_dir,
-        env=projects.get_run_env_vars(run_id, experiment_id),
-    )
-
-
-def end_project_step(run_id: str, *, succeeded: bool, code_version: str) -> str:
-    """End a step's run as `mlflow run` would and return its final status.
-
-    A run its command already ended (FINISHED, FAILED, KILLED) keeps that status; a RUNNING one
-    becomes FINISHED or FAILED by the exit code. The code version tag is set only on a FINISHED
-    run, so a failed or half-finished step is never reused.
-    """
-    client = MlflowClient()
-    status = client.get_run(run_id).info.status
-    if status == "RUNNING":
-        status = "FINISHED" if succeeded else "FAILED"
-        client.set_terminated(run_id, status)
-    if status == "FINISHED" and succeeded:
-        client.set_tag(run_id, CODE_VERSION_TAG, code_version)
-    return status
-
-
-def active_experiment_id() -> str:
-    active = mlflow.active_run()
-    if active is None:
-        raise RuntimeError("no active MLflow run")
-    return active.info.experiment_id
-
-
-def record_reused_step(*, original_run_id: str, run_name: str) -> str:
-    """A FINISHED child of the active run that points at a reused run (tag `reused_run_id`),
-    so the study still shows every step as one group in the UI; returns the pointer's id."""
-    from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
-
-    client = MlflowClient()
-    parent = mlflow.active_run()
-    original = client.get_run(original_run_id)
-    copied = {
-        k: v for k, v in original.data.tags.items() if k in ("step", "norm", "groups", "seed")
-    }
-    pointer = client.create_run(
-        parent.info.experiment_id,
-        run_name=run_name,
-        tags={
-            **copied,
-            MLFLOW_PARENT_RUN_ID: parent.info.run_id,
-            MLFLOW_RUN_NAME: run_name,
-            REUSED_TAG: original_run_id,
-            "mlflow.note.content": f"Reused finished run {original_run_id} (same parameters "
-            "and code version); its metrics and artifacts live there.",
-        },
-    )
-    client.set_terminated(pointer.info.run_id, "FINISHED")
-    return pointer.info.run_id
-
-
 # --------------------------------------------------------------------------- comparisons
 
 
@@ -620,6 +454,7 @@ def study_runs(*, parent_run_id: str = "", experiment_name: str = "", filter_str
     return runs.reset_index(drop=True)
 
 
+REUSED_TAG = "reused_run_id"  # set on a study's pointer to a finished run it reused
 REUSED_TAG_COLUMN = f"tags.{REUSED_TAG}"
 
 

@@ -1,13 +1,12 @@
 """`train`'s work without MLflow: build the seeded model and device-resident data from a
 `TrainConfig`, then run `engine.fit` with its recipe. The CLI adds tracking around it; the
-benchmark and ablation scripts call it directly."""
+benchmark calls it directly."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -47,29 +46,25 @@ def load_local_stats(spec: str, dataset: datasets.ArrayDataset) -> DatasetStats:
     return DatasetStats.from_json(path.read_text(), origin=spec)
 
 
-def prepare_training(
-    config: TrainConfig,
-    *,
-    load_stats: StatsLoader = load_local_stats,
-    model_options: dict[str, Any] | None = None,
-) -> TrainingSetup:
-    """Seeded model, data on the device, layout and precision: the defaults `train` runs.
-
-    `model_options` go to `Net` (widths, order, standardize) for architecture ablations.
-    """
-    torch.manual_seed(config.seed)  # the initial weights depend on the seed alone
-    model = Net(
-        norm=config.norm,
-        groups=config.groups,
-        dropout=config.dropout,
-        whiten=config.whiten,
-        **(model_options or {}),
-    )
+def build_model(config: TrainConfig) -> tuple[Net, int]:
+    """The config's model and its parameter count; fails when it is over the budget, so every
+    run of a study or sweep is checked before the first one starts."""
+    model = Net(**config.model_options())
     parameters = count_parameters(model)
     if parameters > MAX_PARAMETERS:
         raise ConfigError(
             f"the model has {parameters:,} parameters; the limit is {MAX_PARAMETERS:,}"
+            + (f" (widths {config.widths})" if config.widths else "")
         )
+    return model, parameters
+
+
+def prepare_training(
+    config: TrainConfig, *, load_stats: StatsLoader = load_local_stats
+) -> TrainingSetup:
+    """Seeded model, data on the device, layout and precision: the defaults `train` runs."""
+    torch.manual_seed(config.seed)  # the initial weights depend on the seed alone
+    model, parameters = build_model(config)
     device = engine.resolve_device(config.device)
     engine.configure_backend(device)
     dataset = datasets.load_dataset(config.data)

@@ -1,31 +1,29 @@
 """The `main` workflow: prepare-stats once, train each norm x seed, evaluate each model, compare.
 
-This module decides which steps run, in what order and with which parameters, and runs them:
-tracking.py creates each step's run as `mlflow run` would (a child of the study's parent run),
-and `StepRunner` runs the entry point's command in it, up to `parallel` steps at once. A step
-that already FINISHED with the same parameters and code version is reused instead of rerun.
+This module decides which steps run, in what order and with which parameters: step_runs.py
+creates each step's run as `mlflow run` would (a child of the study's parent run), and an
+executor runs the entry point's command in it, up to `parallel` steps at once. A step that
+already FINISHED with the same parameters and code version is reused instead of rerun.
 """
 
 from __future__ import annotations
 
-import codecs
 import concurrent.futures
 import dataclasses
 import hashlib
 import logging
-import os
 import queue
-import signal
-import subprocess
-import sys
-import threading
-from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline import tracking
 from pipeline.config import EvalConfig, TrainConfig, check_int_range
+from pipeline.executors import OUTPUT_LOCK, Executor, StepCommand
+from pipeline.executors.local import LocalExecutor
+from pipeline.step_runs import StepRuns
+from pipeline.sweep import Trial
+from pipeline.training import build_model
 
 log = logging.getLogger(__name__)
 
@@ -58,11 +56,30 @@ class StepResult:
 def study_configs(norms: Sequence[str], seeds: int, **train_options) -> list[TrainConfig]:
     """One validated TrainConfig per norm and seed (seeds 1..seeds), before any run starts."""
     check_int_range("seeds", seeds, low=1, high=MAX_SEEDS)
-    return [
+    configs = [
         TrainConfig(norm=norm, seed=seed, **train_options)
         for norm in norms
         for seed in range(1, seeds + 1)
     ]
+    check_models(configs)
+    return configs
+
+
+def check_models(configs: Sequence[TrainConfig]) -> None:
+    """Build each distinct model once: a width or group count the model refuses, or one over
+    the parameter budget, fails before any run starts."""
+    shapes = {}
+    for config in configs:
+        shapes.setdefault(tuple(sorted(map(str, config.model_options().items()))), config)
+    for config in shapes.values():
+        build_model(config)
+
+
+def step_data(data: str) -> str:
+    """`data` as the steps must see it: they run in the project directory, so a relative path
+    that exists here becomes absolute (a download directory or URL passes unchanged)."""
+    path = Path(data).expanduser()
+    return str(path.resolve()) if not path.is_absolute() and path.exists() else data
 
 
 def check_parallel(parallel: int) -> None:
@@ -92,17 +109,9 @@ def run_study(
     The steps of one stage (the trainings, the evaluations) are independent: up to `parallel`
     of them run at once, each on its own share of the CPU cores.
     """
-    check_parallel(parallel)
-    runner = StepRunner(
-        project_dir=project_dir, version=code_version(project_dir), parallel=parallel, echo=echo
-    )
-    execute = runner.execute
-    first = configs[0]
-
-    (prepared,) = execute([Step("prepare-stats", "prepare-stats", {"data": first.data})])
-    stats = first.stats or f"runs:/{prepared.run_id}/stats.json"
-
-    trained = execute(
+    runner = _runner(project_dir=project_dir, parallel=parallel, echo=echo)
+    prepared, stats = _prepare_stats(runner, configs[0])
+    trained = runner.execute(
         [
             Step(
                 f"train-{config.norm}-seed{config.seed}",
@@ -124,19 +133,52 @@ def run_study(
                 evaluation.as_params(),
             )
         )
-    evaluated = execute(evaluations)
+    evaluated = runner.execute(evaluations)
+    return [prepared, *trained, *evaluated, _compare(runner)]
 
-    (compared,) = execute(
+
+def run_sweep(
+    trials: Sequence[Trial],
+    *,
+    swept: Sequence[str],
+    project_dir: Path = PROJECT_DIR,
+    parallel: int = 1,
+    echo: Callable[[str], None] = log.info,
+) -> list[StepResult]:
+    """Run a sweep's steps as children of the active run: prepare-stats, a `train` step per
+    trial, then `compare --group-by` the swept parameters (the lever table is the report).
+    Finished trials with the same parameters and code are reused, as a study's steps are."""
+    runner = _runner(project_dir=project_dir, parallel=parallel, echo=echo)
+    prepared, stats = _prepare_stats(runner, trials[0].config)
+    trained = runner.execute(
         [
-            Step(
-                "compare",
-                "compare",
-                {"parent_run_id": runner.parent_run_id, "experiment_name": "", "filter_string": ""},
-                reuse=False,
-            )
+            Step(trial.name, "train", dataclasses.replace(trial.config, stats=stats).as_params())
+            for trial in trials
         ]
     )
-    return [prepared, *trained, *evaluated, compared]
+    return [prepared, *trained, _compare(runner, group_by=swept)]
+
+
+def _runner(*, project_dir: Path, parallel: int, echo: Callable[[str], None]) -> StepRunner:
+    check_parallel(parallel)
+    step_runs = StepRuns.of_active_run(
+        project_dir=project_dir, code_version=code_version(project_dir)
+    )
+    return StepRunner(step_runs=step_runs, executor=LocalExecutor(parallel=parallel), echo=echo)
+
+
+def _prepare_stats(runner: StepRunner, first: TrainConfig) -> tuple[StepResult, str]:
+    """The prepare-stats step and the stats every training then reads (unless given)."""
+    (prepared,) = runner.execute([Step("prepare-stats", "prepare-stats", {"data": first.data})])
+    return prepared, first.stats or f"runs:/{prepared.run_id}/stats.json"
+
+
+def _compare(runner: StepRunner, *, group_by: Sequence[str] = ()) -> StepResult:
+    parameters = {"parent_run_id": runner.parent_run_id, "experiment_name": "", "filter_string": ""}
+    if group_by:
+        parameters["group_by"] = ",".join(group_by)
+    (compared,) = runner.execute([Step("compare", "compare", parameters, reuse=False)])
+    return compared
 
 
 def _model_label(model_uri: str, run_id: str) -> str:
@@ -147,39 +189,21 @@ def _model_label(model_uri: str, run_id: str) -> str:
     return run_id[:8]
 
 
-def cpu_shares(count: int, cpus: Sequence[int]) -> list[set[int]]:
-    """Split `cpus` into `count` disjoint shares (sizes differ by at most one); with more
-    steps than cores, each step gets one core, shared round-robin."""
-    cpus = sorted(cpus)
-    if count <= len(cpus):
-        return [set(cpus[index::count]) for index in range(count)]
-    return [{cpus[index % len(cpus)]} for index in range(count)]
-
-
 class StepRunner:
-    """Runs steps as child runs of the active run, up to `parallel` at once.
+    """Runs steps as child runs of the active run, through an executor, up to its `parallel`
+    at once: the runs are created and ended here; the executor only runs their commands."""
 
-    Each step is a subprocess in its own session; on Ctrl-C or SIGTERM every running step gets
-    SIGTERM (its run ends KILLED) before the interrupt goes on. With `parallel` > 1 each step
-    is pinned to its share of the cores (torch sizes its thread pool from the affinity mask, so
-    the steps do not oversubscribe the CPU), and its output lines are prefixed with its name.
-    """
-
-    def __init__(
-        self, *, project_dir: Path, version: str, parallel: int, echo: Callable[[str], None]
-    ) -> None:
-        self.project_dir = project_dir
-        self.version = version
-        self.parallel = parallel
-        self.parent_run_id = tracking.active_run_id()
-        self.experiment_id = tracking.active_experiment_id()
+    def __init__(self, *, step_runs: StepRuns, executor: Executor, echo: Callable[[str], None]):
+        self.step_runs = step_runs
+        self.executor = executor
         self._echo = echo
-        self._output = threading.Lock()  # one writer at a time: lines never interleave
-        self._running: set[subprocess.Popen] = set()
-        self._running_lock = threading.Lock()
+
+    @property
+    def parent_run_id(self) -> str:
+        return self.step_runs.parent_run_id
 
     def echo(self, message: str) -> None:
-        with self._output:
+        with OUTPUT_LOCK:
             self._echo(message)
 
     def execute(self, steps: Sequence[Step]) -> list[StepResult]:
@@ -188,28 +212,24 @@ class StepRunner:
         are complete, and reused by the next study)."""
         results: list[StepResult | None] = [self._reuse(step) for step in steps]
         pending = [index for index, result in enumerate(results) if result is None]
-        workers = min(self.parallel, len(pending))
+        lanes = min(self.executor.parallel, len(pending))
         failures: list[StepFailed] = []
-        if workers <= 1:
+        if lanes <= 1:
             for index in pending:
-                results[index] = self._run(steps[index])
+                results[index] = self._run(steps[index], lane=0, lanes=1)
         else:
-            if hasattr(os, "sched_getaffinity"):
-                shares = cpu_shares(workers, os.sched_getaffinity(0))
-            else:
-                shares = [None] * workers
             free: queue.SimpleQueue = queue.SimpleQueue()
-            for share in shares:
-                free.put(share)
+            for lane in range(lanes):
+                free.put(lane)
 
             def job(step: Step) -> StepResult:
-                share = free.get()
+                lane = free.get()
                 try:
-                    return self._run(step, cpus=share, prefix=f"[{step.name}] ")
+                    return self._run(step, lane=lane, lanes=lanes)
                 finally:
-                    free.put(share)
+                    free.put(lane)
 
-            with concurrent.futures.ThreadPoolExecutor(workers, "step") as pool:
+            with concurrent.futures.ThreadPoolExecutor(lanes, "step") as pool:
                 futures = {index: pool.submit(job, steps[index]) for index in pending}
                 try:
                     for index, future in futures.items():
@@ -224,7 +244,7 @@ class StepRunner:
                 except BaseException:  # Ctrl-C or SIGTERM lands in this (the main) thread
                     for future in futures.values():
                         future.cancel()
-                    self._stop_running()
+                    self.executor.stop()
                     raise
         if failures:
             raise failures[0]
@@ -233,120 +253,26 @@ class StepRunner:
     def _reuse(self, step: Step) -> StepResult | None:
         if not step.reuse:
             return None
-        found = tracking.find_finished_step(
-            entry_point=step.entry_point, parameters=step.parameters, code_version=self.version
+        found = self.step_runs.find_finished(
+            entry_point=step.entry_point, parameters=step.parameters
         )
         if not found:
             return None
-        tracking.record_reused_step(original_run_id=found, run_name=step.name)
+        self.step_runs.record_reused(original_run_id=found, run_name=step.name)
         self.echo(f"step {step.name}: reusing finished run {found} (same parameters and code)")
         return StepResult(step, found, reused=True)
 
-    def _run(
-        self, step: Step, *, cpus: set[int] | None = None, prefix: str | None = None
-    ) -> StepResult:
-        created = tracking.create_project_step(
-            project_dir=self.project_dir,
-            entry_point=step.entry_point,
-            parameters=step.parameters,
-            run_name=step.name,
-            experiment_id=self.experiment_id,
-            parent_run_id=self.parent_run_id,
+    def _run(self, step: Step, *, lane: int, lanes: int) -> StepResult:
+        created = self.step_runs.create(
+            entry_point=step.entry_point, parameters=step.parameters, run_name=step.name
         )
-        env = {**os.environ, **created.env}
-        if prefix is not None:
-            env["TQDM_DISABLE"] = "1"  # progress bars of several steps would garble each other
-        if cpus is not None:
-            # Linux: the affinity of this thread, inherited by the child it starts.
-            os.sched_setaffinity(0, cpus)
-            env["OMP_NUM_THREADS"] = str(len(cpus))
-        where = f" on cores {','.join(map(str, sorted(cpus)))}" if cpus is not None else ""
+        where = self.executor.placement(lane=lane, lanes=lanes)
         self.echo(f"step {step.name}: running entry point {step.entry_point}{where}")
-        tail: deque[str] = deque(maxlen=50)
-        process = subprocess.Popen(
-            ["bash", "-c", created.command],
-            cwd=created.work_dir,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            start_new_session=True,  # so that a stop reaches the whole step, bash and python
-        )
-        with self._running_lock:
-            self._running.add(process)
-        pumps = [
-            threading.Thread(target=self._pump, args=(process.stdout, sys.stdout, prefix, None)),
-            threading.Thread(target=self._pump, args=(process.stderr, sys.stderr, prefix, tail)),
-        ]
-        for pump in pumps:
-            pump.start()
-        try:
-            code = process.wait()
-        except BaseException:  # an interrupt while this (the main) thread waits
-            self._stop_running()
-            raise
-        finally:
-            for pump in pumps:
-                pump.join(timeout=30)
-            with self._running_lock:
-                self._running.discard(process)
-        status = tracking.end_project_step(
-            created.run_id, succeeded=code == 0, code_version=self.version
-        )
-        if code != 0 or status != "FINISHED":
-            reason = _error_line(tail) or f"exit code {code}, run {status}"
+        command = StepCommand(step.name, created.command, created.work_dir, created.env)
+        outcome = self.executor.run(command, lane=lane, lanes=lanes)
+        status = self.step_runs.end(created.run_id, succeeded=outcome.exit_code == 0)
+        if outcome.exit_code != 0 or status != "FINISHED":
+            reason = outcome.error_line or f"exit code {outcome.exit_code}, run {status}"
             raise StepFailed(f"step {step.name} failed: {reason}")
         self.echo(f"step {step.name}: finished run {created.run_id}")
         return StepResult(step, created.run_id, reused=False)
-
-    def _pump(self, stream, sink, prefix: str | None, tail: deque[str] | None) -> None:
-        """Copy a step's output to ours: unchanged when alone, whole prefixed lines when in
-        parallel; keep its last stderr lines for the error message."""
-        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        pending = ""
-        while chunk := stream.read1(65536):
-            text = decoder.decode(chunk)
-            pending += text
-            *lines, pending = pending.split("\n")
-            if tail is not None:
-                tail.extend(line.rstrip("\r") for line in lines)
-            if prefix is None:
-                out = text
-            else:
-                out = "".join(f"{prefix}{line}\n" for line in lines)
-            if out:
-                with self._output:
-                    sink.write(out)
-                    sink.flush()
-        pending += decoder.decode(b"", final=True)
-        if pending:
-            if tail is not None:
-                tail.append(pending)
-            if prefix is not None:
-                with self._output:
-                    sink.write(f"{prefix}{pending}\n")
-                    sink.flush()
-        stream.close()
-
-    def _stop_running(self, grace_seconds: float = 60) -> None:
-        """SIGTERM every running step (each ends its run KILLED) and wait for them to exit."""
-        with self._running_lock:
-            running = list(self._running)
-        for process in running:
-            if process.poll() is None:
-                try:
-                    os.killpg(process.pid, signal.SIGTERM)
-                except ProcessLookupError:
-                    pass
-        for process in running:
-            try:
-                process.wait(timeout=grace_seconds)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-
-
-def _error_line(lines: Sequence[str]) -> str:
-    """The child's one-line `error: ...` message, else its last line of output."""
-    for line in reversed(lines):
-        if line.startswith("error: "):
-            return line[len("error: ") :]
-    return next((line for line in reversed(lines) if line.strip()), "")

@@ -6,7 +6,7 @@ overlay per norm, a run's misclassified images and the model registry.
     python scripts/screenshots.py http://127.0.0.1:5000 --out docs/screenshots
 
 It finds the newest finished study (a `main` parent run), drives Debian's Chromium through
-the same pages as tests/test_browser.py (scripts/mlflow_ui.py) and writes palette PNGs,
+the same pages as tests/test_browser.py (tests/mlflow_ui.py) and writes palette PNGs,
 each under --max-kb, into --out.
 """
 
@@ -23,10 +23,9 @@ from pathlib import Path
 
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import mlflow_ui  # noqa: E402
-
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))  # the page objects the browser tests use
+import mlflow_ui  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Install the package with its dev tools, then lint and run the test suite.
+# Install the package with its dev tools, then lint and run the whole test suite, slow tests
+# (processes, servers, browsers) included. The fast loop alone: python -m pytest
 # Usage: bash scripts/test.sh [pytest args]     (e.g. -m slow, -k registry)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -7,4 +8,4 @@ PYTHON="${PYTHON:-python3}"
 "$PYTHON" -m pip install --quiet --disable-pip-version-check -e ".[dev]"
 "$PYTHON" -m ruff check .
 "$PYTHON" -m ruff format --check .
-exec "$PYTHON" -m pytest "$@"
+exec "$PYTHON" -m pytest -m "slow or not slow" "$@"

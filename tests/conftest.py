@@ -146,6 +146,16 @@ def run_cli(*args: str, env: dict[str, str] | None = None, timeout: int = 300):
     )
 
 
+def run_in_process(monkeypatch, capsys, *args):
+    """`python -m pipeline ARGS` in this process (no interpreter start): (exit code, stderr)."""
+    from pipeline import cli
+
+    monkeypatch.setattr("sys.argv", ["pipeline", *args])
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main()
+    return exit_info.value.code, capsys.readouterr().err
+
+
 def mlflow_run(entry_point: str, parameters: dict[str, object], *, timeout: int = 600):
     """`mlflow run <repo> --env-manager local -e ENTRY -P k=v ...`, as a user would type it."""
     command = [sys.executable, "-m", "mlflow", "run", str(REPO), "--env-manager", "local"]

@@ -3,19 +3,19 @@ its store, and Debian's Chromium driven by Playwright through the MLflow UI.
 
 Each check asserts on what the page shows (names, column values, a loaded <img>, plotly
 charts with drawn points), and saves a screenshot of the page under the test's temp dir.
-The page driving lives in scripts/mlflow_ui.py, shared with scripts/screenshots.py.
+The page driving lives in tests/mlflow_ui.py, shared with scripts/screenshots.py.
 """
 
 from __future__ import annotations
 
 import os
 import re
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import mlflow_ui
 import pytest
-from conftest import REPO, mlflow_run
+from conftest import mlflow_run
 from mlflow.tracking import MlflowClient
 
 try:
@@ -23,8 +23,8 @@ try:
 except ImportError:  # reported by the fixture: a skip, or a failure in CI
     expect = sync_playwright = None
 
-sys.path.insert(0, str(REPO / "scripts"))
-import mlflow_ui  # noqa: E402
+# Starts a study, an MLflow server and Chromium: part of the full suite, not the fast loop.
+pytestmark = pytest.mark.slow
 
 NORMS = ("batch", "layer")
 SEEDS = 2
@@ -205,3 +205,23 @@ def test_parent_run_report_renders(ui, page, tmp_path):
         expect(table.get_by_role("cell", name=norm, exact=True)).to_be_visible()
     expect(page.get_by_role("listitem").filter(has_text="norm leads").first).to_be_visible()
     _screenshot(page, tmp_path, "report")
+
+
+def test_parent_run_report_html_renders_its_tables_and_figures(ui, page, tmp_path):
+    mlflow_ui.open_artifact(
+        page, ui.url, ui.study, ui.study.parent_run_id, "comparison/report.html"
+    )
+    # MLflow shows an HTML artifact in an iframe loaded from a blob: URL, so a relative image
+    # would not load there: the figures are inlined as data: URIs.
+    report = page.locator("iframe.mlflow-html-iframe").element_handle().content_frame()
+    for heading in ("Normalization study: side by side", "Results per norm", "Findings"):
+        expect(report.get_by_role("heading", name=heading, exact=True)).to_be_visible()
+    table = report.get_by_role("table").first
+    for norm in NORMS:
+        expect(table.get_by_role("cell", name=norm, exact=True)).to_be_visible()
+    figure = report.get_by_role("img", name="test accuracy and loss per epoch", exact=True)
+    expect(figure).to_be_visible()
+    assert figure.get_attribute("src").startswith("data:image/png;base64,")
+    image = mlflow_ui.wait_for_image(report)  # a Frame has the Page's locator and wait calls
+    assert image["width"] >= 1000 and image["shown"] > 0, image  # 12 inches at 110 dpi
+    _screenshot(page, tmp_path, "report_html")

@@ -4,7 +4,7 @@ was logged; and bad input: one line, non-zero exit, no run left RUNNING."""
 import json
 
 import pytest
-from conftest import mlflow_run, run_cli
+from conftest import mlflow_run, run_cli, run_in_process
 from mlflow.tracking import MlflowClient
 
 from pipeline import cli
@@ -26,18 +26,11 @@ def _artifacts(client, run_id, path=""):
     return found
 
 
-def run_in_process(monkeypatch, capsys, *args):
-    """`python -m pipeline ARGS` in this process (no interpreter start): (exit code, stderr)."""
-    monkeypatch.setattr("sys.argv", ["pipeline", *args])
-    with pytest.raises(SystemExit) as exit_info:
-        cli.main()
-    return exit_info.value.code, capsys.readouterr().err
-
-
 def _assert_ok(result):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
 
+@pytest.mark.slow
 def test_train_and_evaluate_end_to_end_through_mlflow_run(tracking_store, image_folder):
     client = MlflowClient()
 
@@ -124,6 +117,7 @@ def test_train_and_evaluate_end_to_end_through_mlflow_run(tracking_store, image_
     assert registered.data.tags["mlflow.runName"] == "evaluate-cifar10-layer-v1"
 
 
+@pytest.mark.slow
 def test_train_directly_from_cifar_pickles_without_registration(tracking_store, cifar_pickles):
     result = run_cli(
         "train",
@@ -198,6 +192,7 @@ def test_bad_model_uris_name_the_uri(tracking_store, image_folder, monkeypatch, 
         assert message in stderr and "Traceback" not in stderr
 
 
+@pytest.mark.slow
 def test_failure_under_mlflow_run_ends_the_run_failed(tracking_store, image_folder):
     result = mlflow_run("train", {"norm": "instance", "data": image_folder})
     assert result.returncode != 0
@@ -206,6 +201,7 @@ def test_failure_under_mlflow_run_ends_the_run_failed(tracking_store, image_fold
     assert run.info.status == "FAILED"
 
 
+@pytest.mark.slow
 def test_unreachable_tracking_server_fails_fast_naming_it(image_folder):
     result = run_cli(
         "train", f"--data={image_folder}", env={"MLFLOW_TRACKING_URI": "http://127.0.0.1:9"}

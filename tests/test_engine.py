@@ -129,7 +129,7 @@ def test_devices_and_precision_resolve_sensibly():
     assert engine.resolve_device("auto").type in {"cpu", "cuda", "mps"}
     assert engine.resolve_precision("fp32", CPU) is None
     assert engine.resolve_precision("bf16", CPU) is torch.bfloat16
-    # fp32 by default: bf16 autocast measured slower on both our CPU and an H200.
+    # fp32 by default: bf16 autocast measured slower on an AVX2 CPU and an H200 (docs/speed.md).
     assert engine.resolve_precision("auto", CPU) is None
     assert engine.resolve_precision("auto", torch.device("cuda")) is None
     assert engine.memory_format_for("group", CPU) == torch.channels_last

@@ -16,7 +16,7 @@ import torch
 from conftest import REPO, run_cli
 from mlflow.tracking import MlflowClient
 
-from pipeline import cli, tracking
+from pipeline import cli, runs, tracking
 from pipeline.config import TrainConfig
 from pipeline.engine import EpochMetrics
 
@@ -51,6 +51,7 @@ def _wait_for(condition, *, timeout: float, what: str, process=None):
 # --------------------------------------------------------------------------- kill and resume
 
 
+@pytest.mark.slow
 def test_sigterm_ends_the_run_killed_and_resume_matches_an_uninterrupted_run(
     tracking_store, image_folder
 ):
@@ -103,7 +104,7 @@ def test_sigterm_ends_the_run_killed_and_resume_matches_an_uninterrupted_run(
     assert len(_all_runs(client)) == 1  # resumed in place, no second run
 
     # The uninterrupted run, in this process, with the same options and seed.
-    reference_id = cli.train_model(TrainConfig(**options, data=str(image_folder)))
+    reference_id = runs.train_model(TrainConfig(**options, data=str(image_folder)))
     for name in EPOCH_METRICS:
         # Appended at the right steps, each epoch once: 1..epochs.
         steps = _steps(client, run_id, name)
@@ -153,6 +154,7 @@ def test_sqlite_store_plugin_is_registered_with_mlflow():
     )
 
 
+@pytest.mark.slow
 def test_four_mlflow_runs_at_once_on_a_fresh_sqlite_store_all_finish(
     isolated_environment, image_folder
 ):

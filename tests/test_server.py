@@ -29,6 +29,9 @@ from mlflow.tracking import MlflowClient
 from pipeline import cli
 from pipeline.engine import EpochMetrics
 
+# Starts PostgreSQL and MLflow servers: part of the full suite, not the fast loop.
+pytestmark = pytest.mark.slow
+
 EPOCH_METRICS = [name for name in EpochMetrics.__dataclass_fields__ if name != "epoch"]
 PYTHONPATH = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
 SCRIPT = REPO / "scripts" / "server.sh"

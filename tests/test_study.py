@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 import multiprocessing
 import os
 import re
@@ -23,11 +22,9 @@ import torch
 import yaml
 from conftest import REPO, mlflow_run, run_cli, write_image_folder
 from mlflow.tracking import MlflowClient
-from PIL import Image
 
-from pipeline import cli, compare, tracking
+from pipeline import cli, tracking
 from pipeline.config import ConfigError
-from pipeline.engine import EpochMetrics
 
 NORMS = ("batch", "layer")
 STUDY_PARAMS = {
@@ -109,6 +106,7 @@ def _download_comparison(run_id: str) -> Path:
     return Path(mlflow.artifacts.download_artifacts(f"runs:/{run_id}/comparison"))
 
 
+@pytest.mark.slow
 def test_main_is_the_default_entry_point_and_nests_every_step(store):
     parents = _parents()
     assert len(parents) == 2
@@ -133,6 +131,7 @@ def test_main_is_the_default_entry_point_and_nests_every_step(store):
         assert evaluation["tags.source_run_id"] == train["run_id"]
 
 
+@pytest.mark.slow
 def test_compare_report_has_every_artifact_and_the_childrens_numbers(store):
     parent_id = _parents().loc[0, "run_id"]
     children = _children(parent_id)
@@ -190,6 +189,7 @@ def test_compare_report_has_every_artifact_and_the_childrens_numbers(store):
     assert "one seed per norm" in findings
 
 
+@pytest.mark.slow
 def test_main_runs_the_steps_of_a_stage_in_parallel_with_prefixed_output(study, store):
     children = _children(_parents().loc[0, "run_id"])
     assert _parents().loc[0, "params.parallel"] == "2"
@@ -206,6 +206,7 @@ def test_main_runs_the_steps_of_a_stage_in_parallel_with_prefixed_output(study, 
         assert not first_cores & second_cores, shares
 
 
+@pytest.mark.slow
 def test_rerunning_main_reuses_finished_steps(study, store):
     assert study.second.stdout.count("reusing finished run") == len(EXPECTED_STEPS) - 1
     assert "step compare: running" in study.second.stdout
@@ -225,6 +226,7 @@ def test_rerunning_main_reuses_finished_steps(study, store):
     pd.testing.assert_frame_equal(old, new)
 
 
+@pytest.mark.slow
 def test_registry_lookups_by_version_and_alias_resolve_to_the_training_run(store):
     children = _children(_parents().loc[0, "run_id"])
     for norm in NORMS:
@@ -253,6 +255,7 @@ def test_registry_lookups_by_version_and_alias_resolve_to_the_training_run(store
     assert len(missing.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_evaluate_accepts_the_champion_alias(study, store):
     children = _children(_parents().loc[0, "run_id"])
     result = mlflow_run(
@@ -273,6 +276,7 @@ def test_evaluate_accepts_the_champion_alias(study, store):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+@pytest.mark.slow
 def test_a_failed_step_fails_the_study_and_keeps_finished_steps(tracking_store, image_folder):
     result = mlflow_run(
         "main",
@@ -289,6 +293,7 @@ def test_a_failed_step_fails_the_study_and_keeps_finished_steps(tracking_store, 
     assert "compare" not in children.index
 
 
+@pytest.mark.slow
 def test_main_rejects_bad_values_before_starting_a_step(tracking_store):
     result = run_cli("main", "--norm", "batch,instance")
     assert result.returncode == 1
@@ -353,6 +358,7 @@ def test_champion_is_the_best_when_threads_finish_together(tracking_store):
     assert _champion(client, "cifar10-threads") == str(best.version)
 
 
+@pytest.mark.slow
 def test_champion_is_the_best_when_processes_finish_together(tracking_store):
     client = MlflowClient()
     client.create_registered_model("cifar10-processes")
@@ -372,106 +378,6 @@ def test_champion_is_the_best_when_processes_finish_together(tracking_store):
     best = max(versions, key=lambda v: float(v.tags["test_acc"]))
     assert best.tags["test_acc"] == "0.7400"
     assert _champion(client, "cifar10-processes") == str(best.version)
-
-
-# --------------------------------------------------------------------------- compare, offline
-
-
-def _fake_study(tmp_path: Path, finals: dict[str, list[float]]) -> compare.Study:
-    """Train/evaluate rows as mlflow.search_runs returns them, with two-epoch histories."""
-    rows, histories, evaluations, grids = [], {}, {}, {}
-    for norm, accuracies in finals.items():
-        for seed, accuracy in enumerate(accuracies, start=1):
-            run_id = f"{norm}{seed}"
-            rows.append(
-                {
-                    "run_id": run_id,
-                    "status": "FINISHED",
-                    "tags.step": "train",
-                    "tags.mlflow.runName": f"train-{norm}-seed{seed}",
-                    "params.norm": norm,
-                    "params.seed": str(seed),
-                    "params.epochs": "2",
-                    "params.groups": "4",
-                    "params.data": "'~/data'",
-                    # search_runs' times; the runs of seed s take 10 + s minutes
-                    "start_time": pd.Timestamp("2026-01-01 12:00", tz="UTC"),
-                    "end_time": pd.Timestamp("2026-01-01 12:10", tz="UTC")
-                    + pd.Timedelta(minutes=seed),
-                }
-            )
-            histories[run_id] = [
-                EpochMetrics(1, 1.5, accuracy - 0.2, 1.4, accuracy - 0.1, 0.1, 2.0),
-                EpochMetrics(2, 1.0, accuracy + 0.02, 1.1, accuracy, 0.0, 3.0),
-            ]
-            rows.append(
-                {
-                    "run_id": f"eval-{run_id}",
-                    "status": "FINISHED",
-                    "tags.step": "evaluate",
-                    "tags.mlflow.runName": f"evaluate-cifar10-{norm}-v{seed}",
-                    "tags.norm": norm,
-                    "tags.seed": str(seed),
-                }
-            )
-            evaluations[f"eval-{run_id}"] = {
-                "per_class_accuracy": {"cat": accuracy, "dog": accuracy / 2}
-            }
-            grid = tmp_path / f"{run_id}.png"
-            Image.fromarray(np.full((20, 30, 3), 40 * seed, dtype=np.uint8)).save(grid)
-            grids[run_id] = grid
-    return compare.build_study(
-        pd.DataFrame(rows), histories, evaluations=evaluations, misclassified=grids, source="test"
-    )
-
-
-def test_norm_table_is_mean_and_std_over_seeds(tmp_path):
-    finals = {"layer": [0.60, 0.62, 0.64], "batch": [0.70, 0.71, 0.72]}
-    study = _fake_study(tmp_path, finals)
-    assert study.norms == ["batch", "layer"]
-    table = compare.norm_table(study).set_index("norm")
-    for norm, values in finals.items():
-        assert table.loc[norm, "runs"] == 3
-        assert table.loc[norm, "final_test_acc_mean"] == pytest.approx(np.mean(values))
-        assert table.loc[norm, "final_test_acc_std"] == pytest.approx(np.std(values, ddof=1))
-        assert table.loc[norm, "train_test_gap_mean"] == pytest.approx(0.02)
-        assert table.loc[norm, "epoch_seconds_mean"] == pytest.approx(2.5)
-        assert table.loc[norm, "run_minutes_mean"] == pytest.approx(12.0)
-        assert table.loc[norm, "run_minutes_std"] == pytest.approx(1.0)
-    readable = compare.readable_norm_table(compare.norm_table(study)).set_index("norm")
-    assert readable.loc["batch", "run min"] == "12.0 ± 1.0"
-    assert readable.loc["layer", "groups"] == ""  # groups is a group-norm parameter
-    notes = compare.findings(compare.norm_table(study))
-    assert notes[0].startswith("**batch** norm leads on final test accuracy with 71.00%")
-    assert "9.00 points ahead of layer" in notes[0]
-    assert "more than twice the seed spread" in notes[1]
-    classes = compare.per_class_table(study)
-    assert classes.loc["dog", "layer"] == pytest.approx(np.mean(finals["layer"]) / 2)
-
-
-def test_findings_call_a_margin_inside_the_seed_spread_a_tie(tmp_path):
-    study = _fake_study(tmp_path, {"group": [0.50, 0.60, 0.55], "layer": [0.56, 0.52, 0.54]})
-    notes = compare.findings(compare.norm_table(study))
-    assert any("within the seed spread" in note for note in notes)
-    assert any("under-fitting" in note for note in notes)  # train accuracy below 60%
-
-
-def test_report_renders_with_relative_links(tmp_path):
-    study = _fake_study(tmp_path, {"batch": [0.7, 0.72], "group": [0.65, 0.66]})
-    report = compare.write_report(study, tmp_path / "out")
-    text = report.read_text()
-    for link in re.findall(r"\]\(([^)]+)\)", text):
-        assert (report.parent / link).is_file(), link
-    assert "70.00 ± 1.41" not in text  # the headline is a mean, not one seed
-    assert "71.00 ± 1.41" in text
-    assert not math.isnan(float(pd.read_csv(report.parent / "norms.csv")["epochs"][0]))
-    # The HTML copy (MLflow renders it, images included) carries the same table, figures inlined.
-    page = (report.parent / "report.html").read_text()
-    assert "<td>71.00 ± 1.41</td>" in page
-    images = re.findall(r'<img alt="([^"]*)" src="([^"]+)"', page)
-    assert images and all(src.startswith("data:image/png;base64,") for _, src in images)
-    assert len(images) == text.count("![")
-    assert "<h2>Findings</h2>" in page and "<li><b>batch</b> norm leads" in page
 
 
 # --------------------------------------------------------------------------- MLproject
@@ -497,91 +403,6 @@ def test_mlproject_main_and_compare_match_their_commands():
     for key, spec in train.items():
         if key not in ("norm", "seed", "resume"):
             assert main[key] == spec, key
-
-
-def _lever_runs(finals: dict[tuple[str, str], list[float]]) -> tuple[pd.DataFrame, dict]:
-    """Train runs of (norm, whiten) with per-seed final accuracies, as search_runs rows."""
-    rows, histories = [], {}
-    for (norm, whiten), accuracies in finals.items():
-        for seed, accuracy in enumerate(accuracies, start=1):
-            run_id = f"{norm}-{whiten}-{seed}"
-            rows.append(
-                {
-                    "run_id": run_id,
-                    "status": "FINISHED",
-                    "tags.step": "train",
-                    "params.norm": norm,
-                    "params.seed": str(seed),
-                    "params.whiten": whiten,
-                    "params.translate": "4",
-                }
-            )
-            histories[run_id] = [EpochMetrics(1, 1.0, accuracy, 1.0, accuracy, 0.1, 1.0)]
-    return pd.DataFrame(rows), histories
-
-
-def test_lever_table_pairs_each_lever_with_the_default_recipe_on_shared_seeds():
-    runs, histories = _lever_runs(
-        {
-            ("batch", "False"): [0.80, 0.82, 0.84],
-            ("batch", "true"): [0.81, 0.84],  # seeds 1-2: +1 and +2 points; as `mlflow run` logs
-            ("layer", "True"): [0.70],  # as the CLI logs; no default-recipe layer run to pair with
-        }
-    )
-    study = compare.build_study(runs, histories, group_by=("whiten", "translate"))
-    table = compare.lever_table(study)
-    assert list(zip(table["norm"], table["whiten"], table["default"], strict=True)) == [
-        ("batch", "false", True),
-        ("batch", "true", False),
-        ("layer", "true", False),
-    ]
-    assert set(table["translate"]) == {"4"}
-    batch = table[table["norm"] == "batch"].set_index("whiten")
-    assert batch.loc["false", "final_test_acc_mean"] == pytest.approx(0.82)
-    assert batch.loc["true", "gain_points"] == pytest.approx(1.5)
-    assert batch.loc["true", "paired_seeds"] == 2
-    assert math.isnan(batch.loc["false", "gain_points"])
-    assert math.isnan(table[table["norm"] == "layer"]["gain_points"].iloc[0])
-    readable = compare.readable_lever_table(table, ("whiten", "translate"))
-    assert readable.loc[1, "gain (points)"] == "+1.50 (2 seeds)"
-    assert readable.loc[0, "recipe"] == "default"
-
-
-def test_tta_table_compares_evaluations_of_the_same_models(tmp_path):
-    runs, histories = _lever_runs({("batch", "False"): [0.80, 0.82]})
-    evaluations = []
-    for seed, (flip, translate) in enumerate([(0.80, 0.81), (0.82, 0.825)], start=1):
-        for tta, accuracy in (("flip-translate", translate), ("flip", flip)):
-            evaluations.append(
-                {
-                    "run_id": f"eval-{seed}-{tta}",
-                    "status": "FINISHED",
-                    "tags.step": "evaluate",
-                    "tags.norm": "batch",
-                    "tags.seed": str(seed),
-                    "tags.source_run_id": f"batch-False-{seed}",
-                    "params.tta": tta,
-                    "metrics.test_acc": accuracy,
-                }
-            )
-    payloads = {
-        e["run_id"]: {"per_class_accuracy": {"cat": e["metrics.test_acc"]}} for e in evaluations
-    }
-    study = compare.build_study(
-        pd.concat([runs, pd.DataFrame(evaluations)]), histories, evaluations=payloads
-    )
-    # per class, each model counts once, evaluated as its training run evaluated (flip)
-    assert sorted(study.per_class["run_id"]) == ["eval-1-flip", "eval-2-flip"]
-    assert compare.per_class_table(study).loc["cat", "batch"] == pytest.approx(0.81)
-    table = compare.tta_table(study).set_index("tta")
-    assert table.loc["flip", "models"] == 2
-    assert table.loc["flip-translate", "test_acc_mean"] == pytest.approx(0.8175)
-    # gains are over train's default tta (flip-translate), on the models evaluated both ways
-    assert table.loc["flip", "gain_points"] == pytest.approx(-0.75)
-    assert math.isnan(table.loc["flip-translate", "gain_points"])
-    report = compare.write_report(study, tmp_path / "out").read_text()
-    assert "## Test-time augmentation" in report and "-0.75 (2 models)" in report
-    assert "## Levers" not in report  # no group_by given
 
 
 def test_compare_rejects_group_by_names_that_are_not_train_parameters():

@@ -1,7 +1,7 @@
 """Drive the MLflow UI in headless Chromium: the pages a user opens to browse a study.
 
 Shared by tests/test_browser.py, which asserts on what each page shows, and
-scripts/screenshots.py, which saves the same pages as PNGs for the README. Each `open_*`
+scripts/screenshots.py, which saves the same pages as PNGs for docs/screenshots. Each `open_*`
 function leaves the page showing one view and returns the locators worth checking; it does
 what a user would do (expand the parent run, pick columns, group by `norm`), so it works on
 any study, and with a fresh browser context it does not depend on earlier visits.

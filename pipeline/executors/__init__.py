@@ -1,0 +1,55 @@
+"""Executors run the commands of a workflow's steps; the driver owns the steps' runs.
+
+An executor gets a step's shell command with its run's `MLFLOW_*` variables and returns how it
+ended; it never creates, ends or reads an MLflow run. `local` (this host) needs no extra
+dependency.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import Protocol
+
+# One writer at a time on this process's stdout and stderr, for the steps' output and the
+# workflow's own lines alike: lines never interleave.
+OUTPUT_LOCK = threading.Lock()
+
+
+@dataclass(frozen=True)
+class StepCommand:
+    name: str  # the step's run name: prefixes its output lines and names it in errors
+    command: str  # the entry point's shell command, parameters filled in
+    work_dir: str
+    env: dict[str, str]  # the step run's MLFLOW_* variables, added to the environment
+
+
+@dataclass(frozen=True)
+class StepOutcome:
+    exit_code: int
+    error_line: str  # the step's one-line `error: ...` message, else its last line of output
+
+
+class Executor(Protocol):
+    parallel: int  # steps run at once, at most
+
+    def run(self, step: StepCommand, *, lane: int, lanes: int) -> StepOutcome:
+        """Run one step to its end. Called from up to `lanes` threads at once, each with its
+        own `lane` in 0..lanes-1; with `lanes` > 1 the steps share the machine."""
+        ...
+
+    def placement(self, *, lane: int, lanes: int) -> str:
+        """Where `run` puts a step of this lane, for the log (" on cores 0,1"), or ""."""
+        ...
+
+    def stop(self) -> None:
+        """Stop every running step (Ctrl-C or SIGTERM): each ends its run KILLED."""
+        ...
+
+
+def error_line(lines) -> str:
+    """The child's one-line `error: ...` message, else its last line of output."""
+    for line in reversed(lines):
+        if line.startswith("error: "):
+            return line[len("error: ") :]
+    return next((line for line in reversed(lines) if line.strip()), "")

@@ -1,0 +1,34 @@
+"""Runs -> a side-by-side report of the norms (no MLflow here): `frame` turns the runs
+DataFrame into a Study, `tables` makes its tables and findings, `render` writes report.md
+and report.html.
+"""
+
+from pipeline.report.frame import Study, build_study, step_runs
+from pipeline.report.render import write_report
+from pipeline.report.tables import (
+    findings,
+    lever_table,
+    markdown_table,
+    norm_table,
+    per_class_table,
+    percent,
+    readable_lever_table,
+    readable_norm_table,
+    tta_table,
+)
+
+__all__ = [
+    "Study",
+    "build_study",
+    "findings",
+    "lever_table",
+    "markdown_table",
+    "norm_table",
+    "per_class_table",
+    "percent",
+    "readable_lever_table",
+    "readable_norm_table",
+    "step_runs",
+    "tta_table",
+    "write_report",
+]

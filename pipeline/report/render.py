@@ -1,0 +1,220 @@
+"""The study's report: report.md with its CSV tables and figures, and report.html, the same
+page in one file for MLflow's artifact view (no MLflow here).
+
+`write_report` writes everything into one directory, which cli.compare logs as the run's
+`comparison` artifacts; report.md's links are relative, so they resolve inside that directory.
+"""
+
+from __future__ import annotations
+
+import base64
+from pathlib import Path
+from xml.etree import ElementTree
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: figures are written to files
+
+import markdown  # noqa: E402
+import matplotlib.pyplot as plt  # noqa: E402
+from markdown.extensions import Extension  # noqa: E402
+from markdown.treeprocessors import Treeprocessor  # noqa: E402
+
+from pipeline.config import TrainConfig  # noqa: E402
+from pipeline.plots import (  # noqa: E402
+    misclassified_figure,
+    overlay_figure,
+    per_class_figure,
+    train_vs_test_figure,
+)
+from pipeline.report.frame import Study  # noqa: E402
+from pipeline.report.tables import (  # noqa: E402
+    _spread,
+    findings,
+    lever_table,
+    markdown_table,
+    norm_table,
+    per_class_table,
+    percent,
+    readable_lever_table,
+    readable_norm_table,
+    readable_tta_table,
+    run_summary,
+    tta_table,
+)
+
+
+def write_report(study: Study, directory: Path) -> Path:
+    """Write report.md, norms.csv/.md, runs.csv, per_class_accuracy.csv and plots/*.png into
+    `directory`; returns the report's path."""
+    directory.mkdir(parents=True, exist_ok=True)
+    summary = run_summary(study)
+    table = norm_table(study)
+    classes = per_class_table(study)
+    table.to_csv(directory / "norms.csv", index=False)
+    summary.to_csv(directory / "runs.csv", index=False)
+    readable = readable_norm_table(table)
+    (directory / "norms.md").write_text(markdown_table(readable) + "\n")
+
+    sections = [
+        "# Normalization study: side by side",
+        "",
+        f"Compared: {study.source or 'selected runs'}; {len(summary)} train runs "
+        f"({', '.join(study.norms) or 'none'}), {study.per_class['run_id'].nunique()} "
+        "evaluated models.",
+        "",
+        "## Results per norm",
+        "",
+        markdown_table(readable),
+        "",
+        "Accuracies are percentages after the last epoch, mean ± std over seeds (std needs two "
+        "or more seeds). *Best* is the best epoch on the test set, for reference only: it is "
+        "picked on the test set. Gap = final train minus final test accuracy. *Epoch s*: "
+        "mean seconds per epoch (training and evaluation); *run min*: wall time of a train run "
+        "from start to end as the tracking store recorded it (data, epochs, logging, "
+        "registration). `groups` applies to group norm only. "
+        "Machine-readable: [norms.csv](norms.csv), per run: [runs.csv](runs.csv).",
+        "",
+        "## Findings",
+        "",
+        *[f"- {note}" for note in findings(table)],
+        "",
+    ]
+    if study.group_by:
+        levers = lever_table(study)
+        levers.to_csv(directory / "levers.csv", index=False)
+        keys = ", ".join(f"`{key}`" for key in study.group_by)
+        sections += [
+            f"## Levers: runs grouped by {keys}",
+            "",
+            markdown_table(readable_lever_table(levers, study.group_by)),
+            "",
+            "Final test accuracy, mean ± std over seeds. Gain: the mean difference in points "
+            "from the norm's default recipe (the row marked *default*: every grouped parameter "
+            "at `train`'s default), paired on the seeds both have. "
+            "Machine-readable: [levers.csv](levers.csv).",
+            "",
+        ]
+    if "tta" in study.evaluated and study.evaluated["tta"].nunique() > 1:
+        ttas = tta_table(study)
+        ttas.to_csv(directory / "tta.csv", index=False)
+        sections += [
+            "## Test-time augmentation",
+            "",
+            markdown_table(readable_tta_table(ttas)),
+            "",
+            "From the evaluate runs: test accuracy per `tta`, mean ± std over the evaluated "
+            f"models; gain over `tta={TrainConfig().tta}` on the same models. "
+            "Machine-readable: [tta.csv](tta.csv).",
+            "",
+        ]
+    if not study.history.empty:
+        _save(overlay_figure(study.history, study.norms), directory / "plots" / "test_curves.png")
+        _save(
+            train_vs_test_figure(study.history, study.norms),
+            directory / "plots" / "train_vs_test.png",
+        )
+        sections += [
+            "## Test accuracy and loss per epoch",
+            "",
+            "![test accuracy and loss per epoch](plots/test_curves.png)",
+            "",
+            "## Train vs test",
+            "",
+            "![train vs test accuracy per norm](plots/train_vs_test.png)",
+            "",
+        ]
+    if study.misclassified:
+        _save(
+            misclassified_figure(study.misclassified, study.norms),
+            directory / "plots" / "misclassified.png",
+        )
+        sections += [
+            "## Misclassified test images",
+            "",
+            "The first seed of each norm, side by side:",
+            "",
+            "![misclassified test images per norm](plots/misclassified.png)",
+            "",
+        ]
+    if not classes.empty:
+        classes.to_csv(directory / "per_class_accuracy.csv")
+        _save(per_class_figure(classes), directory / "plots" / "per_class_accuracy.png")
+        shown = (100 * classes).round(2)
+        sections += [
+            "## Per-class test accuracy (%)",
+            "",
+            markdown_table(shown, index=True),
+            "",
+            "![per-class accuracy per norm](plots/per_class_accuracy.png)",
+            "",
+            "From the evaluate runs' evaluation.json: "
+            "[per_class_accuracy.csv](per_class_accuracy.csv).",
+            "",
+        ]
+    runs = summary[["run_name", "run_id", "norm", "seed"]].copy()
+    runs["final test acc %"] = [percent(v) for v in summary["final_test_acc"]]
+    runs["best test acc %"] = [percent(v) for v in summary["best_test_acc"]]
+    runs["final train acc %"] = [percent(v) for v in summary["final_train_acc"]]
+    runs["epoch s"] = [f"{v:.1f}" for v in summary["epoch_seconds"]]
+    runs["run min"] = [_spread(v) for v in summary["run_minutes"]]
+    sections += ["## Runs", "", markdown_table(runs), ""]
+    text = "\n".join(sections)
+    report = directory / "report.md"
+    report.write_text(text)
+    # MLflow's Markdown viewer shows relative images as text; its HTML viewer renders this copy,
+    # with the figures inlined.
+    (directory / "report.html").write_text(markdown_to_html(text, base=directory))
+    return report
+
+
+def markdown_to_html(text: str, *, base: Path) -> str:
+    """The report's Markdown (Python-Markdown with pipe tables) as one self-contained HTML page;
+    images under `base` become data URIs, links stay relative."""
+    body = markdown.markdown(text, extensions=["tables", _SelfContained(base=base)])
+    style = (
+        "body{font-family:system-ui,sans-serif;max-width:1200px;margin:1em auto;padding:0 1em}"
+        "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:3px 8px}"
+        "img{max-width:100%}"
+    )
+    return (
+        "<!DOCTYPE html><html><head><meta charset='utf-8'><title>Normalization study</title>"
+        f"<style>{style}</style></head><body>\n" + body + "\n</body></html>\n"
+    )
+
+
+class _SelfContained(Extension):
+    """Text stays text, and images are inlined, so the page needs nothing beside it."""
+
+    def __init__(self, *, base: Path):
+        super().__init__()
+        self.base = base
+
+    def extendMarkdown(self, md: markdown.Markdown) -> None:
+        # The report quotes run names and filter strings: show them as typed, never as markup.
+        md.preprocessors.deregister("html_block")
+        md.inlinePatterns.deregister("html")
+        # After the inline patterns (priority 20) have made the <img> elements.
+        md.treeprocessors.register(_InlineImages(md, base=self.base), "inline_images", 5)
+
+
+class _InlineImages(Treeprocessor):
+    """Each <img> whose src is a file under `base` gets that file as a data URI: MLflow shows
+    report.html from a blob: URL, where a relative src would not resolve."""
+
+    def __init__(self, md: markdown.Markdown, *, base: Path):
+        super().__init__(md)
+        self.base = base
+
+    def run(self, root: ElementTree.Element) -> None:
+        for image in root.iter("img"):
+            path = self.base / image.get("src", "")
+            if path.is_file():
+                encoded = base64.b64encode(path.read_bytes()).decode("ascii")
+                image.set("src", f"data:image/png;base64,{encoded}")
+
+
+def _save(figure, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)

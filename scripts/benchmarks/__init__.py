@@ -1,0 +1,7 @@
+"""The questions `scripts/benchmark.py` answers, one module each, on one shared clock (`timing`).
+
+* `throughput`: training images/s of our pipeline vs the torchvision reference vs the model alone;
+* `layouts`: the model alone in NCHW / channels_last x fp32 / bf16 autocast;
+* `evaluation`: one test-split evaluation per test-time augmentation and evaluation batch;
+* `tracking_overhead`: `train_model` with MLflow vs the same training without it.
+"""

@@ -1,0 +1,168 @@
+"""What does each epoch's evaluation cost? One evaluation of the test split per test-time
+augmentation and evaluation batch, as `train` runs it after every epoch."""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import torch
+
+from benchmarks.timing import progress, synchronize, timed
+from pipeline import data as datasets
+from pipeline import engine
+from pipeline.config import TTA_MODES, TrainConfig
+from pipeline.model import build_model
+
+DEFAULTS = TrainConfig()
+EVAL_BATCH_SIZE_BEFORE = 1024  # every device's evaluation batch before eval_batch_size_for
+
+
+@dataclass(frozen=True)
+class EvaluationCost:
+    """Wall seconds of one evaluation of the test split with one test-time augmentation."""
+
+    norm: str
+    tta: str
+    batch_size: int
+    passes: int  # forward passes of the model per batch (counted)
+    images: int
+    seconds: float
+
+
+def measure_evaluation(
+    test_split: datasets.DeviceSplit,
+    stats: datasets.DatasetStats,
+    *,
+    norm: str,
+    tta: str,
+    batch_size: int,
+    memory_format: torch.memory_format,
+    autocast_dtype: torch.dtype | None,
+    seed: int,
+) -> EvaluationCost:
+    """`engine.evaluate` over the whole test split as `fit` runs it after each epoch (after one
+    untimed evaluation of a batch: first-call allocations)."""
+    device = test_split.images.device
+    torch.manual_seed(seed)
+    model = build_model(norm=norm, groups=DEFAULTS.groups).to(device, memory_format=memory_format)
+    normalize = datasets.Normalizer(stats, device=device, memory_format=memory_format)
+    warmup = datasets.DeviceSplit(test_split.images[:batch_size], test_split.labels[:batch_size])
+
+    def run(split: datasets.DeviceSplit) -> None:
+        engine.evaluate(
+            model,
+            split,
+            normalize=normalize,
+            batch_size=batch_size,
+            autocast_dtype=autocast_dtype,
+            tta=tta,
+        )
+
+    calls = []
+    hook = model.register_forward_hook(lambda *_: calls.append(1))
+    run(warmup)  # one batch: counts the forward passes per batch
+    hook.remove()
+    synchronize(device)
+    seconds = timed(lambda: (run(test_split), synchronize(device)))
+    return EvaluationCost(
+        norm=norm,
+        tta=tta,
+        batch_size=batch_size,
+        passes=len(calls),
+        images=len(test_split),
+        seconds=seconds,
+    )
+
+
+def measure(
+    dataset: datasets.ArrayDataset,
+    stats: datasets.DatasetStats,
+    *,
+    norms: list[str],
+    device: torch.device,
+    autocast_dtype: torch.dtype | None,
+    seed: int,
+) -> list[EvaluationCost]:
+    """Each norm x test-time augmentation x evaluation batch (the default and 1,024)."""
+    test_count = len(dataset.test_labels)
+    evaluation_costs: list[EvaluationCost] = []
+    eval_batch_size = engine.eval_batch_size_for(device)
+    # The default evaluation batch, and the GPU's 1,024 beside it where the default differs.
+    eval_batch_sizes = sorted({eval_batch_size, EVAL_BATCH_SIZE_BEFORE})
+    test_split = datasets.to_device(dataset.test_images, dataset.test_labels, device=device)
+    for norm, tta, size in itertools.product(norms, TTA_MODES, eval_batch_sizes):
+        progress(f"{norm}: evaluation of {test_count:,} test images, tta={tta}, batch {size}")
+        evaluation_costs.append(
+            measure_evaluation(
+                test_split,
+                stats,
+                norm=norm,
+                tta=tta,
+                batch_size=size,
+                memory_format=engine.memory_format_for(norm, device),
+                autocast_dtype=autocast_dtype,
+                seed=seed,
+            )
+        )
+    del test_split
+    return evaluation_costs
+
+
+def evaluation_table(
+    costs: list[EvaluationCost],
+    rates: dict[tuple[str, str], float],
+    *,
+    train_images: int,
+    default_batch_size: int,
+) -> list[str]:
+    lines = [
+        "| norm | tta | batch | forward passes | evaluation s | vs default | share of an epoch "
+        "| default |",
+        "|---|---|---:|---:|---:|---:|---:|---|",
+    ]
+    for cost in costs:
+        is_default = (cost.tta, cost.batch_size) == (DEFAULTS.tta, default_batch_size)
+        default = next(
+            c
+            for c in costs
+            if c.norm == cost.norm and (c.tta, c.batch_size) == (DEFAULTS.tta, default_batch_size)
+        )
+        # An epoch: the training images at the pipeline's rate, then this evaluation.
+        training_seconds = train_images / rates[cost.norm, "pipeline"]
+        share = cost.seconds / (training_seconds + cost.seconds)
+        lines.append(
+            f"| {cost.norm} | {cost.tta} | {cost.batch_size} | {cost.passes} | "
+            f"{cost.seconds:.3f} | {cost.seconds / default.seconds:.2f} | {100 * share:.1f}% | "
+            f"{'yes' if is_default else ''} |"
+        )
+    return lines
+
+
+def report(
+    costs: list[EvaluationCost],
+    rates: dict[tuple[str, str], float],
+    *,
+    train_count: int,
+    test_count: int,
+    device: torch.device,
+) -> list[str]:
+    """`rates`: training images/s per (norm, path), for each evaluation's share of an epoch."""
+    return [
+        "",
+        "### Evaluation per test-time augmentation",
+        "",
+        f"One evaluation of the {test_count:,} test images (the default layout and "
+        "precision) per test-time augmentation and evaluation batch, as `train` runs after "
+        "every epoch; `default`: `train`'s `tta` at `engine.eval_batch_size_for` this "
+        "device, and `vs default` the time relative to it; `share of an epoch`: this "
+        f"evaluation over itself plus {train_count:,} training images at the `pipeline` "
+        "rate above.",
+        "",
+        *evaluation_table(
+            costs,
+            rates,
+            train_images=train_count,
+            default_batch_size=engine.eval_batch_size_for(device),
+        ),
+    ]

@@ -1,0 +1,354 @@
+"""How fast does `train` feed the model? Training images/s of the torchvision reference, of our
+pipeline and of the model alone (`ceiling`), per norm, on the same machine, model and data."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+from benchmarks.timing import progress, timed_steps
+from pipeline import data as datasets
+from pipeline import engine
+from pipeline.config import TrainConfig
+from pipeline.model import build_model
+
+if TYPE_CHECKING:
+    from benchmarks.tracking_overhead import TrackingCost
+
+DEFAULTS = TrainConfig()
+REFERENCE_BATCH_SIZE = 64
+REFERENCE_LEARNING_RATE = 0.01  # the torchvision tutorial's value; speed does not depend on it
+LAYOUT_NAMES = {torch.contiguous_format: "NCHW", torch.channels_last: "channels_last"}
+PRECISION_NAMES = {None: "fp32", torch.bfloat16: "bf16 autocast", torch.float16: "fp16 autocast"}
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """Training images per second over the timed steps of one setup."""
+
+    norm: str
+    path: str
+    batch_size: int
+    layout: str
+    precision: str
+    images: int
+    seconds: float
+
+    @property
+    def images_per_second(self) -> float:
+        return self.images / self.seconds
+
+
+@dataclass(frozen=True)
+class Throughput:
+    """Every throughput row, images/s per (norm, path) and the steps the reference timed."""
+
+    measurements: list[Measurement]
+    rates: dict[tuple[str, str], float]
+    reference_steps: int
+    reference_warmup: int
+
+
+# --------------------------------------------------------------------------- reference path
+
+
+class ReferenceCifar10(torch.utils.data.Dataset):
+    """`torchvision.datasets.CIFAR10.__getitem__` over our uint8 arrays: one PIL image a sample."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, transform: Callable) -> None:
+        self.images = images  # (N, 32, 32, 3) uint8
+        self.labels = labels
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        image = Image.fromarray(self.images[index])
+        return self.transform(image), int(self.labels[index])
+
+
+def endless(batches: Callable[[], Iterator]) -> Iterator:
+    """Epoch after epoch of `batches()`, so any step count can be drawn from one stream."""
+    while True:
+        yield from batches()
+
+
+def measure_reference(
+    dataset: datasets.ArrayDataset,
+    stats: datasets.DatasetStats,
+    *,
+    norm: str,
+    device: torch.device,
+    workers: int,
+    steps: int,
+    warmup_steps: int,
+    seed: int,
+) -> Measurement:
+    """The torchvision tutorial's training loop over a DataLoader with per-sample transforms."""
+    from torchvision import transforms  # imported late: only the reference path needs it
+
+    transform = transforms.Compose(
+        [
+            transforms.RandomCrop(32, padding=4),
+            transforms.RandomHorizontalFlip(),
+            transforms.ToTensor(),
+            transforms.Normalize(stats.mean, stats.std),
+        ]
+    )
+    loader = torch.utils.data.DataLoader(
+        ReferenceCifar10(dataset.train_images, dataset.train_labels, transform),
+        batch_size=REFERENCE_BATCH_SIZE,
+        shuffle=True,
+        num_workers=workers,
+        # Workers stay alive across epochs: the reference gets its steady state, not its start-up.
+        persistent_workers=workers > 0,
+        pin_memory=device.type == "cuda",
+        drop_last=True,  # full batches only, so every timed step does the same work
+        generator=torch.Generator().manual_seed(seed),
+    )
+    torch.manual_seed(seed)
+    model = build_model(norm=norm, groups=DEFAULTS.groups).to(device)
+    optimizer = torch.optim.SGD(
+        model.parameters(),
+        lr=REFERENCE_LEARNING_RATE,
+        momentum=DEFAULTS.momentum,
+        weight_decay=DEFAULTS.weight_decay,
+    )
+    loss_fn = nn.CrossEntropyLoss()
+    model.train()
+    batches = endless(lambda: iter(loader))
+
+    def train_steps(count: int) -> None:
+        for images, labels in itertools.islice(batches, count):
+            images = images.to(device, non_blocking=True)
+            labels = labels.to(device, non_blocking=True)
+            optimizer.zero_grad()
+            loss = loss_fn(model(images), labels)
+            loss.backward()
+            optimizer.step()
+
+    # One stream for warm-up and timed steps: the timer starts with the loader in steady state.
+    seconds = timed_steps(train_steps, warmup_steps=warmup_steps, steps=steps, device=device)
+    return Measurement(
+        norm=norm,
+        path=f"reference ({workers} worker{'' if workers == 1 else 's'})",
+        batch_size=REFERENCE_BATCH_SIZE,
+        layout="NCHW",
+        precision="fp32",
+        images=steps * REFERENCE_BATCH_SIZE,
+        seconds=seconds,
+    )
+
+
+# --------------------------------------------------------------------------- our path
+
+
+def measure_training(
+    train_split: datasets.DeviceSplit,
+    stats: datasets.DatasetStats,
+    *,
+    norm: str,
+    path: str,
+    memory_format: torch.memory_format,
+    autocast_dtype: torch.dtype | None,
+    batch_size: int,
+    steps: int,
+    warmup_steps: int,
+    seed: int,
+) -> Measurement:
+    """`engine.train_one_epoch` as `train` sets it up; `path="ceiling"` repeats one fixed batch."""
+    device = train_split.images.device
+    torch.manual_seed(seed)
+    model = build_model(norm=norm, groups=DEFAULTS.groups, dropout=DEFAULTS.dropout)
+    model = model.to(device=device, memory_format=memory_format)
+    normalize = datasets.Normalizer(stats, device=device, memory_format=memory_format)
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = engine.make_optimizer(
+        model,
+        learning_rate=DEFAULTS.learning_rate,
+        momentum=DEFAULTS.momentum,
+        weight_decay=DEFAULTS.weight_decay,
+    )
+    scheduler = engine.make_scheduler(
+        optimizer,
+        epochs=DEFAULTS.epochs,
+        steps_per_epoch=len(train_split) // batch_size,
+        warmup_epochs=DEFAULTS.warmup_epochs,
+    )
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=DEFAULTS.label_smoothing)
+
+    def epoch_batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        return datasets.train_batches(
+            train_split, batch_size=batch_size, generator=generator, normalize=normalize
+        )
+
+    if path == "ceiling":
+        batches = itertools.repeat(next(epoch_batches()))  # prepared once, outside the clock
+    else:
+        batches = endless(epoch_batches)
+
+    def train_steps(count: int) -> None:
+        engine.train_one_epoch(
+            model,
+            itertools.islice(batches, count),
+            optimizer=optimizer,
+            scheduler=scheduler,
+            loss_fn=loss_fn,
+            autocast_dtype=autocast_dtype,
+            device=device,
+            steps=count,
+            description=f"{norm} {path}",
+        )
+
+    seconds = timed_steps(train_steps, warmup_steps=warmup_steps, steps=steps, device=device)
+    return Measurement(
+        norm=norm,
+        path=path,
+        batch_size=batch_size,
+        layout=LAYOUT_NAMES[memory_format],
+        precision=PRECISION_NAMES[autocast_dtype],
+        images=steps * batch_size,
+        seconds=seconds,
+    )
+
+
+def measure(
+    dataset: datasets.ArrayDataset,
+    stats: datasets.DatasetStats,
+    train_split: datasets.DeviceSplit,
+    *,
+    norms: list[str],
+    device: torch.device,
+    autocast_dtype: torch.dtype | None,
+    workers: int,
+    batch_size: int,
+    steps: int,
+    warmup_steps: int,
+    seed: int,
+) -> Throughput:
+    """The reference, the pipeline and the ceiling for each norm."""
+    train_count = len(dataset.train_labels)
+    # The reference times as many images as our path, in batches of 64.
+    reference_steps = max(1, steps * batch_size // REFERENCE_BATCH_SIZE)
+    # Enough untimed batches for every worker to have started and filled its prefetch queue.
+    reference_warmup = max(warmup_steps * batch_size // REFERENCE_BATCH_SIZE, 2 * workers + 1)
+    if reference_warmup + reference_steps > train_count // REFERENCE_BATCH_SIZE:
+        progress("note: the reference steps span more than one epoch of the data")
+
+    measurements: list[Measurement] = []
+    rates: dict[tuple[str, str], float] = {}
+    for norm in norms:
+        memory_format = engine.memory_format_for(norm, device)
+        progress(f"{norm}: reference ({reference_steps} steps of {REFERENCE_BATCH_SIZE})")
+        results = [
+            measure_reference(
+                dataset,
+                stats,
+                norm=norm,
+                device=device,
+                workers=workers,
+                steps=reference_steps,
+                warmup_steps=reference_warmup,
+                seed=seed,
+            )
+        ]
+        for path in ("pipeline", "ceiling"):
+            progress(f"{norm}: {path} ({steps} steps of {batch_size})")
+            results.append(
+                measure_training(
+                    train_split,
+                    stats,
+                    norm=norm,
+                    path=path,
+                    memory_format=memory_format,
+                    autocast_dtype=autocast_dtype,
+                    batch_size=batch_size,
+                    steps=steps,
+                    warmup_steps=warmup_steps,
+                    seed=seed,
+                )
+            )
+        for result in results:
+            rates[norm, result.path.split(" ")[0]] = result.images_per_second
+        measurements.extend(results)
+    return Throughput(measurements, rates, reference_steps, reference_warmup)
+
+
+# --------------------------------------------------------------------------- report
+
+
+def format_rate(value: float) -> str:
+    return f"{value:,.0f}"
+
+
+def throughput_table(measurements: list[Measurement]) -> list[str]:
+    lines = [
+        "| norm | path | batch | layout | precision | images/s |",
+        "|---|---|---:|---|---|---:|",
+    ]
+    for item in measurements:
+        lines.append(
+            f"| {item.norm} | {item.path} | {item.batch_size} | {item.layout} | "
+            f"{item.precision} | {format_rate(item.images_per_second)} |"
+        )
+    return lines
+
+
+def ratio_table(
+    norms: list[str], rates: dict[tuple[str, str], float], costs: dict[str, TrackingCost]
+) -> list[str]:
+    lines = [
+        "| norm | pipeline / reference | pipeline / ceiling | tracking overhead |",
+        "|---|---:|---:|---:|",
+    ]
+    for norm in norms:
+        pipeline = rates[norm, "pipeline"]
+        overhead = f"{costs[norm].overhead_percent:+.1f}%" if norm in costs else "not measured"
+        lines.append(
+            f"| {norm} | {pipeline / rates[norm, 'reference']:.2f}x | "
+            f"{pipeline / rates[norm, 'ceiling']:.2f} | {overhead} |"
+        )
+    return lines
+
+
+def report(
+    result: Throughput,
+    *,
+    norms: list[str],
+    costs: dict[str, TrackingCost],
+    device: torch.device,
+    batch_size: int,
+    steps: int,
+    warmup_steps: int,
+) -> list[str]:
+    """The timing line, both tables and what each path is."""
+    reference_steps, reference_warmup = result.reference_steps, result.reference_warmup
+    timing = (
+        f"{warmup_steps} untimed warm-up steps, then {steps} timed steps of "
+        f"{batch_size} images; the reference times the same number of images in "
+        f"{reference_steps} steps of {REFERENCE_BATCH_SIZE} after {reference_warmup} warm-up "
+        f"steps. Threads from `engine.configure_backend()`; `time.perf_counter`"
+        f"{', CUDA synchronized' if device.type == 'cuda' else ''}."
+    )
+    return [
+        f"- Timing: {timing}",
+        "",
+        *throughput_table(result.measurements),
+        "",
+        *ratio_table(norms, result.rates, costs),
+        "",
+        "`reference`: PIL image per sample + RandomCrop(32, padding=4), RandomHorizontalFlip, "
+        "ToTensor, Normalize in a DataLoader, NCHW fp32, SGD momentum 0.9. `pipeline`: "
+        "`train_batches` on device-resident uint8 splits, `engine.train_one_epoch` with the "
+        "default layout and precision. `ceiling`: the same step on one fixed prepared batch. "
+        "`pipeline / ceiling` near 1 means the data path costs next to nothing.",
+        "",
+    ]

@@ -1,0 +1,222 @@
+"""Sweeps: trials from a grid string or file in both modes, the model-shape levers, bad grids
+(one line, no run), and a real sweep through `mlflow run -e sweep` that reuses its trials."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlflow
+import pytest
+from conftest import REPO, mlflow_run, run_in_process
+from mlflow.tracking import MlflowClient
+
+from pipeline import workflow
+from pipeline.config import ConfigError, TrainConfig
+from pipeline.model import MAX_PARAMETERS
+from pipeline.sweep import parse_grid, trials
+from pipeline.training import build_model
+
+
+def _names(found) -> list[str]:
+    return [trial.name for trial in found]
+
+
+def test_grid_mode_trains_every_combination_for_every_norm_and_seed():
+    found, swept = trials(
+        "learning_rate=0.1,0.4;label_smoothing=0,0.1", norms=["batch", "layer"], seeds=2
+    )
+    assert swept == ["learning_rate", "label_smoothing"]
+    assert len(found) == 2 * 2 * 2 * 2  # lr x smoothing x norms x seeds
+    assert "train-layer-seed2-learning_rate=0.4,label_smoothing=0" in _names(found)
+    trial = next(
+        t for t in found if t.name == "train-layer-seed2-learning_rate=0.4,label_smoothing=0"
+    )
+    assert (trial.config.learning_rate, trial.config.label_smoothing) == (0.4, 0.0)
+    assert (trial.config.norm, trial.config.seed) == ("layer", 2)
+
+
+def test_one_at_a_time_trains_the_defaults_and_each_value_alone():
+    found, _ = trials(
+        "learning_rate=0.1,0.2,0.4;label_smoothing=0", norms=["group"], seeds=1,
+        mode="one-at-a-time",
+    )  # fmt: skip
+    # learning_rate=0.2 is the default: that trial is the baseline, trained once.
+    assert _names(found) == [
+        "train-group-seed1",
+        "train-group-seed1-learning_rate=0.1",
+        "train-group-seed1-learning_rate=0.4",
+        "train-group-seed1-label_smoothing=0",
+    ]
+    assert found[0].config == TrainConfig(norm="group", seed=1)
+
+
+def test_the_sweeps_recipe_is_what_each_trial_overrides():
+    found, _ = trials("ema=0.99", norms=["batch"], seeds=1, mode="one-at-a-time", epochs=3)
+    assert [t.config.epochs for t in found] == [3, 3]
+    assert [t.config.ema for t in found] == [0.0, 0.99]
+
+
+def test_a_value_holding_commas_is_separated_by_bars():
+    assert parse_grid("widths=C2=24,C7=24|C1=8;order=act-norm") == {
+        "widths": ["C2=24,C7=24", "C1=8"],
+        "order": ["act-norm"],
+    }
+
+
+def test_grid_file_adds_values_per_norm(tmp_path):
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(
+        "grid:\n  whiten: [true]\nnorms:\n  group:\n    groups: [2, 8]\n"
+        "  batch:\n    standardize: [true]\n"
+    )
+    found, swept = trials(str(grid), norms=["batch", "group"], seeds=1, mode="one-at-a-time")
+    assert swept == ["whiten", "standardize", "groups"]
+    assert _names(found) == [
+        "train-batch-seed1",
+        "train-batch-seed1-whiten=true",
+        "train-batch-seed1-standardize=true",
+        "train-group-seed1",
+        "train-group-seed1-whiten=true",
+        "train-group-seed1-groups=2",
+        "train-group-seed1-groups=8",
+    ]
+    assert found[1].config.whiten is True and found[2].config.standardize == "true"
+
+
+def test_every_trial_of_the_levers_file_builds_within_the_budget():
+    found, swept = trials(
+        str(REPO / "sweeps" / "levers.yaml"),
+        norms=["batch", "group", "layer"],
+        seeds=1,
+        mode="one-at-a-time",
+    )
+    assert {"widths", "order", "standardize", "groups", "learning_rate"} <= set(swept)
+    for trial in found:
+        _, parameters = build_model(trial.config)
+        assert parameters <= MAX_PARAMETERS, trial.name
+
+
+BAD_GRIDS = [
+    ("", "grid is empty"),
+    (";", "grid is empty"),
+    ("lr=0.1", "grid: 'lr' is not a train parameter"),
+    ("seed=1,2", "grid: 'seed' is not a train parameter"),
+    ("learning_rate=", "grid entries are key=value,value,... (got 'learning_rate=')"),
+    ("learning_rate=0.1,fast", "grid: learning_rate takes float values (got 'fast')"),
+    ("learning_rate=0.1,20", "grid: learning_rate=20: learning_rate must be in (0, 10] (got 20)"),
+    ("order=sideways", "grid: order=sideways: order must be one of norm-act, act-norm"),
+    ("whiten=maybe", "grid: whiten takes bool values (got 'maybe')"),
+    ("widths=C2=64", "the model has 54,730 parameters; the limit is 50,000 (widths C2=64)"),
+    ("widths=C11=8", "widths: C11 is not a conv layer whose width can change"),
+    ("groups=3", "groups must divide the channels of every layer: C1 has 16 channels"),
+    ("missing.yaml", "grid file 'missing.yaml' does not exist"),
+    (
+        "learning_rate=0.1,0.2,0.3,0.4,0.5;label_smoothing=0,0.05,0.1,0.15,0.2",
+        "the sweep has 50 trials, more than max_trials=40",
+    ),
+]
+
+
+@pytest.mark.parametrize(("grid", "message"), BAD_GRIDS, ids=[g or "empty" for g, _ in BAD_GRIDS])
+def test_bad_grids_are_one_line_and_create_no_run(
+    tracking_store, image_folder, grid, message, monkeypatch, capsys
+):
+    code, stderr = run_in_process(
+        monkeypatch, capsys, "sweep", "--grid", grid, "--norm", "group,layer", "--seeds", "1",
+        "--max-trials", "40", "--data", str(image_folder),
+    )  # fmt: skip
+    assert code == 1
+    assert stderr.count("\n") == 1 and stderr.startswith("error: ") and message in stderr, stderr
+    assert mlflow.search_runs(search_all_experiments=True).empty
+
+
+def test_per_norm_values_for_a_norm_not_swept_are_refused(tmp_path):
+    grid = tmp_path / "grid.yaml"
+    grid.write_text("grid:\n  ema: [0.99]\nnorms:\n  group:\n    groups: [8]\n")
+    with pytest.raises(ConfigError, match="per-norm values for group, which this sweep does not"):
+        trials(str(grid), norms=["batch"], seeds=1)
+
+
+def test_a_model_over_the_budget_fails_a_study_before_any_run(tracking_store, monkeypatch, capsys):
+    code, stderr = run_in_process(monkeypatch, capsys, "main", "--widths", "C8=64,C9=64")
+    assert code == 1
+    assert "the model has" in stderr and "the limit is 50,000 (widths C8=64,C9=64)" in stderr
+    assert mlflow.search_runs(search_all_experiments=True).empty
+
+
+def test_model_shape_levers_reach_the_model():
+    config = TrainConfig(
+        norm="layer", widths=" C2=24 , C7=24", order="act-norm", standardize="FALSE"
+    )
+    assert config.widths == "C2=24,C7=24" and config.standardize == "false"
+    model, parameters = build_model(config)
+    assert model.C2.conv.out_channels == 24 and model.C7.conv.out_channels == 24
+    assert type(model.C2.conv).__name__ == "Conv2d"  # standardize=false: no WSConv2d
+    assert list(dict(model.C2.named_children())) == ["conv", "relu", "norm"]  # act-norm
+    assert parameters < MAX_PARAMETERS
+    assert type(build_model(TrainConfig(norm="layer"))[0].C2.conv).__name__ == "WSConv2d"
+    with pytest.raises(ConfigError, match="widths are LAYER=CHANNELS pairs"):
+        TrainConfig(widths="C2:24")
+
+
+def test_relative_data_reaches_the_steps_as_an_absolute_path(tmp_path, monkeypatch):
+    (tmp_path / "data").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert workflow.step_data("data") == str(tmp_path / "data")
+    assert workflow.step_data("~/.cache/not-there") == "~/.cache/not-there"
+
+
+# --------------------------------------------------------------------------- a real sweep
+
+SWEEP = {
+    "grid": "learning_rate=0.4;label_smoothing=0",
+    "mode": "one-at-a-time",
+    "norm": "batch",
+    "epochs": 1,
+    "warmup_epochs": 0.5,
+    "batch_size": 32,
+    "parallel": 2,
+}
+
+
+@pytest.mark.slow
+def test_sweep_nests_a_train_run_per_trial_reports_levers_and_reuses_finished_trials(
+    tracking_store, image_folder
+):
+    first = mlflow_run("sweep", {**SWEEP, "seeds": 1, "data": image_folder})
+    assert first.returncode == 0, first.stderr[-3000:]
+    second = mlflow_run("sweep", {**SWEEP, "seeds": 2, "data": image_folder})  # one more seed
+    assert second.returncode == 0, second.stderr[-3000:]
+
+    client = MlflowClient()
+    runs = mlflow.search_runs(search_all_experiments=True, order_by=["attributes.start_time ASC"])
+    parents = runs[runs["tags.mlflow.runName"] == "sweep"].reset_index(drop=True)
+    assert len(parents) == 2 and set(parents["status"]) == {"FINISHED"}
+    children = runs[runs["tags.mlflow.parentRunId"] == parents.loc[1, "run_id"]]
+    names = set(children["tags.mlflow.runName"])
+    trained = {
+        f"train-batch-seed{seed}{suffix}"
+        for seed in (1, 2)
+        for suffix in ("", "-learning_rate=0.4", "-label_smoothing=0")
+    }
+    assert names == {"prepare-stats", "compare", *trained}
+    assert set(runs["status"]) == {"FINISHED"}
+    # seed 1's trials (and prepare-stats) come from the first sweep; seed 2's are new
+    reused = children.set_index("tags.mlflow.runName")["tags.reused_run_id"].fillna("")
+    assert {name for name in names if reused[name]} == {
+        "prepare-stats",
+        *(name for name in trained if "seed1" in name),
+    }
+    assert "reusing finished run" in second.stdout
+    # trials are plain train runs, not registered
+    assert client.search_registered_models() == []
+    lr_runs = runs[runs["params.learning_rate"] == "0.4"]
+    assert len(lr_runs) == 2 and set(lr_runs["tags.step"]) == {"train"}
+    # the report is the lever table over the swept parameters, gains paired by seed
+    report = Path(
+        mlflow.artifacts.download_artifacts(f"runs:/{parents.loc[1, 'run_id']}/comparison")
+    )
+    text = (report / "report.md").read_text()
+    assert "| norm | learning_rate | label_smoothing |" in text
+    assert "(2 seeds)" in text
+    assert (report / "report.html").is_file()
