@@ -30,6 +30,7 @@ from pipeline.config import (
     parse_norms,
 )
 from pipeline.data import DataError
+from pipeline.executors import EXECUTORS, ExecutorSettings
 from pipeline.model import build_model, summary
 
 log = logging.getLogger("pipeline")
@@ -262,6 +263,67 @@ def evaluate(**options) -> None:
 
 # --------------------------------------------------------------------------- main (the study)
 
+
+def executor_options(function):
+    """Where a study's or sweep's steps run: this host, or Ray (local or a cluster)."""
+    options = [
+        click.option(
+            "--parallel",
+            type=int,
+            default=1,
+            help="Run up to N steps at once (local: each on its share of the cores).",
+        ),
+        click.option(
+            "--executor",
+            type=click.Choice(EXECUTORS),
+            default="local",
+            help="local: processes on this host; ray: Ray tasks (pip install -e '.[ray]').",
+        ),
+        click.option(
+            "--ray-address",
+            "ray_address",
+            default="",
+            help="executor=ray: empty starts a local Ray instance; auto or host:port joins a "
+            "cluster (the store must then be a tracking server).",
+        ),
+        click.option(
+            "--cpus-per-trial", "cpus_per_trial", type=float, default=1.0, help="executor=ray."
+        ),
+        click.option(
+            "--gpus-per-trial",
+            "gpus_per_trial",
+            type=float,
+            default=0.0,
+            help="executor=ray: fractions share a GPU; asked for only where the cluster has GPUs.",
+        ),
+    ]
+    for option in reversed(options):
+        function = option(function)
+    return function
+
+
+_EXECUTOR_OPTIONS = ("parallel", "executor", "ray_address", "cpus_per_trial", "gpus_per_trial")
+
+
+def _executor_settings(options: dict) -> ExecutorSettings:
+    """Pop the executor options out of a command's options, checked before any run starts."""
+    values = {key: options.pop(key) for key in _EXECUTOR_OPTIONS}
+    settings = ExecutorSettings(name=values.pop("executor"), **values)
+    workflow.check_executor(settings)
+    return settings
+
+
+def _executor_params(settings: ExecutorSettings) -> dict[str, str]:
+    params = {"parallel": str(settings.parallel), "executor": settings.name}
+    if settings.name == "ray":
+        params.update(
+            ray_address=settings.ray_address,
+            cpus_per_trial=str(settings.cpus_per_trial),
+            gpus_per_trial=str(settings.gpus_per_trial),
+        )
+    return params
+
+
 # A study trains every norm and seeds 1..seeds; resuming names one run, so it stays on `train`.
 _NOT_STUDY_OPTIONS = ("norm", "seed", "resume")
 
@@ -274,22 +336,17 @@ _NOT_STUDY_OPTIONS = ("norm", "seed", "resume")
     default=1,
     help="Train seeds 1..SEEDS of each norm (the README's study uses 3).",
 )
-@click.option(
-    "--parallel",
-    type=int,
-    default=1,
-    help="Run up to N trainings (and evaluations) at once, each on its share of the cores.",
-)
-def study(norm: str, seeds: int, parallel: int, **train_options) -> None:
+@executor_options
+def study(norm: str, seeds: int, **train_options) -> None:
     """The whole study: prepare-stats, train each norm x seed, evaluate each model, compare.
 
     Every other option passes through to each train step. Each step is a child run of this
     one; a step that already finished with the same parameters and code is reused.
     """
     norms = parse_norms(norm)
+    executor = _executor_settings(train_options)
     train_options["data"] = workflow.step_data(train_options["data"])
     configs = workflow.study_configs(norms, seeds, **train_options)
-    workflow.check_parallel(parallel)
     tracking.check_store()
     tags = {"step": "main", "norms": ",".join(norms), "seeds": str(seeds)}
     with tracking.run(run_name="study", tags=tags) as run_id:
@@ -297,11 +354,11 @@ def study(norm: str, seeds: int, parallel: int, **train_options) -> None:
             {
                 "norm": ",".join(norms),
                 "seeds": str(seeds),
-                "parallel": str(parallel),
+                **_executor_params(executor),
                 **{key: str(value) for key, value in train_options.items()},
             }
         )
-        results = workflow.run_study(configs, parallel=parallel, echo=click.echo)
+        results = workflow.run_study(configs, executor=executor, echo=click.echo)
         _log_steps(results)
     reused = sum(result.reused for result in results)
     click.echo(
@@ -345,12 +402,7 @@ study.params.extend(option for option in train.params if option.name not in _NOT
 )
 @click.option("--norm", default=",".join(NORMS), help="One norm or a comma-separated list of them.")
 @click.option("--seeds", type=int, default=1, help="Train seeds 1..SEEDS of every trial.")
-@click.option(
-    "--parallel",
-    type=int,
-    default=1,
-    help="Run up to N trainings at once, each on its share of the cores.",
-)
+@executor_options
 @click.option(
     "--max-trials",
     "max_trials",
@@ -364,9 +416,7 @@ study.params.extend(option for option in train.params if option.name not in _NOT
     default="",
     help="Registry name of each trial's model ({norm} is filled in); empty: none registered.",
 )
-def sweep(
-    grid: str, mode: str, norm: str, seeds: int, parallel: int, max_trials: int, **train_options
-) -> None:
+def sweep(grid: str, mode: str, norm: str, seeds: int, max_trials: int, **train_options) -> None:
     """A sweep: a `train` child run per trial and norm and seed, then the lever table.
 
     Every other option is the recipe the grid's values override. A trial that already
@@ -374,12 +424,12 @@ def sweep(
     runs only what is new.
     """
     norms = parse_norms(norm)
+    executor = _executor_settings(train_options)
     train_options["data"] = workflow.step_data(train_options["data"])
     trials, swept = sweeps.trials(
         grid, norms=norms, seeds=seeds, mode=mode, max_trials=max_trials, **train_options
     )
     workflow.check_models([trial.config for trial in trials])
-    workflow.check_parallel(parallel)
     tracking.check_store()
     tags = {"step": "sweep", "norms": ",".join(norms), "swept": ",".join(swept)}
     with tracking.run(run_name="sweep", tags=tags) as run_id:
@@ -389,13 +439,13 @@ def sweep(
                 "mode": mode,
                 "norm": ",".join(norms),
                 "seeds": str(seeds),
-                "parallel": str(parallel),
+                **_executor_params(executor),
                 "max_trials": str(max_trials),
                 **{key: str(value) for key, value in train_options.items()},
             }
         )
         click.echo(f"sweep {run_id}: {len(trials)} trainings over {', '.join(swept)} ({mode})")
-        results = workflow.run_sweep(trials, swept=swept, parallel=parallel, echo=click.echo)
+        results = workflow.run_sweep(trials, swept=swept, executor=executor, echo=click.echo)
         _log_steps(results)
     reused = sum(result.reused for result in results)
     click.echo(

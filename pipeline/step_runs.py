@@ -96,7 +96,14 @@ class StepRuns:
         client.set_terminated(pointer.info.run_id, "FINISHED")
         return pointer.info.run_id
 
-    def create(self, *, entry_point: str, parameters: dict[str, str], run_name: str) -> ProjectStep:
+    def create(
+        self,
+        *,
+        entry_point: str,
+        parameters: dict[str, str],
+        run_name: str,
+        tags: dict[str, str] | None = None,
+    ) -> ProjectStep:
         """Create the run of one MLproject entry point as a child of the parent run.
 
         The run gets what `mlflow.projects.run` gives it (source, entry point and git tags, the
@@ -129,6 +136,7 @@ class StepRuns:
             MLFLOW_RUN_NAME: run_name,
             MLFLOW_PROJECT_BACKEND: "local",
             MLFLOW_PROJECT_ENV: "local",
+            **(tags or {}),
         }
         client = MlflowClient()
         for key, value in tags.items():
@@ -139,6 +147,11 @@ class StepRuns:
             work_dir=work_dir,
             env=projects.get_run_env_vars(run_id, self.experiment_id),
         )
+
+    def set_tags(self, run_id: str, tags: dict[str, str]) -> None:
+        client = MlflowClient()
+        for key, value in tags.items():
+            client.set_tag(run_id, key, value)
 
     def end(self, run_id: str, *, succeeded: bool) -> str:
         """End a step's run as `mlflow run` would and return its final status.

@@ -8,6 +8,7 @@ import logging
 import os
 import tempfile
 import time
+import urllib.parse
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -41,6 +42,12 @@ class RunInterrupted(BaseException):
 
 def tracking_uri() -> str:
     return mlflow.get_tracking_uri()
+
+
+def store_is_local() -> bool:
+    """Whether the store is a file on this machine (SQLite or a directory), not a server."""
+    scheme = urllib.parse.urlparse(tracking_uri()).scheme
+    return scheme in ("", "file", "sqlite") or len(scheme) == 1  # C:\\mlruns on Windows
 
 
 def check_store() -> None:
@@ -332,30 +339,40 @@ def _version_score(version) -> float:
         return float("nan")
 
 
-def update_champion(name: str) -> str | None:
+def update_champion(name: str, *, max_rounds: int = 20) -> str | None:
     """Point the `champion` alias at the version with the best `test_acc` tag; return it.
 
-    The best version is recomputed from every version under a lock, so two runs finishing at
-    once cannot leave the alias on the worse one, and a stale writer is corrected by the next.
+    Correct when trainings on different machines finish at once, with no lock they share:
+    each writer recomputes the best from every version and re-reads after its write until
+    what it read is what the alias holds. A version registers before its writer's update, so
+    the last writer's final read sees every version and the alias settles on the best. (The
+    file lock only saves same-host writers the extra rounds.)
     """
     client = MlflowClient()
-    # Serialises champion updates of one model among the processes of this machine.
     with stores.file_lock("registry", f"{tracking_uri()}|{name}"):
-        versions = client.search_model_versions(f"name = '{name}'")
-        scored = [(v, _version_score(v)) for v in versions]
-        scored = [(v, s) for v, s in scored if s == s]
-        if not scored:
-            return None
-        # Highest accuracy wins; on a tie the older version keeps the title.
-        best, _ = max(scored, key=lambda item: (item[1], -int(item[0].version)))
-        try:
-            current = client.get_model_version_by_alias(name, CHAMPION).version
-        except MlflowException:
-            current = None
-        if str(current) != str(best.version):
-            client.set_registered_model_alias(name, CHAMPION, best.version)
-            log.info("%s@%s -> version %s", name, CHAMPION, best.version)
-        return str(best.version)
+        for _ in range(max_rounds):
+            best = _best_version(client, name)
+            if best is None:
+                return None
+            try:
+                current = client.get_model_version_by_alias(name, CHAMPION).version
+            except MlflowException:
+                current = None
+            if str(current) == best:
+                return best
+            client.set_registered_model_alias(name, CHAMPION, best)
+            log.info("%s@%s -> version %s", name, CHAMPION, best)
+    raise TrackingError(f"{name}@{CHAMPION} did not settle in {max_rounds} rounds")
+
+
+def _best_version(client: MlflowClient, name: str) -> str | None:
+    scored = [(v, _version_score(v)) for v in client.search_model_versions(f"name = '{name}'")]
+    scored = [(v, s) for v, s in scored if s == s]
+    if not scored:
+        return None
+    # Highest accuracy wins; on a tie the older version keeps the title.
+    best, _ = max(scored, key=lambda item: (item[1], -int(item[0].version)))
+    return str(best.version)
 
 
 def promote(name: str, version: str, *, alias: str = CHAMPION) -> None:

@@ -9,18 +9,33 @@ already FINISHED with the same parameters and code version is reused instead of 
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import hashlib
 import logging
 import queue
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline import tracking
-from pipeline.config import EvalConfig, TrainConfig, check_int_range
-from pipeline.executors import OUTPUT_LOCK, Executor, StepCommand
-from pipeline.executors.local import LocalExecutor
+from pipeline.config import (
+    ConfigError,
+    EvalConfig,
+    TrainConfig,
+    check_choice,
+    check_float_range,
+    check_int_range,
+)
+from pipeline.executors import (
+    EXECUTORS,
+    OUTPUT_LOCK,
+    Executor,
+    ExecutorSettings,
+    StepCommand,
+    StepLost,
+    make_executor,
+)
 from pipeline.step_runs import StepRuns
 from pipeline.sweep import Trial
 from pipeline.training import build_model
@@ -30,6 +45,10 @@ log = logging.getLogger(__name__)
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 MAX_SEEDS = 100
 MAX_PARALLEL = 64
+LOCAL = ExecutorSettings()  # one step at a time on this host
+MAX_ATTEMPTS = 3  # runs of one step whose machine went away, before the workflow gives up
+RETRY_TAG = "retry_of"  # on a rerun step: the id of the run its lost attempt left FAILED
+NODE_TAG = "node"  # the machine (Ray node id) a step ran on, where there are several
 
 
 class StepFailed(tracking.TrackingError):
@@ -82,8 +101,26 @@ def step_data(data: str) -> str:
     return str(path.resolve()) if not path.is_absolute() and path.exists() else data
 
 
-def check_parallel(parallel: int) -> None:
-    check_int_range("parallel", parallel, low=1, high=MAX_PARALLEL)
+def check_executor(settings: ExecutorSettings) -> None:
+    """Executor options a user can fix, before any run starts."""
+    check_choice("executor", settings.name, EXECUTORS)
+    check_int_range("parallel", settings.parallel, low=1, high=MAX_PARALLEL)
+    check_float_range(
+        "cpus_per_trial", settings.cpus_per_trial, low=0.0, high=1024.0, open_low=True
+    )
+    check_float_range("gpus_per_trial", settings.gpus_per_trial, low=0.0, high=64.0)
+    if settings.name != "ray":
+        return
+    try:
+        import ray  # noqa: F401
+    except ImportError:
+        raise ConfigError('executor=ray needs Ray: pip install -e ".[ray]"') from None
+    if settings.ray_address and tracking.store_is_local():
+        raise ConfigError(
+            f"a Ray cluster (ray_address={settings.ray_address}) cannot share the local store "
+            f"{tracking.tracking_uri()}: each node would write its own; start the team server "
+            "(scripts/server.sh) and set MLFLOW_TRACKING_URI to it"
+        )
 
 
 def code_version(project_dir: Path = PROJECT_DIR) -> str:
@@ -101,15 +138,19 @@ def run_study(
     configs: Sequence[TrainConfig],
     *,
     project_dir: Path = PROJECT_DIR,
-    parallel: int = 1,
+    executor: ExecutorSettings = LOCAL,
     echo: Callable[[str], None] = log.info,
 ) -> list[StepResult]:
     """Run the study's steps as children of the active run and return them in order.
 
-    The steps of one stage (the trainings, the evaluations) are independent: up to `parallel`
-    of them run at once, each on its own share of the CPU cores.
+    The steps of one stage (the trainings, the evaluations) are independent: up to the
+    executor's `parallel` of them run at once.
     """
-    runner = _runner(project_dir=project_dir, parallel=parallel, echo=echo)
+    with _runner(project_dir=project_dir, executor=executor, echo=echo) as runner:
+        return _study_steps(runner, configs)
+
+
+def _study_steps(runner: StepRunner, configs: Sequence[TrainConfig]) -> list[StepResult]:
     prepared, stats = _prepare_stats(runner, configs[0])
     trained = runner.execute(
         [
@@ -142,29 +183,34 @@ def run_sweep(
     *,
     swept: Sequence[str],
     project_dir: Path = PROJECT_DIR,
-    parallel: int = 1,
+    executor: ExecutorSettings = LOCAL,
     echo: Callable[[str], None] = log.info,
 ) -> list[StepResult]:
     """Run a sweep's steps as children of the active run: prepare-stats, a `train` step per
     trial, then `compare --group-by` the swept parameters (the lever table is the report).
     Finished trials with the same parameters and code are reused, as a study's steps are."""
-    runner = _runner(project_dir=project_dir, parallel=parallel, echo=echo)
-    prepared, stats = _prepare_stats(runner, trials[0].config)
-    trained = runner.execute(
-        [
+    with _runner(project_dir=project_dir, executor=executor, echo=echo) as runner:
+        prepared, stats = _prepare_stats(runner, trials[0].config)
+        steps = [
             Step(trial.name, "train", dataclasses.replace(trial.config, stats=stats).as_params())
             for trial in trials
         ]
-    )
-    return [prepared, *trained, _compare(runner, group_by=swept)]
+        return [prepared, *runner.execute(steps), _compare(runner, group_by=swept)]
 
 
-def _runner(*, project_dir: Path, parallel: int, echo: Callable[[str], None]) -> StepRunner:
-    check_parallel(parallel)
+@contextlib.contextmanager
+def _runner(
+    *, project_dir: Path, executor: ExecutorSettings, echo: Callable[[str], None]
+) -> Iterator[StepRunner]:
+    check_executor(executor)
     step_runs = StepRuns.of_active_run(
         project_dir=project_dir, code_version=code_version(project_dir)
     )
-    return StepRunner(step_runs=step_runs, executor=LocalExecutor(parallel=parallel), echo=echo)
+    running = make_executor(executor, project_dir=project_dir)
+    try:
+        yield StepRunner(step_runs=step_runs, executor=running, echo=echo)
+    finally:
+        running.close()
 
 
 def _prepare_stats(runner: StepRunner, first: TrainConfig) -> tuple[StepResult, str]:
@@ -263,13 +309,30 @@ class StepRunner:
         return StepResult(step, found, reused=True)
 
     def _run(self, step: Step, *, lane: int, lanes: int) -> StepResult:
-        created = self.step_runs.create(
-            entry_point=step.entry_point, parameters=step.parameters, run_name=step.name
-        )
-        where = self.executor.placement(lane=lane, lanes=lanes)
-        self.echo(f"step {step.name}: running entry point {step.entry_point}{where}")
-        command = StepCommand(step.name, created.command, created.work_dir, created.env)
-        outcome = self.executor.run(command, lane=lane, lanes=lanes)
+        """Run `step` in a new child run. A step whose machine went away is rerun as a new
+        run tagged `retry_of` the lost one (ended FAILED): never two attempts in one run."""
+        retry_of = ""
+        for attempt in range(MAX_ATTEMPTS):
+            created = self.step_runs.create(
+                entry_point=step.entry_point,
+                parameters=step.parameters,
+                run_name=step.name,
+                tags={RETRY_TAG: retry_of} if retry_of else {},
+            )
+            where = self.executor.placement(lane=lane, lanes=lanes)
+            self.echo(f"step {step.name}: running entry point {step.entry_point}{where}")
+            command = StepCommand(step.name, created.command, created.work_dir, created.env)
+            try:
+                outcome = self.executor.run(command, lane=lane, lanes=lanes)
+                break
+            except StepLost as lost:
+                self.step_runs.end(created.run_id, succeeded=False)
+                if attempt + 1 == MAX_ATTEMPTS:
+                    raise StepFailed(f"{lost}, {MAX_ATTEMPTS} times") from None
+                self.echo(f"{lost}: run {created.run_id} FAILED; running the step again")
+                retry_of = created.run_id
+        if outcome.node:
+            self.step_runs.set_tags(created.run_id, {NODE_TAG: outcome.node})
         status = self.step_runs.end(created.run_id, succeeded=outcome.exit_code == 0)
         if outcome.exit_code != 0 or status != "FINISHED":
             reason = outcome.error_line or f"exit code {outcome.exit_code}, run {status}"

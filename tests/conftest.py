@@ -156,10 +156,18 @@ def run_in_process(monkeypatch, capsys, *args):
     return exit_info.value.code, capsys.readouterr().err
 
 
-def mlflow_run(entry_point: str, parameters: dict[str, object], *, timeout: int = 600):
+def mlflow_run(
+    entry_point: str,
+    parameters: dict[str, object],
+    *,
+    timeout: int = 600,
+    experiment_name: str | None = None,
+):
     """`mlflow run <repo> --env-manager local -e ENTRY -P k=v ...`, as a user would type it."""
     command = [sys.executable, "-m", "mlflow", "run", str(REPO), "--env-manager", "local"]
     command += ["-e", entry_point]
+    if experiment_name:
+        command += ["--experiment-name", experiment_name]
     for key, value in parameters.items():
         command += ["-P", f"{key}={value}"]
     return subprocess.run(

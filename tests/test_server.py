@@ -298,3 +298,79 @@ def test_basic_auth_refuses_strangers_and_readers_cannot_write(
     assert admin.search_model_versions("name = 'cifar10-batch'") == []
     runs = admin.search_runs([experiment_id])
     assert [r.info.run_id for r in runs] == [source.info.run_id]  # the reader made no run
+
+
+# --------------------------------------------------------------------------- a Ray cluster
+
+OBJECT_STORE = 80 * 2**20  # Ray's floor is 75 MiB; the steps return a few bytes
+
+
+@pytest.fixture
+def two_node_cluster(monkeypatch):
+    """A Ray cluster on this machine: a head that runs no trial and two worker nodes of one
+    CPU each. Only the processes it started are stopped (never `ray stop`)."""
+    cluster_utils = pytest.importorskip("ray.cluster_utils", reason="pip install -e '.[ray]'")
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")  # the sweep's driver joins without a token
+    cluster = cluster_utils.Cluster(
+        initialize_head=True,
+        head_node_args={"num_cpus": 0, "object_store_memory": OBJECT_STORE},
+    )
+    try:
+        nodes = [cluster.add_node(num_cpus=1, object_store_memory=OBJECT_STORE) for _ in "ab"]
+        cluster.wait_for_nodes()
+        yield SimpleNamespace(cluster=cluster, nodes=nodes)
+    finally:
+        cluster.shutdown()
+
+
+def _train_runs(client: MlflowClient) -> list:
+    experiment = client.get_experiment_by_name("Default")
+    runs = client.search_runs([experiment.experiment_id], "tags.step = 'train'")
+    return runs
+
+
+def test_a_sweep_on_a_two_node_cluster_reruns_the_trial_of_a_lost_node(
+    on_server, two_node_cluster, image_folder, tmp_path
+):
+    node_a, node_b = (node.node_id for node in two_node_cluster.nodes)
+    sweep = subprocess.Popen(
+        [
+            sys.executable, "-m", "pipeline", "sweep",
+            "--grid", "learning_rate=0.1,0.4,0.8", "--mode", "one-at-a-time",
+            "--norm", "batch", "--seeds", "2", "--epochs", "3", "--batch-size", "32",
+            "--warmup-epochs", "0.5", "--data", str(image_folder),
+            "--executor", "ray", "--ray-address", two_node_cluster.cluster.address,
+            "--parallel", "2",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "PYTHONPATH": PYTHONPATH},
+        cwd=tmp_path,
+    )  # fmt: skip
+    # Once node b has finished a trial and started the next, it goes away mid-trial.
+    deadline = time.monotonic() + 600
+    while not any(run.data.tags.get("node") == node_b for run in _train_runs(on_server)):
+        assert sweep.poll() is None and time.monotonic() < deadline, sweep.stdout.read()
+        time.sleep(1)
+    time.sleep(4)
+    two_node_cluster.cluster.remove_node(two_node_cluster.nodes[1])
+    output, _ = sweep.communicate(timeout=900)
+    assert sweep.returncode == 0, output[-4000:]
+
+    runs = _train_runs(on_server)
+    statuses = {run.info.run_id: run.info.status for run in runs}
+    assert "RUNNING" not in statuses.values()
+    retried = [run for run in runs if "retry_of" in run.data.tags]
+    assert retried, output[-4000:]
+    for retry in retried:
+        assert statuses[retry.data.tags["retry_of"]] == "FAILED"
+        assert retry.info.status == "FINISHED"
+        assert "rerunning" in output or "running the step again" in output
+    finished = [run for run in runs if run.info.status == "FINISHED"]
+    assert len(finished) == 8  # (the defaults + 3 learning rates) x 2 seeds, each once
+    assert {run.data.tags.get("node") for run in finished} == {node_a, node_b}
+    # every trial's artifacts came through the server's artifact proxy
+    for run in finished:
+        paths = {item.path for item in on_server.list_artifacts(run.info.run_id, "plots")}
+        assert "plots/curves.png" in paths

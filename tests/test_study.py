@@ -380,6 +380,59 @@ def test_champion_is_the_best_when_processes_finish_together(tracking_store):
     assert _champion(client, "cifar10-processes") == str(best.version)
 
 
+def _register_and_update_alone(name: str, accuracy: float, index: int, barrier, tmp: str):
+    """As _register_and_update, in a process whose lock directory no other process shares
+    (a trial on another machine)."""
+    os.environ["TMPDIR"] = tmp
+    _register_and_update(name, accuracy, index, barrier)
+
+
+@pytest.mark.slow
+def test_champion_is_the_best_when_processes_share_no_lock(tracking_store, tmp_path):
+    client = MlflowClient()
+    client.create_registered_model("cifar10-hosts")
+    context = multiprocessing.get_context("spawn")
+    barrier = context.Barrier(len(ACCURACIES))
+    workers = []
+    for index, accuracy in enumerate(ACCURACIES):
+        tmp = tmp_path / f"host{index}"
+        tmp.mkdir()
+        arguments = ("cifar10-hosts", accuracy, index, barrier, str(tmp))
+        workers.append(context.Process(target=_register_and_update_alone, args=arguments))
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(timeout=180)
+        assert worker.exitcode == 0
+    for index in range(len(ACCURACIES)):  # each took its own lock file
+        assert list((tmp_path / f"host{index}").glob("cifar10-pipeline-registry-*.lock"))
+    versions = client.search_model_versions("name = 'cifar10-hosts'")
+    assert len(versions) == len(ACCURACIES)
+    best = max(versions, key=lambda v: float(v.tags["test_acc"]))
+    assert _champion(client, "cifar10-hosts") == str(best.version)
+
+
+def test_a_stale_champion_writer_corrects_itself(tracking_store, monkeypatch):
+    """A writer whose first read misses a better version (registered on another host in
+    between) re-reads after its write and moves the alias on."""
+    client = MlflowClient()
+    client.create_registered_model("cifar10-stale")
+    for index, accuracy in enumerate((0.61, 0.74)):
+        _register(client, "cifar10-stale", accuracy, index)
+    search = MlflowClient.search_model_versions
+    reads = []
+
+    def stale_first_read(self, *args, **kwargs):
+        versions = search(self, *args, **kwargs)
+        reads.append(len(versions))
+        return [v for v in versions if str(v.version) == "1"] if len(reads) == 1 else versions
+
+    monkeypatch.setattr(MlflowClient, "search_model_versions", stale_first_read)
+    assert tracking.update_champion("cifar10-stale") == "2"
+    assert _champion(client, "cifar10-stale") == "2"
+    assert len(reads) >= 2
+
+
 # --------------------------------------------------------------------------- MLproject
 
 

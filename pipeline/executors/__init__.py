@@ -2,7 +2,7 @@
 
 An executor gets a step's shell command with its run's `MLFLOW_*` variables and returns how it
 ended; it never creates, ends or reads an MLflow run. `local` (this host) needs no extra
-dependency.
+dependency; `ray` (a local Ray instance or a cluster) needs the `ray` extra.
 """
 
 from __future__ import annotations
@@ -28,6 +28,12 @@ class StepCommand:
 class StepOutcome:
     exit_code: int
     error_line: str  # the step's one-line `error: ...` message, else its last line of output
+    node: str = ""  # the machine it ran on, where the executor has several (a Ray node id)
+
+
+class StepLost(RuntimeError):
+    """The step's machine went away mid-run (not the step's own failure): run it again, as a
+    new run."""
 
 
 class Executor(Protocol):
@@ -45,6 +51,41 @@ class Executor(Protocol):
     def stop(self) -> None:
         """Stop every running step (Ctrl-C or SIGTERM): each ends its run KILLED."""
         ...
+
+    def close(self) -> None:
+        """Release what the executor holds (a Ray connection); called once at the end."""
+        ...
+
+
+EXECUTORS = ("local", "ray")
+
+
+@dataclass(frozen=True)
+class ExecutorSettings:
+    """Which executor runs a workflow's steps, and how (the `executor` options of main and
+    sweep)."""
+
+    name: str = "local"
+    parallel: int = 1  # steps at once, at most
+    ray_address: str = ""  # empty: a local Ray instance; `auto` or host:port: a cluster
+    cpus_per_trial: float = 1.0
+    gpus_per_trial: float = 0.0
+
+
+def make_executor(settings: ExecutorSettings, *, project_dir) -> Executor:
+    if settings.name == "ray":
+        from pipeline.executors.ray import RayExecutor
+
+        return RayExecutor(
+            project_dir=project_dir,
+            parallel=settings.parallel,
+            address=settings.ray_address,
+            cpus_per_trial=settings.cpus_per_trial,
+            gpus_per_trial=settings.gpus_per_trial,
+        )
+    from pipeline.executors.local import LocalExecutor
+
+    return LocalExecutor(parallel=settings.parallel)
 
 
 def error_line(lines) -> str:

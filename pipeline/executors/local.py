@@ -117,6 +117,9 @@ class LocalExecutor:
                     sink.flush()
         stream.close()
 
+    def close(self) -> None:
+        """Nothing to release: every step's process has ended by now."""
+
     def stop(self, grace_seconds: float = 60) -> None:
         """SIGTERM every running step (each ends its run KILLED) and wait for them to exit."""
         with self._running_lock:

@@ -1,0 +1,171 @@
+"""The Ray executor: each step a Ray task, on a local Ray instance or a cluster.
+
+The driver keeps owning the MLflow runs; a task runs the step's command with the run's
+`MLFLOW_*` variables in the project's code, which reaches every node through Ray's
+`runtime_env` working_dir. Ray's own MLflow integration is not used: it would log flat
+duplicate runs. Ray is an optional dependency (`pip install -e ".[ray]"`), imported only here.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import threading
+from pathlib import Path
+
+from pipeline.executors import StepCommand, StepLost, StepOutcome, error_line
+
+log = logging.getLogger(__name__)
+
+# Kept out of what runtime_env uploads to the nodes: stores, caches and outputs, not code.
+UPLOAD_EXCLUDES = [
+    ".git",
+    "mlruns",
+    "mlartifacts",
+    "mlflow.db",
+    "*.egg-info",
+    "__pycache__",
+    ".pytest_cache",
+    ".ruff_cache",
+    "docs",
+    "outputs",
+]
+
+
+def _run_command(command: str, env: dict[str, str], prefix: str) -> tuple[int, str, str]:
+    """The task: run `command` in the uploaded project, print its lines (Ray forwards them to
+    the driver), return (exit code, error line, node id). Cancelled, it stops the step with
+    SIGTERM first, so the step ends its run KILLED."""
+    import collections
+    import signal
+    import subprocess
+    import sys
+
+    import ray
+
+    node = ray.get_runtime_context().get_node_id()
+    tail: collections.deque[str] = collections.deque(maxlen=50)
+    process = subprocess.Popen(
+        ["bash", "-c", command],
+        env={**os.environ, **env, "TQDM_DISABLE": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        errors="replace",
+        preexec_fn=_own_session_dying_with_parent,
+    )
+    try:
+        for line in process.stdout:
+            line = line.rstrip("\n")
+            tail.append(line)
+            sys.stdout.write(f"{prefix}{line}\n")
+            sys.stdout.flush()
+        code = process.wait()
+    except BaseException:  # ray.cancel raises KeyboardInterrupt here
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGTERM)
+            try:
+                process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+        raise
+    return code, error_line(tail), node
+
+
+def _own_session_dying_with_parent() -> None:
+    """In the step's process before it starts: its own session (a cancel stops the whole
+    step), and on Linux killed with the task's worker, so a lost node leaves no step behind
+    still writing into a run the driver has ended FAILED."""
+    os.setsid()
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+class RayExecutor:
+    """Runs each step as a Ray task needing `cpus_per_trial` CPUs (and `gpus_per_trial` GPUs,
+    fractions allowed, asked for only where the cluster has GPUs)."""
+
+    def __init__(
+        self,
+        *,
+        project_dir: Path,
+        parallel: int = 1,
+        address: str = "",
+        cpus_per_trial: float = 1.0,
+        gpus_per_trial: float = 0.0,
+        object_store_memory: int | None = None,
+    ) -> None:
+        import ray
+
+        self.parallel = parallel
+        self._ray = ray
+        self._started_here = not address
+        init = {
+            "runtime_env": {"working_dir": str(project_dir), "excludes": UPLOAD_EXCLUDES},
+            "include_dashboard": False,
+            "logging_level": logging.WARNING,
+        }
+        if address:
+            init["address"] = address
+        else:  # a local instance: the steps return a few bytes, so a small object store
+            init["object_store_memory"] = object_store_memory or 128 * 2**20
+        ray.init(**init)
+        has_gpus = ray.cluster_resources().get("GPU", 0) > 0
+        self._options = {
+            "num_cpus": cpus_per_trial,
+            "num_gpus": gpus_per_trial if has_gpus else 0,
+            "max_retries": 0,  # a lost step is rerun as a new run by the workflow, never here
+        }
+        # torch sizes its thread pool from the cores it sees, all of the node's under Ray:
+        # hold each step to the CPUs it asked for, so steps side by side do not oversubscribe.
+        self._threads = str(max(1, int(cpus_per_trial)))
+        self._task = ray.remote(_run_command)
+        self._running: set = set()
+        self._lock = threading.Lock()
+
+    def placement(self, *, lane: int, lanes: int) -> str:
+        return " on Ray"
+
+    def run(self, step: StepCommand, *, lane: int = 0, lanes: int = 1) -> StepOutcome:
+        ray = self._ray
+        prefix = f"[{step.name}] " if lanes > 1 else ""
+        env = {**step.env, "PIPELINE_THREADS": self._threads}
+        reference = self._task.options(**self._options).remote(step.command, env, prefix)
+        with self._lock:
+            self._running.add(reference)
+        try:
+            code, line, node = ray.get(reference)
+        except (
+            ray.exceptions.NodeDiedError,
+            ray.exceptions.WorkerCrashedError,
+            ray.exceptions.LocalRayletDiedError,
+            ray.exceptions.ObjectLostError,
+        ) as error:
+            reason = f"its Ray node or worker died ({type(error).__name__})"
+            raise StepLost(f"step {step.name}: {reason}") from None
+        except ray.exceptions.TaskCancelledError:
+            return StepOutcome(130, "cancelled")
+        finally:
+            with self._lock:
+                self._running.discard(reference)
+        return StepOutcome(code, line, node=node)
+
+    def stop(self) -> None:
+        """Cancel every running task: each stops its step with SIGTERM (run KILLED)."""
+        with self._lock:
+            running = list(self._running)
+        for reference in running:
+            self._ray.cancel(reference)
+        for reference in running:
+            try:
+                self._ray.get(reference, timeout=90)
+            except Exception:  # cancelled, or gone: either way no longer running
+                pass
+
+    def close(self) -> None:
+        """Disconnect; a local Ray instance started here shuts down with it."""
+        self._ray.shutdown()

@@ -1,0 +1,90 @@
+"""The Ray executor: the same study through `executor=local` and `executor=ray` (a local Ray
+instance with a small object store) gives the same children, params and report; executor
+options a user can fix fail before any run starts."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+import pytest
+from conftest import mlflow_run, run_in_process
+
+BAD_EXECUTOR_OPTIONS = [
+    (
+        ["--executor", "ray", "--ray-address", "127.0.0.1:6379"],
+        "a Ray cluster (ray_address=127.0.0.1:6379) cannot share the local store sqlite:///",
+    ),
+    (["--executor", "ray", "--cpus-per-trial", "0"], "cpus_per_trial must be in (0, 1024]"),
+    (["--executor", "slurm"], "Invalid value for '--executor'"),
+    (["--parallel", "0"], "parallel must be between 1 and 64 (got 0)"),
+]
+
+
+@pytest.mark.parametrize(("arguments", "message"), BAD_EXECUTOR_OPTIONS)
+@pytest.mark.parametrize("command", ["main", "sweep"])
+def test_bad_executor_options_fail_before_any_run(
+    tracking_store, command, arguments, message, monkeypatch, capsys
+):
+    grid = ["--grid", "ema=0.99"] if command == "sweep" else []
+    code, stderr = run_in_process(monkeypatch, capsys, command, *grid, *arguments)
+    assert code in (1, 2)
+    assert stderr.startswith("error: ") and message in stderr, stderr
+    assert "server.sh" in stderr or "ray_address" not in message
+    assert mlflow.search_runs(search_all_experiments=True).empty
+
+
+STUDY = {
+    "norm": "batch,layer",
+    "seeds": 2,
+    "epochs": 1,
+    "warmup_epochs": 0.5,
+    "batch_size": 32,
+    "parallel": 2,
+}
+
+
+def _study(executor: str, data: Path) -> tuple[pd.DataFrame, pd.DataFrame, Path]:
+    """Run the study in a new experiment; its parent, its children and its report folder."""
+    experiment = f"study-{executor}"
+    mlflow.create_experiment(experiment)
+    finished = mlflow_run(
+        "main", {**STUDY, "executor": executor, "data": data}, experiment_name=experiment
+    )
+    assert finished.returncode == 0, finished.stdout[-3000:] + finished.stderr[-3000:]
+    runs = mlflow.search_runs(experiment_names=[experiment])
+    assert set(runs["status"]) == {"FINISHED"}
+    parent = runs[runs["tags.mlflow.parentRunId"].isna()]
+    assert len(parent) == 1
+    children = runs[runs["tags.mlflow.parentRunId"] == parent["run_id"].iloc[0]]
+    report = mlflow.artifacts.download_artifacts(
+        f"runs:/{parent['run_id'].iloc[0]}/comparison", dst_path=str(data.parent / executor)
+    )
+    return parent, children.set_index("tags.mlflow.runName"), Path(report)
+
+
+@pytest.mark.slow
+def test_a_study_through_ray_matches_the_local_executor(tracking_store, image_folder):
+    _, local, local_report = _study("local", image_folder)
+    parent, ray, ray_report = _study("ray", image_folder)
+    assert parent["params.executor"].iloc[0] == "ray"
+    # the same steps; the second study's models are the registry's next versions
+    versionless = lambda names: sorted(re.sub(r"-v\d+$", "", name) for name in names)  # noqa: E731
+    assert versionless(local.index) == versionless(ray.index)
+    assert len(ray) == 1 + 4 + 4 + 1  # prepare-stats, 2 norms x 2 seeds trained and evaluated
+    trained = [name for name in ray.index if name.startswith("train-")]
+    params = [c for c in ray.columns if c.startswith("params.") and c != "params.stats"]
+    pd.testing.assert_frame_equal(local.loc[trained, params], ray.loc[trained, params])
+    # every step ran on a Ray node, which tags it
+    assert ray["tags.node"].notna().all() and "tags.node" not in local.columns
+    # one thread per step either way: the same arithmetic, the same numbers and tables
+    for column in ("metrics.test_acc", "metrics.train_loss"):
+        assert local.loc[trained, column].tolist() == ray.loc[trained, column].tolist()
+    for table in ("norms.csv", "runs.csv"):
+        drop = ["run_id", "minutes", "seconds"]  # timings differ run to run
+        mine = pd.read_csv(ray_report / table)
+        theirs = pd.read_csv(local_report / table)
+        kept = [c for c in mine.columns if not any(word in c for word in drop)]
+        pd.testing.assert_frame_equal(mine[kept], theirs[kept])
