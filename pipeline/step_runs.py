@@ -153,7 +153,7 @@ class StepRuns:
         for key, value in tags.items():
             client.set_tag(run_id, key, value)
 
-    def end(self, run_id: str, *, succeeded: bool) -> str:
+    def end(self, run_id: str, *, succeeded: bool, killed: bool = False) -> str:
         """End a step's run as `mlflow run` would and return its final status.
 
         A run its command already ended (FINISHED, FAILED, KILLED) keeps that status; a RUNNING
@@ -163,7 +163,7 @@ class StepRuns:
         client = MlflowClient()
         status = client.get_run(run_id).info.status
         if status == "RUNNING":
-            status = "FINISHED" if succeeded else "FAILED"
+            status = "KILLED" if killed else "FINISHED" if succeeded else "FAILED"
             client.set_terminated(run_id, status)
         if status == "FINISHED" and succeeded:
             client.set_tag(run_id, CODE_VERSION_TAG, self.code_version)

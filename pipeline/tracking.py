@@ -101,8 +101,13 @@ def run(
         active = mlflow.start_run(
             run_name=None if attached else run_name, nested=nested, tags=tags or None
         )
-        if attached and run_name:
-            mlflow.set_tags({"mlflow.runName": run_name, **(tags or {})})
+        if attached:
+            attached_tags = dict(tags or {})
+            # A workflow's step keeps the name its parent gave it (a sweep's trial names its
+            # overrides); a run that `mlflow run` created alone gets this command's name.
+            if run_name and "mlflow.parentRunId" not in active.data.tags:
+                attached_tags["mlflow.runName"] = run_name
+            mlflow.set_tags(attached_tags)
     status = RunStatus.FAILED
     try:
         yield active.info.run_id

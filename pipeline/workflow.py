@@ -333,7 +333,9 @@ class StepRunner:
                 retry_of = created.run_id
         if outcome.node:
             self.step_runs.set_tags(created.run_id, {NODE_TAG: outcome.node})
-        status = self.step_runs.end(created.run_id, succeeded=outcome.exit_code == 0)
+        status = self.step_runs.end(
+            created.run_id, succeeded=outcome.exit_code == 0, killed=outcome.killed
+        )
         if outcome.exit_code != 0 or status != "FINISHED":
             reason = outcome.error_line or f"exit code {outcome.exit_code}, run {status}"
             raise StepFailed(f"step {step.name} failed: {reason}")

@@ -4,13 +4,17 @@ options a user can fix fail before any run starts."""
 
 from __future__ import annotations
 
+import os
 import re
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import mlflow
 import pandas as pd
 import pytest
-from conftest import mlflow_run, run_in_process
+from conftest import REPO, mlflow_run, run_in_process
 
 BAD_EXECUTOR_OPTIONS = [
     (
@@ -88,3 +92,39 @@ def test_a_study_through_ray_matches_the_local_executor(tracking_store, image_fo
         theirs = pd.read_csv(local_report / table)
         kept = [c for c in mine.columns if not any(word in c for word in drop)]
         pd.testing.assert_frame_equal(mine[kept], theirs[kept])
+
+
+@pytest.mark.slow
+def test_sigterm_cancels_every_ray_task_and_leaves_no_run_running(
+    tracking_store, image_folder, tmp_path
+):
+    sweep = subprocess.Popen(
+        [
+            sys.executable, "-m", "pipeline", "sweep", "--grid", "learning_rate=0.4",
+            "--mode", "one-at-a-time", "--norm", "batch", "--epochs", "20", "--batch-size", "8",
+            "--parallel", "2", "--executor", "ray", "--data", str(image_folder),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        cwd=tmp_path,
+    )  # fmt: skip
+    lines = []
+    for line in sweep.stdout:  # both trainings are under way
+        lines.append(line)
+        started = sum("running entry point train" in seen for seen in lines)
+        if started == 2 and any("epoch  1/20" in seen for seen in lines):
+            break
+    sweep.send_signal(signal.SIGTERM)
+    output = "".join(lines) + sweep.communicate(timeout=120)[0]
+    assert sweep.returncode == 130, output[-3000:]
+    assert output.rstrip().endswith("error: interrupted; the run was ended KILLED")
+    runs = mlflow.search_runs(search_all_experiments=True)
+    statuses = dict(zip(runs["tags.mlflow.runName"], runs["status"], strict=True))
+    assert statuses == {
+        "sweep": "KILLED",
+        "prepare-stats": "FINISHED",
+        "train-batch-seed1": "KILLED",
+        "train-batch-seed1-learning_rate=0.4": "KILLED",
+    }

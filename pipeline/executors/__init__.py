@@ -29,6 +29,7 @@ class StepOutcome:
     exit_code: int
     error_line: str  # the step's one-line `error: ...` message, else its last line of output
     node: str = ""  # the machine it ran on, where the executor has several (a Ray node id)
+    killed: bool = False  # stopped by `stop` with no chance to end its run: end it KILLED
 
 
 class StepLost(RuntimeError):

@@ -8,8 +8,11 @@ duplicate runs. Ray is an optional dependency (`pip install -e ".[ray]"`), impor
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
+import signal
+import subprocess
 import sys
 import threading
 from pathlib import Path
@@ -35,12 +38,8 @@ UPLOAD_EXCLUDES = [
 
 def _run_command(command: str, env: dict[str, str], prefix: str) -> tuple[int, str, str]:
     """The task: run `command` in the uploaded project, print its lines (Ray forwards them to
-    the driver), return (exit code, error line, node id). Cancelled, it stops the step with
-    SIGTERM first, so the step ends its run KILLED."""
+    the driver), return (exit code, error line, node id)."""
     import collections
-    import signal
-    import subprocess
-    import sys
 
     import ray
 
@@ -62,7 +61,7 @@ def _run_command(command: str, env: dict[str, str], prefix: str) -> tuple[int, s
             sys.stdout.write(f"{prefix}{line}\n")
             sys.stdout.flush()
         code = process.wait()
-    except BaseException:  # ray.cancel raises KeyboardInterrupt here
+    except BaseException:  # the task interrupted: stop its step first
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGTERM)
             try:
@@ -80,7 +79,6 @@ def _own_session_dying_with_parent() -> None:
     os.setsid()
     if sys.platform.startswith("linux"):
         import ctypes
-        import signal
 
         ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
@@ -103,7 +101,6 @@ class RayExecutor:
 
         self.parallel = parallel
         self._ray = ray
-        self._started_here = not address
         init = {
             "runtime_env": {"working_dir": str(project_dir), "excludes": UPLOAD_EXCLUDES},
             "include_dashboard": False,
@@ -111,9 +108,18 @@ class RayExecutor:
         }
         if address:
             init["address"] = address
-        else:  # a local instance: the steps return a few bytes, so a small object store
+        else:  # a new local instance, even where RAY_ADDRESS names a cluster
+            init["address"] = "local"
+            # the steps return a few bytes: a small object store will do
             init["object_store_memory"] = object_store_memory or 128 * 2**20
+        # ray.init installs signal handlers that abort the driver; the workflow's own handling
+        # (cancel every task, each step ends its run KILLED) must stay in place.
+        handlers = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)}
+        # Every step's lines, not Ray's "[repeated 9x across cluster]" digest of them.
+        os.environ.setdefault("RAY_DEDUP_LOGS", "0")
         ray.init(**init)
+        for number, handler in handlers.items():
+            signal.signal(number, handler)
         has_gpus = ray.cluster_resources().get("GPU", 0) > 0
         self._options = {
             "num_cpus": cpus_per_trial,
@@ -126,6 +132,7 @@ class RayExecutor:
         self._task = ray.remote(_run_command)
         self._running: set = set()
         self._lock = threading.Lock()
+        self._stopping = threading.Event()
 
     def placement(self, *, lane: int, lanes: int) -> str:
         return " on Ray"
@@ -140,26 +147,30 @@ class RayExecutor:
         try:
             code, line, node = ray.get(reference)
         except (
+            ray.exceptions.TaskCancelledError,
             ray.exceptions.NodeDiedError,
             ray.exceptions.WorkerCrashedError,
             ray.exceptions.LocalRayletDiedError,
             ray.exceptions.ObjectLostError,
         ) as error:
+            if self._stopping.is_set():  # stop() killed its worker, and with it the step
+                return StepOutcome(130, "interrupted", killed=True)
             reason = f"its Ray node or worker died ({type(error).__name__})"
             raise StepLost(f"step {step.name}: {reason}") from None
-        except ray.exceptions.TaskCancelledError:
-            return StepOutcome(130, "cancelled")
         finally:
             with self._lock:
                 self._running.discard(reference)
         return StepOutcome(code, line, node=node)
 
     def stop(self) -> None:
-        """Cancel every running task: each stops its step with SIGTERM (run KILLED)."""
+        """Cancel every running task. A cancel kills the task's worker (a step blocked in its
+        training does not see Ray's KeyboardInterrupt), and the step dies with it; `run`
+        reports those steps killed, so the workflow ends their runs KILLED."""
+        self._stopping.set()
         with self._lock:
             running = list(self._running)
         for reference in running:
-            self._ray.cancel(reference)
+            self._ray.cancel(reference, force=True)
         for reference in running:
             try:
                 self._ray.get(reference, timeout=90)
