@@ -15,7 +15,7 @@ import traceback
 
 import click
 
-from pipeline import runs, tracking, workflow
+from pipeline import runs, tracking, training, workflow
 from pipeline import sweep as sweeps
 from pipeline.config import (
     MAX_EPOCHS,
@@ -31,7 +31,7 @@ from pipeline.config import (
 )
 from pipeline.data import DataError
 from pipeline.executors import EXECUTORS, ExecutorSettings
-from pipeline.model import build_model, summary
+from pipeline.model import summary
 
 log = logging.getLogger("pipeline")
 
@@ -141,10 +141,17 @@ def prepare_stats(data: str) -> None:
 @cli.command("summary")
 @click.option("--norm", default=_DEFAULTS.norm, help="batch, group or layer.")
 @click.option("--groups", type=int, default=_DEFAULTS.groups, help="Groups for norm=group.")
-def model_summary(norm: str, groups: int) -> None:
+@click.option("--widths", default=_DEFAULTS.widths, help="As train's, e.g. C2=32,C7=24.")
+@click.option("--order", type=click.Choice(ORDERS), default=_DEFAULTS.order)
+@click.option(
+    "--standardize",
+    type=click.Choice(STANDARDIZE, case_sensitive=False),
+    default=_DEFAULTS.standardize,
+)
+def model_summary(**options) -> None:
     """Print the model: output shape, parameters and receptive field of each layer."""
-    TrainConfig(norm=norm, groups=groups)  # the same validation as train
-    click.echo(summary(build_model(norm=norm, groups=groups)))
+    model, _ = training.model_for(TrainConfig(**options))  # train's validation and budget
+    click.echo(summary(model))
 
 
 # --------------------------------------------------------------------------- train

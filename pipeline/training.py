@@ -46,7 +46,7 @@ def load_local_stats(spec: str, dataset: datasets.ArrayDataset) -> DatasetStats:
     return DatasetStats.from_json(path.read_text(), origin=spec)
 
 
-def build_model(config: TrainConfig) -> tuple[Net, int]:
+def model_for(config: TrainConfig) -> tuple[Net, int]:
     """The config's model and its parameter count; fails when it is over the budget, so every
     run of a study or sweep is checked before the first one starts."""
     model = Net(**config.model_options())
@@ -64,7 +64,7 @@ def prepare_training(
 ) -> TrainingSetup:
     """Seeded model, data on the device, layout and precision: the defaults `train` runs."""
     torch.manual_seed(config.seed)  # the initial weights depend on the seed alone
-    model, parameters = build_model(config)
+    model, parameters = model_for(config)
     device = engine.resolve_device(config.device)
     engine.configure_backend(device)
     dataset = datasets.load_dataset(config.data)

@@ -38,7 +38,7 @@ from pipeline.executors import (
 )
 from pipeline.step_runs import StepRuns
 from pipeline.sweep import Trial
-from pipeline.training import build_model
+from pipeline.training import model_for
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +91,7 @@ def check_models(configs: Sequence[TrainConfig]) -> None:
     for config in configs:
         shapes.setdefault(tuple(sorted(map(str, config.model_options().items()))), config)
     for config in shapes.values():
-        build_model(config)
+        model_for(config)
 
 
 def step_data(data: str) -> str:

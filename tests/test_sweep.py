@@ -14,7 +14,7 @@ from pipeline import workflow
 from pipeline.config import ConfigError, TrainConfig
 from pipeline.model import MAX_PARAMETERS
 from pipeline.sweep import parse_grid, trials
-from pipeline.training import build_model
+from pipeline.training import model_for
 
 
 def _names(found) -> list[str]:
@@ -92,7 +92,7 @@ def test_every_trial_of_the_levers_file_builds_within_the_budget():
     )
     assert {"widths", "order", "standardize", "groups", "learning_rate"} <= set(swept)
     for trial in found:
-        _, parameters = build_model(trial.config)
+        _, parameters = model_for(trial.config)
         assert parameters <= MAX_PARAMETERS, trial.name
 
 
@@ -149,12 +149,12 @@ def test_model_shape_levers_reach_the_model():
         norm="layer", widths=" C2=24 , C7=24", order="act-norm", standardize="FALSE"
     )
     assert config.widths == "C2=24,C7=24" and config.standardize == "false"
-    model, parameters = build_model(config)
+    model, parameters = model_for(config)
     assert model.C2.conv.out_channels == 24 and model.C7.conv.out_channels == 24
     assert type(model.C2.conv).__name__ == "Conv2d"  # standardize=false: no WSConv2d
     assert list(dict(model.C2.named_children())) == ["conv", "relu", "norm"]  # act-norm
     assert parameters < MAX_PARAMETERS
-    assert type(build_model(TrainConfig(norm="layer"))[0].C2.conv).__name__ == "WSConv2d"
+    assert type(model_for(TrainConfig(norm="layer"))[0].C2.conv).__name__ == "WSConv2d"
     with pytest.raises(ConfigError, match="widths are LAYER=CHANNELS pairs"):
         TrainConfig(widths="C2:24")
 
