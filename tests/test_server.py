@@ -323,16 +323,19 @@ def two_node_cluster(monkeypatch):
         cluster.shutdown()
 
 
+CLUSTER_EXPERIMENT = "cluster-sweep"  # apart from the other tests' runs on this server
+
+
 def _train_runs(client: MlflowClient) -> list:
-    experiment = client.get_experiment_by_name("Default")
-    runs = client.search_runs([experiment.experiment_id], "tags.step = 'train'")
-    return runs
+    experiment = client.get_experiment_by_name(CLUSTER_EXPERIMENT)
+    return client.search_runs([experiment.experiment_id], "tags.step = 'train'")
 
 
 def test_a_sweep_on_a_two_node_cluster_reruns_the_trial_of_a_lost_node(
     on_server, two_node_cluster, image_folder, tmp_path
 ):
     node_a, node_b = (node.node_id for node in two_node_cluster.nodes)
+    on_server.create_experiment(CLUSTER_EXPERIMENT)
     sweep = subprocess.Popen(
         [
             sys.executable, "-m", "pipeline", "sweep",
@@ -345,7 +348,7 @@ def test_a_sweep_on_a_two_node_cluster_reruns_the_trial_of_a_lost_node(
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
-        env={**os.environ, "PYTHONPATH": PYTHONPATH},
+        env={**os.environ, "PYTHONPATH": PYTHONPATH, "MLFLOW_EXPERIMENT_NAME": CLUSTER_EXPERIMENT},
         cwd=tmp_path,
     )  # fmt: skip
     # Once node b has finished a trial and started the next, it goes away mid-trial.
