@@ -1,7 +1,8 @@
-"""The `main` workflow: prepare-stats once, train each norm x seed, evaluate each model, compare.
+"""The workflows: `main` (prepare-stats once, train each norm x seed, evaluate each model,
+compare) and `sweep` (prepare-stats, a training per trial, compare with the lever table).
 
 This module decides which steps run, in what order and with which parameters: step_runs.py
-creates each step's run as `mlflow run` would (a child of the study's parent run), and an
+creates each step's run as `mlflow run` would (a child of the parent run), and an
 executor runs the entry point's command in it, up to `parallel` steps at once. A step that
 already FINISHED with the same parameters and code version is reused instead of rerun.
 """
