@@ -37,13 +37,14 @@ def sqlite_path(uri: str) -> Path | None:
     return Path(os.path.abspath(os.path.expanduser(path)))
 
 
-def file_lock(purpose: str, key: str) -> FileLock:
+def file_lock(purpose: str, key: str, *, reentrant: bool = True) -> FileLock:
     """The project's one inter-process lock: exclusive among the processes (and threads) of
-    this machine, re-entrant in the thread that holds it (`check_store` takes the schema lock,
-    then builds the store, whose plugin takes it again). One lock file per purpose and key."""
+    this machine; re-entrant in the thread that holds it (`check_store` takes the schema lock,
+    then builds the store, whose plugin takes it again) unless `reentrant` is false, when
+    every lock object excludes every other. One lock file per purpose and key."""
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     path = Path(tempfile.gettempdir()) / f"cifar10-pipeline-{purpose}-{digest}.lock"
-    return FileLock(path, is_singleton=True)
+    return FileLock(path, is_singleton=reentrant)
 
 
 @contextlib.contextmanager

@@ -13,6 +13,7 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import hashlib
+import importlib.util
 import logging
 import queue
 from collections.abc import Callable, Iterator, Sequence
@@ -112,10 +113,8 @@ def check_executor(settings: ExecutorSettings) -> None:
     check_float_range("gpus_per_trial", settings.gpus_per_trial, low=0.0, high=64.0)
     if settings.name != "ray":
         return
-    try:
-        import ray  # noqa: F401
-    except ImportError:
-        raise ConfigError('executor=ray needs Ray: pip install -e ".[ray]"') from None
+    if importlib.util.find_spec("ray") is None:  # looked up, not imported: that is the executor's
+        raise ConfigError('executor=ray needs Ray: pip install -e ".[ray]"')
     if settings.ray_address and tracking.store_is_local():
         raise ConfigError(
             f"a Ray cluster (ray_address={settings.ray_address}) cannot share the local store "

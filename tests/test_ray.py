@@ -128,3 +128,28 @@ def test_sigterm_cancels_every_ray_task_and_leaves_no_run_running(
         "train-batch-seed1": "KILLED",
         "train-batch-seed1-learning_rate=0.4": "KILLED",
     }
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_getaffinity"), reason="core affinity is Linux's")
+def test_ray_steps_claim_distinct_cores_and_run_pinned_to_them(tmp_path, monkeypatch):
+    import contextlib
+
+    from pipeline.executors import ray as ray_executor
+
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))  # lock files of this test only
+    cores = sorted(os.sched_getaffinity(0))
+    with contextlib.ExitStack() as first, contextlib.ExitStack() as second:
+        claimed = ray_executor._claim_cores(1, first)
+        assert claimed == {cores[0]}
+        if len(cores) > 1:
+            assert ray_executor._claim_cores(1, second) == {cores[1]}
+        # more than the free cores: none claimed, the step runs unpinned
+        assert ray_executor._claim_cores(len(cores), second) is None
+        show = "import os; print(sorted(os.sched_getaffinity(0)), os.environ['OMP_NUM_THREADS'])"
+        code, _ = ray_executor._run_step(
+            f'python -c "{show}" > {tmp_path / "seen"}', {}, "", claimed
+        )
+        assert code == 0
+        assert (tmp_path / "seen").read_text().strip() == f"[{cores[0]}] 1"
+    with contextlib.ExitStack() as again:  # released with their step
+        assert ray_executor._claim_cores(len(cores), again) == set(cores)

@@ -9,6 +9,7 @@ duplicate runs. Ray is an optional dependency (`pip install -e ".[ray]"`), impor
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import os
 import signal
@@ -36,23 +37,72 @@ UPLOAD_EXCLUDES = [
 ]
 
 
-def _run_command(command: str, env: dict[str, str], prefix: str) -> tuple[int, str, str]:
-    """The task: run `command` in the uploaded project, print its lines (Ray forwards them to
-    the driver), return (exit code, error line, node id)."""
-    import collections
-
+def _run_command(
+    command: str, env: dict[str, str], prefix: str, cores: int
+) -> tuple[int, str, str]:
+    """The task: run `command` in the uploaded project on `cores` cores of its node it claims
+    (none: unpinned), print its lines (Ray forwards them to the driver), return (exit code,
+    error line, node id)."""
     import ray
 
     node = ray.get_runtime_context().get_node_id()
+    with contextlib.ExitStack() as held:
+        claimed = _claim_cores(cores, held)
+        return (*_run_step(command, env, prefix, claimed), node)
+
+
+def _claim_cores(count: int, held: contextlib.ExitStack) -> set[int] | None:
+    """Claim `count` cores of this node that no other step holds (one lock file per core,
+    released with `held`), or None where fewer are free.
+
+    Ray counts CPUs but does not pin its tasks: two one-CPU steps side by side wander over the
+    node's cores together with Ray's own processes. Pinned as the local executor pins its
+    lanes, the epochs run as fast as there.
+    """
+    from filelock import Timeout
+
+    from pipeline.stores import file_lock
+
+    if count < 1 or not hasattr(os, "sched_getaffinity"):
+        return None
+    claimed: set[int] = set()
+    with contextlib.ExitStack() as trying:
+        for cpu in sorted(os.sched_getaffinity(0)):
+            lock = file_lock("ray-core", str(cpu), reentrant=False)
+            try:
+                lock.acquire(timeout=0)
+            except Timeout:
+                continue
+            trying.callback(lock.release)
+            claimed.add(cpu)
+            if len(claimed) == count:
+                held.push(trying.pop_all())
+                return claimed
+    return None
+
+
+def _run_step(
+    command: str, env: dict[str, str], prefix: str, cores: set[int] | None
+) -> tuple[int, str]:
+    """Run the step's command in its own session, on `cores` when given; (exit code, error line)."""
     tail: collections.deque[str] = collections.deque(maxlen=50)
+    env = {**os.environ, **env, "TQDM_DISABLE": "1"}
+    if cores is not None:
+        env["OMP_NUM_THREADS"] = str(len(cores))
+
+    def start() -> None:
+        _own_session_dying_with_parent()
+        if cores is not None:
+            os.sched_setaffinity(0, cores)
+
     process = subprocess.Popen(
         ["bash", "-c", command],
-        env={**os.environ, **env, "TQDM_DISABLE": "1"},
+        env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
         errors="replace",
-        preexec_fn=_own_session_dying_with_parent,
+        preexec_fn=start,
     )
     try:
         for line in process.stdout:
@@ -69,7 +119,7 @@ def _run_command(command: str, env: dict[str, str], prefix: str) -> tuple[int, s
             except subprocess.TimeoutExpired:
                 os.killpg(process.pid, signal.SIGKILL)
         raise
-    return code, error_line(tail), node
+    return code, error_line(tail)
 
 
 def _own_session_dying_with_parent() -> None:
@@ -97,6 +147,9 @@ class RayExecutor:
         gpus_per_trial: float = 0.0,
         object_store_memory: int | None = None,
     ) -> None:
+        # Every step's lines, not Ray's "[repeated 9x across cluster]" digest of them: read when
+        # Ray is imported, so set before.
+        os.environ.setdefault("RAY_DEDUP_LOGS", "0")
         import ray
 
         self.parallel = parallel
@@ -115,8 +168,6 @@ class RayExecutor:
         # ray.init installs signal handlers that abort the driver; the workflow's own handling
         # (cancel every task, each step ends its run KILLED) must stay in place.
         handlers = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)}
-        # Every step's lines, not Ray's "[repeated 9x across cluster]" digest of them.
-        os.environ.setdefault("RAY_DEDUP_LOGS", "0")
         ray.init(**init)
         for number, handler in handlers.items():
             signal.signal(number, handler)
@@ -128,7 +179,8 @@ class RayExecutor:
         }
         # torch sizes its thread pool from the cores it sees, all of the node's under Ray:
         # hold each step to the CPUs it asked for, so steps side by side do not oversubscribe.
-        self._threads = str(max(1, int(cpus_per_trial)))
+        self._cores = int(cpus_per_trial) if cpus_per_trial >= 1 else 0
+        self._threads = str(max(1, self._cores))
         self._task = ray.remote(_run_command)
         self._running: set = set()
         self._lock = threading.Lock()
@@ -141,7 +193,9 @@ class RayExecutor:
         ray = self._ray
         prefix = f"[{step.name}] " if lanes > 1 else ""
         env = {**step.env, "PIPELINE_THREADS": self._threads}
-        reference = self._task.options(**self._options).remote(step.command, env, prefix)
+        reference = self._task.options(**self._options).remote(
+            step.command, env, prefix, self._cores
+        )
         with self._lock:
             self._running.add(reference)
         try:
