@@ -19,6 +19,7 @@ from pipeline import runs, tracking, training, workflow
 from pipeline import sweep as sweeps
 from pipeline.config import (
     MAX_EPOCHS,
+    MAX_MEASUREMENT_EPOCHS,
     NORMS,
     ORDERS,
     REGISTERED_MODEL,
@@ -148,6 +149,10 @@ def prepare_stats(data: str) -> None:
     type=click.Choice(STANDARDIZE, case_sensitive=False),
     default=_DEFAULTS.standardize,
 )
+@click.option("--residual", type=click.BOOL, default=_DEFAULTS.residual, help="As train's.")
+@click.option(
+    "--conv-groups", "conv_groups", type=int, default=_DEFAULTS.conv_groups, help="As train's."
+)
 def model_summary(**options) -> None:
     """Print the model: output shape, parameters and receptive field of each layer."""
     model, _ = training.model_for(TrainConfig(**options))  # train's validation and budget
@@ -160,7 +165,13 @@ def model_summary(**options) -> None:
 @cli.command()
 @click.option("--norm", default=_DEFAULTS.norm, help="batch, group or layer.")
 @click.option("--groups", type=int, default=_DEFAULTS.groups, help="Groups for norm=group.")
-@click.option("--epochs", type=int, default=_DEFAULTS.epochs, help=f"1..{MAX_EPOCHS}.")
+@click.option(
+    "--epochs",
+    type=int,
+    default=_DEFAULTS.epochs,
+    help=f"1..{MAX_EPOCHS}; up to {MAX_MEASUREMENT_EPOCHS} to measure the model's ceiling "
+    "(such runs are tagged beyond_budget and never registered).",
+)
 @click.option("--batch-size", "batch_size", type=int, default=_DEFAULTS.batch_size)
 @click.option(
     "--learning-rate",
@@ -222,6 +233,20 @@ def model_summary(**options) -> None:
     type=click.Choice(STANDARDIZE, case_sensitive=False),
     default=_DEFAULTS.standardize,
     help="Weight standardization of the convs; auto: on for group and layer norm.",
+)
+@click.option(
+    "--residual",
+    type=click.BOOL,
+    default=_DEFAULTS.residual,
+    help="Add each 3x3 layer's input to its output where their channels match (C4->C5, "
+    "C7->C8->C9 by default): no parameter or layer added.",
+)
+@click.option(
+    "--conv-groups",
+    "conv_groups",
+    type=int,
+    default=_DEFAULTS.conv_groups,
+    help="Grouped 3x3 convs C2..C9 (1: dense); the 1x1 layers c3 and c6 mix the groups.",
 )
 @tta_option(_DEFAULTS.tta, "How each epoch's test accuracy is computed")
 @click.option("--seed", type=int, default=_DEFAULTS.seed)

@@ -15,6 +15,9 @@ from pipeline.config import NORMS, ORDERS, ConfigError, check_choice
 LAYER_PLAN = ("C1", "C2", "c3", "P1", "C3", "C4", "C5", "c6", "P2", "C7", "C8", "C9", "GAP", "c10")
 MAX_PARAMETERS = 50_000
 NUM_CLASSES = 10
+# The 3x3 layers that `conv_groups` splits, and where `residual` may add a block's input: every
+# C layer but C1, whose input is the image's 3 channels.
+GROUPED_LAYERS = ("C2", "C3", "C4", "C5", "C7", "C8", "C9")
 
 # Output channels per conv. Parameters go where resolution is low (8x8 costs a sixteenth of the
 # compute of 32x32 per weight), compute where it buys accuracy: the ablation in docs/results.md.
@@ -78,8 +81,24 @@ def check_groups(groups: int, widths: dict[str, int]) -> None:
     )
 
 
+def check_conv_groups(conv_groups: int, widths: dict[str, int]) -> None:
+    """Fail naming the first grouped 3x3 layer whose input or output channels `conv_groups`
+    does not divide."""
+    channels = 3
+    for name in LAYER_PLAN:
+        if name not in widths or name == "c10":
+            continue
+        if name in GROUPED_LAYERS and (channels % conv_groups or widths[name] % conv_groups):
+            raise ConfigError(
+                "conv_groups must divide the input and output channels of C2..C9: "
+                f"{name} has {channels} in, {widths[name]} out (got conv_groups={conv_groups})"
+            )
+        channels = widths[name]
+
+
 class ConvBlock(nn.Sequential):
-    """conv -> norm -> ReLU (-> dropout), or conv -> ReLU -> norm with order="act-norm"."""
+    """conv -> norm -> ReLU (-> dropout), or conv -> ReLU -> norm with order="act-norm";
+    with `residual`, its input is added to its output (the channels must match)."""
 
     def __init__(
         self,
@@ -92,6 +111,8 @@ class ConvBlock(nn.Sequential):
         dropout: float,
         standardize: bool,
         order: str = "norm-act",
+        residual: bool = False,
+        conv_groups: int = 1,
     ) -> None:
         check_choice("order", order, ORDERS)
         conv_type = WSConv2d if standardize else nn.Conv2d
@@ -103,6 +124,7 @@ class ConvBlock(nn.Sequential):
                     out_channels,
                     kernel_size,
                     padding=kernel_size // 2,
+                    groups=conv_groups,
                     bias=False,  # the norm's shift makes a conv bias redundant
                 ),
             ),
@@ -114,6 +136,15 @@ class ConvBlock(nn.Sequential):
         if dropout > 0:
             layers.append(("dropout", nn.Dropout(dropout)))
         super().__init__(OrderedDict(layers))
+        if residual and in_channels != out_channels:
+            raise ConfigError(
+                f"a residual block needs equal channels (got {in_channels} -> {out_channels})"
+            )
+        self.residual = residual
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = super().forward(x)
+        return x + out if self.residual else out
 
 
 class Net(nn.Sequential):
@@ -129,6 +160,8 @@ class Net(nn.Sequential):
         widths: dict[str, int] | None = None,
         order: str = "norm-act",
         whiten: bool = False,
+        residual: bool = False,
+        conv_groups: int = 1,
     ) -> None:
         unknown = sorted(set(widths or {}) - (set(WIDTHS) - {"c10"}))
         if unknown:
@@ -140,6 +173,7 @@ class Net(nn.Sequential):
         widths = {**WIDTHS, **(widths or {})}
         if norm == "group":
             check_groups(groups, widths)
+        check_conv_groups(conv_groups, widths)
         if standardize is None:
             standardize = norm != "batch"
         layers: list[tuple[str, nn.Module]] = []
@@ -155,6 +189,7 @@ class Net(nn.Sequential):
                 channels = widths[name]
             else:
                 kernel_size = 3 if name.startswith("C") else 1
+                grouped = name in GROUPED_LAYERS
                 layers.append(
                     (
                         name,
@@ -168,6 +203,9 @@ class Net(nn.Sequential):
                             # A whitening C1 keeps its filters as set: no standardization.
                             standardize=standardize and not (whiten and name == "C1"),
                             order=order,
+                            # Where channels match, the block adds its input: no parameter.
+                            residual=residual and grouped and channels == widths[name],
+                            conv_groups=conv_groups if grouped else 1,
                         ),
                     )
                 )

@@ -21,7 +21,7 @@ import torch
 from pipeline import data as datasets
 from pipeline import engine, plots, tracking, training
 from pipeline import report as comparison
-from pipeline.config import TTA_BEFORE_PARAM, EvalConfig, TrainConfig
+from pipeline.config import MAX_EPOCHS, TTA_BEFORE_PARAM, EvalConfig, TrainConfig
 from pipeline.data import DatasetStats
 from pipeline.model import receptive_fields, summary
 
@@ -101,6 +101,12 @@ def train_model(config: TrainConfig, *, echo: Echo = log.info) -> str:
     run_name = f"train-{config.norm}-seed{config.seed}"
     norm_tags = _norm_tags(config.norm, str(config.groups))
     tags = {"step": "train", **norm_tags}
+    if config.beyond_budget:
+        tags["beyond_budget"] = "true"
+        echo(
+            f"epochs={config.epochs} is past the study's {MAX_EPOCHS}-epoch budget: "
+            "a measurement, not registered"
+        )
     with tracking.run(run_name=run_name, tags=tags, resume_run_id=config.resume or None) as run_id:
         tracking.log_params(
             {

@@ -8,6 +8,11 @@ commas, or by `|` where a value holds commas: `widths=C2=32,C7=24|C1=24`), or a 
     norms:                     # per norm, where values differ (added to, or replacing, `grid`)
       group:
         groups: [2, 8]
+    variants:                  # levers that only make sense together: each one trial
+      - {conv_groups: 2, widths: "C4=48,C5=48"}
+
+`variants` (top level, or inside a norm's grid, adding to the top level's) adds one trial per
+entry, its values set together, in either mode.
 
 `mode=grid` trains every combination; `mode=one-at-a-time` trains the defaults and each value
 alone against them (the ablation design). Every trial runs for each norm and seed. Nothing here
@@ -47,6 +52,8 @@ class Trial:
 
 
 Grid = dict[str, list[str]]
+Variant = dict[str, str]
+VARIANTS = "variants"
 
 
 def sweepable() -> list[str]:
@@ -69,7 +76,8 @@ def parse_grid(text: str) -> Grid:
 
 
 def load_grid(spec: str) -> tuple[Grid, dict[str, Grid]]:
-    """A grid string or a YAML file -> (the grid of every norm, the grids per norm)."""
+    """A grid string or a YAML file -> (the grid of every norm, the grids per norm); a file's
+    variants are under the key `variants`, each value one `key=value;key=value` set."""
     path = Path(spec).expanduser()
     if not spec.strip():
         raise ConfigError("grid is empty: give key=value,... pairs or a YAML file")
@@ -87,23 +95,36 @@ def _grid_file(path: Path) -> tuple[Grid, dict[str, Grid]]:
         document = yaml.safe_load(path.read_text())
     except yaml.YAMLError as error:
         raise ConfigError(f"grid file {path}: not valid YAML ({error})") from None
-    if not isinstance(document, dict) or not set(document) <= {"grid", "norms"}:
-        raise ConfigError(f"grid file {path}: expected the keys `grid` and/or `norms`")
+    if not isinstance(document, dict) or not set(document) <= {"grid", "norms", VARIANTS}:
+        raise ConfigError(f"grid file {path}: expected the keys `grid`, `norms`, `variants`")
     per_norm = document.get("norms") or {}
     if not isinstance(per_norm, dict):
         raise ConfigError(f"grid file {path}: `norms` maps a norm to its grid")
-    return _file_grid(path, document.get("grid") or {}), {
-        str(norm): _file_grid(path, grid or {}) for norm, grid in per_norm.items()
-    }
+    common = _file_grid(path, document.get("grid") or {})
+    if document.get(VARIANTS):
+        common[VARIANTS] = _file_variants(path, document[VARIANTS])
+    return common, {str(norm): _file_grid(path, grid or {}) for norm, grid in per_norm.items()}
 
 
 def _file_grid(path: Path, grid) -> Grid:
     if not isinstance(grid, dict):
         raise ConfigError(f"grid file {path}: a grid maps a parameter to a list of values")
     return {
-        str(key): [_yaml_value(v) for v in (values if isinstance(values, list) else [values])]
+        str(key): _file_variants(path, values)
+        if key == VARIANTS
+        else [_yaml_value(v) for v in (values if isinstance(values, list) else [values])]
         for key, values in grid.items()
     }
+
+
+def _file_variants(path: Path, variants) -> list[str]:
+    if not isinstance(variants, list) or not all(isinstance(v, dict) and v for v in variants):
+        raise ConfigError(f"grid file {path}: `variants` is a list of parameter -> value maps")
+    return [";".join(f"{key}={_yaml_value(value)}" for key, value in v.items()) for v in variants]
+
+
+def _variant(text: str) -> Variant:
+    return dict(part.split("=", 1) for part in text.split(";"))
 
 
 def _yaml_value(value) -> str:
@@ -153,6 +174,9 @@ def trials(
     keys: list[str] = []
     for norm in norms:
         grid = {**common, **per_norm.get(norm, {})}
+        # a norm's variants add to those of every norm
+        grid[VARIANTS] = common.get(VARIANTS, []) + per_norm.get(norm, {}).get(VARIANTS, [])
+        variants = [_variant(text) for text in grid.pop(VARIANTS)]
         for key, values in grid.items():
             if key not in allowed:
                 raise ConfigError(f"grid: {key!r} is not a train parameter ({', '.join(allowed)})")
@@ -160,8 +184,13 @@ def trials(
                 raise ConfigError(f"grid: {key} has no values")
             for value in values:
                 _config(norm, 1, recipe, {key: value})  # each value alone must validate
-            keys.extend(key for key in grid if key not in keys)
-        for overrides in _combinations(grid, mode):
+        for variant in variants:
+            unknown = [key for key in variant if key not in allowed]
+            if unknown:
+                raise ConfigError(f"grid: variant {unknown[0]!r} is not a train parameter")
+        keys.extend(key for key in grid if key not in keys)
+        keys.extend(key for variant in variants for key in variant if key not in keys)
+        for overrides in _combinations(grid, mode) + variants:
             for seed in range(1, seeds + 1):
                 found.append(Trial(overrides, _config(norm, seed, recipe, overrides)))
     if unknown_norms:

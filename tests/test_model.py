@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline.config import ConfigError
+from pipeline.config import MAX_EPOCHS, ConfigError, TrainConfig
 from pipeline.model import (
     LAYER_PLAN,
     MAX_PARAMETERS,
@@ -144,7 +144,6 @@ def test_whitening_needs_enough_patch_dimensions():
 
 def test_train_setup_whitens_c1_from_the_training_images(image_folder):
     from pipeline import training
-    from pipeline.config import TrainConfig
 
     config = TrainConfig(norm="layer", whiten=True, data=str(image_folder), device="cpu")
     setup = training.prepare_training(config)
@@ -153,3 +152,33 @@ def test_train_setup_whitens_c1_from_the_training_images(image_folder):
     assert torch.allclose(setup.model.C1.conv.weight, expected.float())
     plain = training.prepare_training(TrainConfig(norm="layer", data=str(image_folder)))
     assert not torch.allclose(plain.model.C1.conv.weight, expected.float())
+
+
+def test_trainings_past_the_budget_are_measurements_never_registered():
+    assert TrainConfig(norm="group").registered_model == "cifar10-group"
+    assert not TrainConfig(epochs=MAX_EPOCHS).beyond_budget
+    ceiling = TrainConfig(norm="group", epochs=100)
+    assert ceiling.beyond_budget and ceiling.registered_model == ""
+    assert ceiling.as_params()["registered_model"] == ""
+
+
+def test_residual_adds_each_block_input_where_channels_match_and_no_parameter():
+    plain, residual = Net(norm="batch"), Net(norm="batch", residual=True)
+    assert count_parameters(residual) == count_parameters(plain)
+    adding = [name for name, module in residual.named_children() if getattr(module, "residual", 0)]
+    assert adding == ["C5", "C8", "C9"]  # C4->C5, C7->C8->C9 at the default widths
+    residual.eval()
+    x = torch.randn(2, 32, 8, 8)
+    block = residual.C8
+    assert torch.allclose(block(x), x + nn.Sequential(*block.children())(x))
+    assert Net(norm="batch", residual=True, widths={"C4": 24}).C4.residual  # C3 -> C4 now
+
+
+def test_grouped_convs_split_c2_to_c9_and_free_parameters():
+    dense, grouped = Net(norm="layer"), Net(norm="layer", conv_groups=4)
+    assert grouped.C1.conv.groups == 1 and grouped.c3.conv.groups == 1
+    assert all(getattr(grouped, name).conv.groups == 4 for name in ("C2", "C5", "C9"))
+    assert count_parameters(grouped) < count_parameters(dense) * 0.5
+    assert grouped(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+    with pytest.raises(ConfigError, match="C2 has 16 in, 24 out .got conv_groups=3."):
+        Net(norm="batch", conv_groups=3)

@@ -109,6 +109,8 @@ BAD_GRIDS = [
     ("widths=C2=64", "the model has 54,730 parameters; the limit is 50,000 (widths C2=64)"),
     ("widths=C11=8", "widths: C11 is not a conv layer whose width can change"),
     ("groups=3", "groups must divide the channels of every layer: C1 has 16 channels"),
+    ("conv_groups=3", "conv_groups must divide the input and output channels of C2..C9"),
+    ("residual=maybe", "grid: residual takes bool values (got 'maybe')"),
     ("missing.yaml", "grid file 'missing.yaml' does not exist"),
     (
         "learning_rate=0.1,0.2,0.3,0.4,0.5;label_smoothing=0,0.05,0.1,0.15,0.2",
@@ -220,3 +222,31 @@ def test_sweep_nests_a_train_run_per_trial_reports_levers_and_reuses_finished_tr
     assert "| norm | learning_rate | label_smoothing |" in text
     assert "(2 seeds)" in text
     assert (report / "report.html").is_file()
+
+
+def test_variants_set_levers_together_in_one_trial(tmp_path):
+    spec = tmp_path / "together.yaml"
+    spec.write_text(
+        "grid:\n  residual: [true]\n"
+        "variants:\n  - {conv_groups: 2, widths: 'C4=48,C5=48'}\n"
+        "norms:\n  group:\n    variants:\n      - {groups: 8, label_smoothing: 0}\n"
+    )
+    found, swept = trials(str(spec), norms=["batch", "group"], seeds=1, mode="one-at-a-time")
+    assert swept == ["residual", "conv_groups", "widths", "groups", "label_smoothing"]
+    names = [trial.name for trial in found]
+    assert names == [
+        "train-batch-seed1",
+        "train-batch-seed1-residual=true",
+        "train-batch-seed1-conv_groups=2,widths=C4=48,C5=48",
+        "train-group-seed1",
+        "train-group-seed1-residual=true",
+        "train-group-seed1-conv_groups=2,widths=C4=48,C5=48",
+        "train-group-seed1-groups=8,label_smoothing=0",
+    ]
+    grouped = found[2].config
+    assert grouped.conv_groups == 2 and grouped.widths == "C4=48,C5=48"
+    assert found[6].config.groups == 8 and found[6].config.label_smoothing == 0
+    spec.write_text("variants:\n  - {conv_groups: 3}\n")
+    found, _ = trials(str(spec), norms=["batch"], seeds=1)
+    with pytest.raises(ConfigError, match="conv_groups must divide .* C2 has 16 in, 24 out"):
+        workflow.check_models([trial.config for trial in found])  # before any run starts
