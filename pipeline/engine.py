@@ -62,14 +62,43 @@ def _mps_available() -> bool:
     return bool(backend and backend.is_available())
 
 
-def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
+# Norms whose training runs in bf16 autocast under precision=auto on a CPU with native bf16:
+# faster there, and as accurate as fp32 over 3 seeds (docs/speed.md, docs/results.md).
+BF16_NORMS = ("batch",)
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX tiles), as torch detects it.
+    Without it bf16 is emulated and several times slower than fp32."""
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+
+
+def cpu_capability() -> str:
+    """torch's vector instruction set on this CPU and its native bf16 extensions, as logged with
+    each run: `AVX512+avx512_bf16`, `AVX2`."""
+    names = [torch.backends.cpu.get_cpu_capability()]
+    for flag, check in (
+        ("avx512_bf16", "_is_avx512_bf16_supported"),
+        ("amx", "_is_amx_tile_supported"),
+    ):
+        if getattr(torch.cpu, check, lambda: False)():
+            names.append(flag)
+    return "+".join(names)
+
+
+def resolve_precision(
+    precision: str, device: torch.device, *, norm: str = "batch"
+) -> torch.dtype | None:
     """The autocast dtype for `precision`, or None for plain fp32.
 
-    `auto` is fp32 everywhere: bf16 autocast measured slower than fp32 on an AVX2 CPU and on
-    an H200 (docs/speed.md).
+    `auto` is bf16 for the norms of `BF16_NORMS` on a CPU with native bf16, fp32 elsewhere: bf16
+    autocast measured slower than fp32 on an AVX2 CPU (emulated) and on an H200 (docs/speed.md).
     """
     if precision == "bf16":
         return torch.bfloat16
+    if precision == "auto" and device.type == "cpu" and norm in BF16_NORMS:
+        return torch.bfloat16 if cpu_has_native_bf16() else None
     return None
 
 

@@ -115,6 +115,7 @@ def train_model(config: TrainConfig, *, echo: Echo = log.info) -> str:
                 "receptive_field": str(fields[-3].receptive_field),  # after C9, before GAP
                 "device": str(setup.device),
                 "autocast": _precision_name(setup.autocast_dtype),
+                "cpu_capability": engine.cpu_capability(),
             }
         )
         tracking.log_dataset(

@@ -81,7 +81,7 @@ def prepare_training(
         dataset=dataset,
         stats=stats,
         device=device,
-        autocast_dtype=engine.resolve_precision(config.precision, device),
+        autocast_dtype=engine.resolve_precision(config.precision, device, norm=config.norm),
         normalize=normalize,
         train_split=train_split,
         test_split=datasets.to_device(dataset.test_images, dataset.test_labels, device=device),

@@ -129,9 +129,21 @@ def test_devices_and_precision_resolve_sensibly():
     assert engine.resolve_device("auto").type in {"cpu", "cuda", "mps"}
     assert engine.resolve_precision("fp32", CPU) is None
     assert engine.resolve_precision("bf16", CPU) is torch.bfloat16
-    # fp32 by default: bf16 autocast measured slower on an AVX2 CPU and an H200 (docs/speed.md).
-    assert engine.resolve_precision("auto", CPU) is None
-    assert engine.resolve_precision("auto", torch.device("cuda")) is None
+    assert engine.resolve_precision("auto", torch.device("cuda"), norm="batch") is None
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_precision_is_bf16_only_for_measured_norms_on_a_cpu_with_native_bf16(
+    native, monkeypatch
+):
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    assert engine.cpu_has_native_bf16() is native
+    assert ("avx512_bf16" in engine.cpu_capability()) is native
+    for norm in ("batch", "group", "layer"):
+        expected = torch.bfloat16 if native and norm in engine.BF16_NORMS else None
+        assert engine.resolve_precision("auto", CPU, norm=norm) is expected, norm
+        assert engine.resolve_precision("fp32", CPU, norm=norm) is None
     assert engine.memory_format_for("group", CPU) == torch.channels_last
     assert engine.memory_format_for("batch", torch.device("cuda")) == torch.channels_last
     assert engine.memory_format_for("layer", torch.device("cuda")) == torch.contiguous_format

@@ -182,3 +182,17 @@ def test_grouped_convs_split_c2_to_c9_and_free_parameters():
     assert grouped(torch.randn(2, 3, 32, 32)).shape == (2, 10)
     with pytest.raises(ConfigError, match="C2 has 16 in, 24 out .got conv_groups=3."):
         Net(norm="batch", conv_groups=3)
+
+
+def test_group_norm_runs_in_fp32_under_bf16_autocast_and_is_group_norm_otherwise():
+    model = Net(norm="group", groups=4)
+    norm = model.C2.norm
+    reference = nn.GroupNorm(4, 24)
+    reference.load_state_dict(norm.state_dict())
+    x = torch.randn(2, 24, 8, 8).to(memory_format=torch.channels_last)
+    assert torch.equal(norm(x), reference(x))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = norm(x.bfloat16())
+    assert y.dtype == torch.float32
+    assert torch.allclose(y, reference(x.bfloat16().float()), atol=1e-5)
+    assert type(Net(norm="layer").C2.norm) is nn.GroupNorm  # its bf16 kernel is fast
