@@ -18,10 +18,12 @@ import click
 from pipeline import runs, tracking, training, workflow
 from pipeline import sweep as sweeps
 from pipeline.config import (
+    COMPILE_MODES,
     MAX_EPOCHS,
     MAX_MEASUREMENT_EPOCHS,
     NORMS,
     ORDERS,
+    PRECISIONS,
     REGISTERED_MODEL,
     STANDARDIZE,
     TTA_MODES,
@@ -253,7 +255,19 @@ def model_summary(**options) -> None:
 @data_option
 @stats_option
 @device_option
-@click.option("--precision", default=_DEFAULTS.precision, help="auto, fp32 or bf16.")
+@click.option(
+    "--precision",
+    type=click.Choice(PRECISIONS),
+    default=_DEFAULTS.precision,
+    help="auto: bf16 autocast for batch norm on a CPU with native bf16 (AVX512-BF16, AMX), "
+    "fp32 elsewhere.",
+)
+@click.option(
+    "--compile",
+    type=click.Choice(COMPILE_MODES),
+    default=_DEFAULTS.compile,
+    help="torch.compile the model: faster steps after a warm-up of a minute or more per run.",
+)
 @click.option(
     "--registered-model",
     "registered_model",

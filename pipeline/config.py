@@ -12,6 +12,7 @@ from dataclasses import dataclass
 NORMS = ("batch", "group", "layer")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 PRECISIONS = ("auto", "fp32", "bf16")
+COMPILE_MODES = ("off", "on")  # torch.compile of the model: its warm-up must pay (docs/speed.md)
 ORDERS = ("norm-act", "act-norm")  # conv -> norm -> ReLU, or conv -> ReLU -> norm
 # Weight standardization of the convs: auto = on for group and layer norm, off for batch norm.
 STANDARDIZE = ("auto", "true", "false")
@@ -60,6 +61,7 @@ class TrainConfig:
     stats: str = ""
     device: str = "auto"
     precision: str = "auto"
+    compile: str = "off"
     registered_model: str = REGISTERED_MODEL
     resume: str = ""
 
@@ -92,6 +94,7 @@ class TrainConfig:
         check_int_range("seed", self.seed, low=0, high=2**31 - 1)
         check_choice("device", self.device, DEVICES)
         check_choice("precision", self.precision, PRECISIONS)
+        check_choice("compile", self.compile, COMPILE_MODES)
         if not str(self.data).strip():
             raise ConfigError(
                 "data must be a CIFAR-10 directory, an image-folder tree or a .tar.gz"

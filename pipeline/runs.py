@@ -167,9 +167,7 @@ def train_model(config: TrainConfig, *, echo: Echo = log.info) -> str:
             "plots/misclassified.png",
         )
         example = setup.normalize(setup.test_split.images[:8]).cpu().contiguous()
-        # Logged in the portable NCHW layout: a channels_last model's weights are strided views,
-        # which torch.export's archive writer warns about ("No complete tensor found").
-        portable = model.cpu().to(memory_format=torch.contiguous_format)
+        portable = training.portable_model(model, config)
         model_uri = tracking.log_model(portable, input_example=example.numpy())
         if config.registered_model:
             version = tracking.register_model(

@@ -75,6 +75,8 @@ def prepare_training(
     model = model.to(device=device, memory_format=memory_format)
     if config.whiten:
         model.init_whitening(normalize(train_split.images[:WHITENING_IMAGES]))
+    if config.compile == "on":
+        model.compile()  # in place: the same module, parameters and state-dict keys
     return TrainingSetup(
         model=model,
         parameters=parameters,
@@ -117,3 +119,12 @@ def fit(
         resume_from=resume_from,
         on_epoch_end=on_epoch_end,
     )
+
+
+def portable_model(model: torch.nn.Module, config: TrainConfig) -> Net:
+    """The trained weights in a plain model on the CPU, NCHW, as they are logged: a
+    channels_last model's weights are strided views, which torch.export's archive writer warns
+    about ("No complete tensor found"), and a compiled one is not what a user loads."""
+    plain = Net(**config.model_options())
+    plain.load_state_dict(model.state_dict())
+    return plain.eval()

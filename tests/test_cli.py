@@ -3,7 +3,9 @@ was logged; and bad input: one line, non-zero exit, no run left RUNNING."""
 
 import json
 
+import mlflow.pytorch
 import pytest
+import torch
 from conftest import mlflow_run, run_cli, run_in_process
 from mlflow.tracking import MlflowClient
 
@@ -118,7 +120,7 @@ def test_train_and_evaluate_end_to_end_through_mlflow_run(tracking_store, image_
 
 
 @pytest.mark.slow
-def test_train_directly_from_cifar_pickles_without_registration(tracking_store, cifar_pickles):
+def test_train_compiled_from_cifar_pickles_without_registration(tracking_store, cifar_pickles):
     result = run_cli(
         "train",
         "--norm=group",
@@ -127,12 +129,18 @@ def test_train_directly_from_cifar_pickles_without_registration(tracking_store, 
         "--batch-size=32",
         f"--data={cifar_pickles}",
         "--registered-model=",
+        "--compile=on",
+        "--tta=none",
     )
     _assert_ok(result)
     client = MlflowClient()
     (run,) = _runs(client)
     assert run.info.status == "FINISHED" and run.data.params["groups"] == "2"
+    assert run.data.params["compile"] == "on"
     assert client.search_registered_models() == []
+    # the compiled model is logged as a plain one, which loads and predicts like any other
+    model = mlflow.pytorch.load_model(f"runs:/{run.info.run_id}/model")
+    assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
     # the model is logged in NCHW: a channels_last one makes torch.export's writer warn
     assert "No complete tensor" not in result.stderr
 
