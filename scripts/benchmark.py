@@ -18,8 +18,9 @@ Measured for each norm, on the same machine, model and data, after untimed warm-
 The `--tta` section times one evaluation of the test split per test-time augmentation (what
 each epoch of `train` adds after its training steps). The `--layouts` section measures the
 ceiling in NCHW vs channels_last and fp32 vs bf16 autocast, the numbers behind
-`engine.memory_format_for` and `engine.resolve_precision`. The report is Markdown (stdout) to
-paste into the README; progress goes to stderr.
+`engine.memory_format_for` and `engine.resolve_precision`; `--compile` times the ceiling eager
+vs torch.compile'd, with its compilation. The report is Markdown (stdout) to paste into
+docs/speed.md; progress goes to stderr.
 
 This file parses the options, describes the machine and assembles the report; each question is
 a module of scripts/benchmarks/ (throughput, layouts, evaluation, tracking_overhead) on the one
@@ -46,7 +47,7 @@ from pipeline.config import ConfigError, TrainConfig, parse_norms
 
 # scripts/ is not a package: the questions' package sits beside this file, also when imported.
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchmarks import evaluation, layouts, throughput, tracking_overhead  # noqa: E402
+from benchmarks import compiled, evaluation, layouts, throughput, tracking_overhead  # noqa: E402
 from benchmarks.throughput import REFERENCE_BATCH_SIZE  # noqa: E402
 from benchmarks.timing import progress  # noqa: E402
 
@@ -92,15 +93,16 @@ def cpu_model() -> str:
 
 
 def machine_description(device: torch.device) -> str:
+    """CPU model, usable CPUs and torch threads, vector ISA and native bf16, GPU, versions."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    capability = torch.backends.cpu.get_cpu_capability()
+    bf16 = "native bf16" if engine.cpu_has_native_bf16() else "no native bf16"
     device_name = str(device)
     if device.type == "cuda":
         device_name = f"cuda ({torch.cuda.get_device_name(device)})"
     return (
         f"{cpu_model()} ({cores} usable CPUs, {torch.get_num_threads()} torch threads, "
-        f"{capability}), torch {torch.__version__}, Python {platform.python_version()}, "
-        f"device {device_name}"
+        f"{engine.cpu_capability()}, {bf16}), torch {torch.__version__}, "
+        f"Python {platform.python_version()}, device {device_name}"
     )
 
 
@@ -159,6 +161,13 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
         action=argparse.BooleanOptionalAction,
         default=True,
         help="time one test-split evaluation per test-time augmentation; default on",
+    )
+    parser.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="time the ceiling eager vs torch.compile'd, with the compilation (a minute or more "
+        "per norm on a CPU); default off",
     )
     parser.add_argument(
         "--layout-steps",
@@ -242,7 +251,6 @@ def run_benchmark(arguments: argparse.Namespace, *, command: str) -> str:
             f"(got {batch_size})"
         )
     train_split = datasets.to_device(dataset.train_images, dataset.train_labels, device=device)
-    autocast_dtype = engine.resolve_precision("auto", device)
 
     speed = throughput.measure(
         dataset,
@@ -250,7 +258,6 @@ def run_benchmark(arguments: argparse.Namespace, *, command: str) -> str:
         train_split,
         norms=arguments.norms,
         device=device,
-        autocast_dtype=autocast_dtype,
         workers=arguments.workers,
         batch_size=batch_size,
         steps=arguments.steps,
@@ -265,9 +272,20 @@ def run_benchmark(arguments: argparse.Namespace, *, command: str) -> str:
             stats,
             norms=arguments.norms,
             device=device,
-            autocast_dtype=autocast_dtype,
             batch_size=batch_size,
             layout_steps=arguments.layout_steps,
+            warmup_steps=arguments.warmup_steps,
+            seed=arguments.seed,
+        )
+    compile_costs: list[compiled.CompileCost] = []
+    if arguments.compile:
+        compile_costs = compiled.measure(
+            train_split,
+            stats,
+            norms=arguments.norms,
+            device=device,
+            batch_size=batch_size,
+            steps=arguments.steps,
             warmup_steps=arguments.warmup_steps,
             seed=arguments.seed,
         )
@@ -279,7 +297,6 @@ def run_benchmark(arguments: argparse.Namespace, *, command: str) -> str:
             stats,
             norms=arguments.norms,
             device=device,
-            autocast_dtype=autocast_dtype,
             seed=arguments.seed,
         )
     overhead = tracking_overhead.measure(
@@ -328,6 +345,10 @@ def run_benchmark(arguments: argparse.Namespace, *, command: str) -> str:
             layout_defaults,
             batch_size=batch_size,
             layout_steps=arguments.layout_steps,
+        )
+    if compile_costs:
+        lines += compiled.report(
+            compile_costs, train_count=train_count, warmup_steps=arguments.warmup_steps
         )
     return "\n".join(lines) + "\n"
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "benchmark.py"
@@ -95,3 +96,31 @@ def test_quick_run_reports_every_measurement(
                 defaults += 1
                 assert per_default == 1.0 and (tta, batch) == ("flip-translate", 128), row
     assert defaults == 1
+
+
+def test_reports_compare_with_fp32_and_with_torch_compile(benchmark_script) -> None:
+    from benchmarks import compiled, throughput
+
+    from pipeline import engine
+
+    def measured(precision: str, images_per_second: float, warmup: float = 1.0):
+        return throughput.Measurement(
+            "batch", "ceiling", 256, "channels_last", precision, int(images_per_second), 1.0, warmup
+        )
+
+    rates = {
+        ("batch", "reference"): 500.0,
+        ("batch", "pipeline"): 1500.0,
+        ("batch", "pipeline fp32"): 1000.0,
+        ("batch", "ceiling"): 1600.0,
+    }
+    [row] = throughput.ratio_table(["batch"], rates, {})[2:]
+    assert numbers(row)[:3] == [3.0, 1.5, 0.94], row
+    cost = compiled.CompileCost(
+        "batch", measured("bf16 autocast", 1500), measured("bf16 autocast", 1800, warmup=90)
+    )
+    [row] = compiled.report([cost], train_count=45_000, warmup_steps=3)[-1:]
+    # 20 epochs x 45,000 images: 600 s eager (+1 s warm-up), 500 s compiled + 90 s compiling
+    assert row == "| batch | bf16 autocast | 1,500 | 1,800 | 1.20x | 90 s | 10.0 min | 9.8 min |"
+    machine = benchmark_script.machine_description(torch.device("cpu"))
+    assert engine.cpu_capability() in machine and "native bf16" in machine

@@ -81,7 +81,6 @@ def measure(
     *,
     norms: list[str],
     device: torch.device,
-    autocast_dtype: torch.dtype | None,
     seed: int,
 ) -> list[EvaluationCost]:
     """Each norm x test-time augmentation x evaluation batch (the default and 1,024)."""
@@ -101,7 +100,7 @@ def measure(
                 tta=tta,
                 batch_size=size,
                 memory_format=engine.memory_format_for(norm, device),
-                autocast_dtype=autocast_dtype,
+                autocast_dtype=engine.resolve_precision("auto", device, norm=norm),
                 seed=seed,
             )
         )

@@ -24,7 +24,6 @@ def measure(
     *,
     norms: list[str],
     device: torch.device,
-    autocast_dtype: torch.dtype | None,
     batch_size: int,
     layout_steps: int,
     warmup_steps: int,
@@ -36,7 +35,7 @@ def measure(
     for norm in norms:
         layout_defaults[norm] = (
             LAYOUT_NAMES[engine.memory_format_for(norm, device)],
-            PRECISION_NAMES[autocast_dtype],
+            PRECISION_NAMES[engine.resolve_precision("auto", device, norm=norm)],
         )
         for memory_format in (torch.contiguous_format, torch.channels_last):
             for dtype in (None, torch.bfloat16):

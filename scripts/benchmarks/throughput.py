@@ -40,6 +40,7 @@ class Measurement:
     precision: str
     images: int
     seconds: float
+    warmup_seconds: float = 0.0  # the untimed steps (with torch.compile: its compilation)
 
     @property
     def images_per_second(self) -> float:
@@ -136,7 +137,7 @@ def measure_reference(
             optimizer.step()
 
     # One stream for warm-up and timed steps: the timer starts with the loader in steady state.
-    seconds = timed_steps(train_steps, warmup_steps=warmup_steps, steps=steps, device=device)
+    _, seconds = timed_steps(train_steps, warmup_steps=warmup_steps, steps=steps, device=device)
     return Measurement(
         norm=norm,
         path=f"reference ({workers} worker{'' if workers == 1 else 's'})",
@@ -163,12 +164,16 @@ def measure_training(
     steps: int,
     warmup_steps: int,
     seed: int,
+    compile_model: bool = False,
 ) -> Measurement:
-    """`engine.train_one_epoch` as `train` sets it up; `path="ceiling"` repeats one fixed batch."""
+    """`engine.train_one_epoch` as `train` sets it up; `path="ceiling"` repeats one fixed batch;
+    `compile_model` compiles the model first, as `train --compile on` does."""
     device = train_split.images.device
     torch.manual_seed(seed)
     model = build_model(norm=norm, groups=DEFAULTS.groups, dropout=DEFAULTS.dropout)
     model = model.to(device=device, memory_format=memory_format)
+    if compile_model:
+        model.compile()
     normalize = datasets.Normalizer(stats, device=device, memory_format=memory_format)
     generator = torch.Generator().manual_seed(seed)
     optimizer = engine.make_optimizer(
@@ -208,7 +213,9 @@ def measure_training(
             description=f"{norm} {path}",
         )
 
-    seconds = timed_steps(train_steps, warmup_steps=warmup_steps, steps=steps, device=device)
+    warmup_seconds, seconds = timed_steps(
+        train_steps, warmup_steps=warmup_steps, steps=steps, device=device
+    )
     return Measurement(
         norm=norm,
         path=path,
@@ -217,6 +224,7 @@ def measure_training(
         precision=PRECISION_NAMES[autocast_dtype],
         images=steps * batch_size,
         seconds=seconds,
+        warmup_seconds=warmup_seconds,
     )
 
 
@@ -227,14 +235,15 @@ def measure(
     *,
     norms: list[str],
     device: torch.device,
-    autocast_dtype: torch.dtype | None,
     workers: int,
     batch_size: int,
     steps: int,
     warmup_steps: int,
     seed: int,
 ) -> Throughput:
-    """The reference, the pipeline and the ceiling for each norm."""
+    """The reference, the pipeline and the ceiling for each norm, at the layout and precision
+    `train` picks on this device; where that precision is not fp32, the pipeline in fp32 too
+    (`pipeline fp32`), side by side."""
     train_count = len(dataset.train_labels)
     # The reference times as many images as our path, in batches of 64.
     reference_steps = max(1, steps * batch_size // REFERENCE_BATCH_SIZE)
@@ -247,6 +256,7 @@ def measure(
     rates: dict[tuple[str, str], float] = {}
     for norm in norms:
         memory_format = engine.memory_format_for(norm, device)
+        autocast_dtype = engine.resolve_precision("auto", device, norm=norm)
         progress(f"{norm}: reference ({reference_steps} steps of {REFERENCE_BATCH_SIZE})")
         results = [
             measure_reference(
@@ -260,24 +270,28 @@ def measure(
                 seed=seed,
             )
         ]
-        for path in ("pipeline", "ceiling"):
+        paths = [("pipeline", autocast_dtype), ("ceiling", autocast_dtype)]
+        if autocast_dtype is not None:
+            paths.insert(1, ("pipeline fp32", None))
+        for path, dtype in paths:
             progress(f"{norm}: {path} ({steps} steps of {batch_size})")
             results.append(
                 measure_training(
                     train_split,
                     stats,
                     norm=norm,
-                    path=path,
+                    path=path.split(" ")[0],
                     memory_format=memory_format,
-                    autocast_dtype=autocast_dtype,
+                    autocast_dtype=dtype,
                     batch_size=batch_size,
                     steps=steps,
                     warmup_steps=warmup_steps,
                     seed=seed,
                 )
             )
-        for result in results:
-            rates[norm, result.path.split(" ")[0]] = result.images_per_second
+        for (path, _), result in zip(paths, results[1:], strict=True):
+            rates[norm, path] = result.images_per_second
+        rates[norm, "reference"] = results[0].images_per_second
         measurements.extend(results)
     return Throughput(measurements, rates, reference_steps, reference_warmup)
 
@@ -306,14 +320,17 @@ def ratio_table(
     norms: list[str], rates: dict[tuple[str, str], float], costs: dict[str, TrackingCost]
 ) -> list[str]:
     lines = [
-        "| norm | pipeline / reference | pipeline / ceiling | tracking overhead |",
-        "|---|---:|---:|---:|",
+        "| norm | pipeline / reference | pipeline / pipeline fp32 | pipeline / ceiling "
+        "| tracking overhead |",
+        "|---|---:|---:|---:|---:|",
     ]
     for norm in norms:
         pipeline = rates[norm, "pipeline"]
         overhead = f"{costs[norm].overhead_percent:+.1f}%" if norm in costs else "not measured"
+        fp32 = rates.get((norm, "pipeline fp32"))
+        versus_fp32 = f"{pipeline / fp32:.2f}x" if fp32 else "(is fp32)"
         lines.append(
-            f"| {norm} | {pipeline / rates[norm, 'reference']:.2f}x | "
+            f"| {norm} | {pipeline / rates[norm, 'reference']:.2f}x | {versus_fp32} | "
             f"{pipeline / rates[norm, 'ceiling']:.2f} | {overhead} |"
         )
     return lines

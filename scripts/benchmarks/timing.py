@@ -21,14 +21,15 @@ def synchronize(device: torch.device) -> None:
 
 def timed_steps(
     train_steps: Callable[[int], None], *, warmup_steps: int, steps: int, device: torch.device
-) -> float:
-    """Seconds for `steps` steps after `warmup_steps` untimed ones."""
+) -> tuple[float, float]:
+    """(seconds of `warmup_steps` warm-up steps, seconds of the `steps` steps after them)."""
+    started = time.perf_counter()
     train_steps(warmup_steps)
     synchronize(device)
-    started = time.perf_counter()
+    warmed = time.perf_counter()
     train_steps(steps)
     synchronize(device)
-    return time.perf_counter() - started
+    return warmed - started, time.perf_counter() - warmed
 
 
 def timed(function: Callable[[], None]) -> float:
