@@ -83,14 +83,24 @@ def test_grid_file_adds_values_per_norm(tmp_path):
     assert found[1].config.whiten is True and found[2].config.standardize == "true"
 
 
-def test_every_trial_of_the_levers_file_builds_within_the_budget():
+SWEEP_FILES = {
+    "levers.yaml": {"widths", "order", "standardize", "groups", "learning_rate"},
+    "round2.yaml": {"residual", "conv_groups", "widths", "groups", "learning_rate", "ema"},
+}
+
+
+@pytest.mark.parametrize("name", sorted(SWEEP_FILES))
+@pytest.mark.parametrize("mode", ["one-at-a-time", "grid"])
+def test_every_trial_of_the_sweep_files_builds_within_the_budget(name, mode):
+    assert sorted(path.name for path in (REPO / "sweeps").glob("*.yaml")) == sorted(SWEEP_FILES)
     found, swept = trials(
-        str(REPO / "sweeps" / "levers.yaml"),
+        str(REPO / "sweeps" / name),
         norms=["batch", "group", "layer"],
         seeds=1,
-        mode="one-at-a-time",
+        mode=mode,
+        max_trials=100_000,
     )
-    assert {"widths", "order", "standardize", "groups", "learning_rate"} <= set(swept)
+    assert SWEEP_FILES[name] <= set(swept)
     for trial in found:
         _, parameters = model_for(trial.config)
         assert parameters <= MAX_PARAMETERS, trial.name
