@@ -1,0 +1,38 @@
+"""Small scripts under scripts/ that read tracked runs."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+
+from conftest import REPO
+
+from pipeline import tracking
+from pipeline.engine import EpochMetrics
+
+
+def _script(name: str, monkeypatch):
+    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, name, module)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_ceiling_curves_overlay_runs_of_any_length_and_tabulate_their_ends(
+    tracking_store, tmp_path, monkeypatch, capsys
+):
+    run_ids = []
+    for epochs in (2, 5):
+        with tracking.run(run_name=f"train-{epochs}", tags={"step": "train"}) as run_id:
+            tracking.log_params({"norm": "batch", "seed": "1", "epochs": str(epochs)})
+            for epoch in range(1, epochs + 1):
+                accuracy = 0.5 + 0.05 * epoch
+                tracking.log_epoch(EpochMetrics(epoch, 1.0, accuracy, 1.0, accuracy, 0.1, 1.0))
+        run_ids.append(run_id)
+    figure = tmp_path / "curves.png"
+    assert _script("ceiling_curves", monkeypatch).main(["--out", str(figure), *run_ids]) == 0
+    rows = capsys.readouterr().out.splitlines()
+    assert rows[2].startswith(f"| `{run_ids[0][:8]}` | batch | 1 | 2 | 60.00 | 60.00 |")
+    assert rows[3].startswith(f"| `{run_ids[1][:8]}` | batch | 1 | 5 | 75.00 | 75.00 |")
+    assert figure.stat().st_size > 10_000
