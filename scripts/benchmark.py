@@ -18,7 +18,8 @@ Measured for each norm, on the same machine, model and data, after untimed warm-
 The `--tta` section times one evaluation of the test split per test-time augmentation (what
 each epoch of `train` adds after its training steps). The `--layouts` section measures the
 ceiling in NCHW vs channels_last and fp32 vs bf16 autocast, the numbers behind
-`engine.memory_format_for` and `engine.resolve_precision`; `--compile` times the ceiling eager
+`engine.memory_format_for` and `engine.resolve_precision`, and one GroupNorm layer alone per
+layout and precision (why `model.FloatGroupNorm` exists); `--compile` times the ceiling eager
 vs torch.compile'd, with its compilation. The report is Markdown (stdout) to paste into
 docs/speed.md; progress goes to stderr.
 
@@ -47,7 +48,14 @@ from pipeline.config import ConfigError, TrainConfig, parse_norms
 
 # scripts/ is not a package: the questions' package sits beside this file, also when imported.
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchmarks import compiled, evaluation, layouts, throughput, tracking_overhead  # noqa: E402
+from benchmarks import (  # noqa: E402
+    compiled,
+    evaluation,
+    layouts,
+    norm_kernels,
+    throughput,
+    tracking_overhead,
+)
 from benchmarks.throughput import REFERENCE_BATCH_SIZE  # noqa: E402
 from benchmarks.timing import progress  # noqa: E402
 
@@ -277,6 +285,10 @@ def run_benchmark(arguments: argparse.Namespace, *, command: str) -> str:
             warmup_steps=arguments.warmup_steps,
             seed=arguments.seed,
         )
+    kernel_times = []
+    if arguments.layouts:
+        repeats = 5 * arguments.layout_steps
+        kernel_times = norm_kernels.measure(groups=DEFAULTS.groups, repeats=repeats)
     compile_costs: list[compiled.CompileCost] = []
     if arguments.compile:
         compile_costs = compiled.measure(
@@ -346,6 +358,8 @@ def run_benchmark(arguments: argparse.Namespace, *, command: str) -> str:
             batch_size=batch_size,
             layout_steps=arguments.layout_steps,
         )
+    if kernel_times:
+        lines += norm_kernels.report(kernel_times)
     if compile_costs:
         lines += compiled.report(
             compile_costs, train_count=train_count, warmup_steps=arguments.warmup_steps

@@ -85,6 +85,8 @@ def test_quick_run_reports_every_measurement(
                 line for line in rows if line.startswith(f"| {norm} | {layout} | {precision} |")
             ]
             assert numbers(row)[0] > 0, row  # ceiling images/s
+    [kernel] = [line for line in rows if line.startswith("| FloatGroupNorm(4) | channels_last |")]
+    assert numbers(kernel)[-1] > 0, kernel  # ms per step
     defaults = 0
     for tta, passes in (("none", 1), ("flip", 2), ("flip-translate", 6)):
         for batch in (128, 1024):  # the CPU's evaluation batch, and the GPU's beside it
