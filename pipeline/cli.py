@@ -259,8 +259,8 @@ def model_summary(**options) -> None:
     "--precision",
     type=click.Choice(PRECISIONS),
     default=_DEFAULTS.precision,
-    help="auto: bf16 autocast for batch norm on a CPU with native bf16 (AVX512-BF16, AMX), "
-    "fp32 elsewhere.",
+    help="auto: fp32, or bf16 autocast for the norms measured to hold their accuracy in it "
+    "(none yet) on a CPU with native bf16 (AVX512-BF16, AMX); bf16: autocast always.",
 )
 @click.option(
     "--compile",

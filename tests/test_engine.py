@@ -136,6 +136,7 @@ def test_devices_and_precision_resolve_sensibly():
 def test_auto_precision_is_bf16_only_for_measured_norms_on_a_cpu_with_native_bf16(
     native, monkeypatch
 ):
+    monkeypatch.setattr(engine, "BF16_NORMS", ("batch",))  # the decision, whatever the table
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
     assert engine.cpu_has_native_bf16() is native

@@ -242,8 +242,8 @@ def measure(
     seed: int,
 ) -> Throughput:
     """The reference, the pipeline and the ceiling for each norm, at the layout and precision
-    `train` picks on this device; where that precision is not fp32, the pipeline in fp32 too
-    (`pipeline fp32`), side by side."""
+    `train` picks on this device, and the pipeline in the other precision side by side where
+    the device has native bf16 (`pipeline fp32` or `pipeline bf16`)."""
     train_count = len(dataset.train_labels)
     # The reference times as many images as our path, in batches of 64.
     reference_steps = max(1, steps * batch_size // REFERENCE_BATCH_SIZE)
@@ -273,6 +273,8 @@ def measure(
         paths = [("pipeline", autocast_dtype), ("ceiling", autocast_dtype)]
         if autocast_dtype is not None:
             paths.insert(1, ("pipeline fp32", None))
+        elif device.type == "cuda" or engine.cpu_has_native_bf16():
+            paths.insert(1, ("pipeline bf16", torch.bfloat16))
         for path, dtype in paths:
             progress(f"{norm}: {path} ({steps} steps of {batch_size})")
             results.append(
@@ -320,17 +322,21 @@ def ratio_table(
     norms: list[str], rates: dict[tuple[str, str], float], costs: dict[str, TrackingCost]
 ) -> list[str]:
     lines = [
-        "| norm | pipeline / reference | pipeline / pipeline fp32 | pipeline / ceiling "
+        "| norm | pipeline / reference | pipeline bf16 / fp32 | pipeline / ceiling "
         "| tracking overhead |",
         "|---|---:|---:|---:|---:|",
     ]
     for norm in norms:
         pipeline = rates[norm, "pipeline"]
         overhead = f"{costs[norm].overhead_percent:+.1f}%" if norm in costs else "not measured"
-        fp32 = rates.get((norm, "pipeline fp32"))
-        versus_fp32 = f"{pipeline / fp32:.2f}x" if fp32 else "(is fp32)"
+        if (norm, "pipeline fp32") in rates:  # the default is bf16
+            bf16_per_fp32 = f"{pipeline / rates[norm, 'pipeline fp32']:.2f}x"
+        elif (norm, "pipeline bf16") in rates:
+            bf16_per_fp32 = f"{rates[norm, 'pipeline bf16'] / pipeline:.2f}x"
+        else:
+            bf16_per_fp32 = "(no native bf16)"
         lines.append(
-            f"| {norm} | {pipeline / rates[norm, 'reference']:.2f}x | {versus_fp32} | "
+            f"| {norm} | {pipeline / rates[norm, 'reference']:.2f}x | {bf16_per_fp32} | "
             f"{pipeline / rates[norm, 'ceiling']:.2f} | {overhead} |"
         )
     return lines
