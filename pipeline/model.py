@@ -55,9 +55,10 @@ class FloatGroupNorm(nn.GroupNorm):
     """GroupNorm computed in fp32, also under bf16 autocast.
 
     The CPU's bf16 GroupNorm kernel with more than one group is slow in channels_last, the
-    layout the convs want: 7x slower than in NCHW on an AVX-512 CPU, enough to make a bf16
-    step slower than an fp32 one. Normalizing in fp32 (the next conv casts back to bf16) makes
-    the bf16 step 1.27x faster than fp32 there (docs/speed.md). In fp32 runs it is GroupNorm.
+    layout the convs want: 6.5x its NCHW time on an AVX-512 CPU with native bf16, enough to make
+    a bf16 step slower than an fp32 one. Normalizing in fp32 (the next conv casts back to bf16)
+    makes group norm's bf16 ceiling 1.14x its fp32 one there (docs/speed.md, the benchmark's
+    group norm kernels). In fp32 runs it is GroupNorm.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
