@@ -81,14 +81,12 @@ class TrainConfig:
         check_float_range("ema", self.ema, low=0.0, high=1.0, open_high=True)
         check_int_range("cutout", self.cutout, low=0, high=32)
         check_int_range("translate", self.translate, low=0, high=16)
-        if not isinstance(self.whiten, bool):
-            raise ConfigError(f"whiten must be true or false (got {self.whiten!r})")
+        check_bool("whiten", self.whiten)
         object.__setattr__(self, "widths", _widths_string(parse_widths(self.widths)))
         check_choice("order", self.order, ORDERS)
         object.__setattr__(self, "standardize", str(self.standardize).lower())
         check_choice("standardize", self.standardize, STANDARDIZE)
-        if not isinstance(self.residual, bool):
-            raise ConfigError(f"residual must be true or false (got {self.residual!r})")
+        check_bool("residual", self.residual)
         check_int_range("conv_groups", self.conv_groups, low=1, high=64)
         check_choice("tta", self.tta, TTA_MODES)
         check_int_range("seed", self.seed, low=0, high=2**31 - 1)
@@ -160,6 +158,11 @@ def _param_string(value: object) -> str:
 def check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise ConfigError(f"{name} must be one of {', '.join(allowed)} (got {value!r})")
+
+
+def check_bool(name: str, value: bool) -> None:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{name} must be true or false (got {value!r})")
 
 
 def check_int_range(name: str, value: int, *, low: int, high: int | None = None) -> None:

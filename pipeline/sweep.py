@@ -56,6 +56,14 @@ Variant = dict[str, str]
 VARIANTS = "variants"
 
 
+@dataclass(frozen=True)
+class Spec:
+    """A sweep's values: the grid, and the variants (levers set together, one trial each)."""
+
+    grid: Grid
+    variants: list[Variant] = dataclasses.field(default_factory=list)
+
+
 def sweepable() -> list[str]:
     return [f.name for f in dataclasses.fields(TrainConfig) if f.name not in NOT_SWEPT]
 
@@ -75,9 +83,8 @@ def parse_grid(text: str) -> Grid:
     return grid
 
 
-def load_grid(spec: str) -> tuple[Grid, dict[str, Grid]]:
-    """A grid string or a YAML file -> (the grid of every norm, the grids per norm); a file's
-    variants are under the key `variants`, each value one `key=value;key=value` set."""
+def load_grid(spec: str) -> tuple[Spec, dict[str, Spec]]:
+    """A grid string or a YAML file -> (what every norm sweeps, what each norm adds)."""
     path = Path(spec).expanduser()
     if not spec.strip():
         raise ConfigError("grid is empty: give key=value,... pairs or a YAML file")
@@ -85,10 +92,10 @@ def load_grid(spec: str) -> tuple[Grid, dict[str, Grid]]:
         if not path.is_file():
             raise ConfigError(f"grid file {spec!r} does not exist")
         return _grid_file(path)
-    return parse_grid(spec), {}
+    return Spec(parse_grid(spec)), {}
 
 
-def _grid_file(path: Path) -> tuple[Grid, dict[str, Grid]]:
+def _grid_file(path: Path) -> tuple[Spec, dict[str, Spec]]:
     import yaml
 
     try:
@@ -100,31 +107,30 @@ def _grid_file(path: Path) -> tuple[Grid, dict[str, Grid]]:
     per_norm = document.get("norms") or {}
     if not isinstance(per_norm, dict):
         raise ConfigError(f"grid file {path}: `norms` maps a norm to its grid")
-    common = _file_grid(path, document.get("grid") or {})
-    if document.get(VARIANTS):
-        common[VARIANTS] = _file_variants(path, document[VARIANTS])
-    return common, {str(norm): _file_grid(path, grid or {}) for norm, grid in per_norm.items()}
+    common = _file_spec(path, document.get("grid") or {})
+    variants = _file_variants(path, document.get(VARIANTS) or [])
+    return (
+        Spec(common.grid, common.variants + variants),
+        {str(norm): _file_spec(path, grid or {}) for norm, grid in per_norm.items()},
+    )
 
 
-def _file_grid(path: Path, grid) -> Grid:
+def _file_spec(path: Path, grid) -> Spec:
+    """A grid of the file (top level or a norm's), its `variants` key apart."""
     if not isinstance(grid, dict):
         raise ConfigError(f"grid file {path}: a grid maps a parameter to a list of values")
-    return {
-        str(key): _file_variants(path, values)
-        if key == VARIANTS
-        else [_yaml_value(v) for v in (values if isinstance(values, list) else [values])]
+    values = {
+        str(key): [_yaml_value(v) for v in (values if isinstance(values, list) else [values])]
         for key, values in grid.items()
+        if key != VARIANTS
     }
+    return Spec(values, _file_variants(path, grid.get(VARIANTS) or []))
 
 
-def _file_variants(path: Path, variants) -> list[str]:
+def _file_variants(path: Path, variants) -> list[Variant]:
     if not isinstance(variants, list) or not all(isinstance(v, dict) and v for v in variants):
         raise ConfigError(f"grid file {path}: `variants` is a list of parameter -> value maps")
-    return [";".join(f"{key}={_yaml_value(value)}" for key, value in v.items()) for v in variants]
-
-
-def _variant(text: str) -> Variant:
-    return dict(part.split("=", 1) for part in text.split(";"))
+    return [{str(key): _yaml_value(value) for key, value in v.items()} for v in variants]
 
 
 def _yaml_value(value) -> str:
@@ -173,10 +179,9 @@ def trials(
     found: list[Trial] = []
     keys: list[str] = []
     for norm in norms:
-        grid = {**common, **per_norm.get(norm, {})}
-        # a norm's variants add to those of every norm
-        grid[VARIANTS] = common.get(VARIANTS, []) + per_norm.get(norm, {}).get(VARIANTS, [])
-        variants = [_variant(text) for text in grid.pop(VARIANTS)]
+        own = per_norm.get(norm, Spec({}))
+        grid = {**common.grid, **own.grid}
+        variants = common.variants + own.variants  # a norm's variants add to every norm's
         for key, values in grid.items():
             if key not in allowed:
                 raise ConfigError(f"grid: {key!r} is not a train parameter ({', '.join(allowed)})")
