@@ -33,6 +33,7 @@ from pipeline.config import (
     parse_norms,
 )
 from pipeline.data import DataError
+from pipeline.engine import BF16_NORMS
 from pipeline.executors import EXECUTORS, ExecutorSettings
 from pipeline.model import summary
 
@@ -260,7 +261,8 @@ def model_summary(**options) -> None:
     type=click.Choice(PRECISIONS),
     default=_DEFAULTS.precision,
     help="auto: fp32, or bf16 autocast for the norms measured to hold their accuracy in it "
-    "(none yet) on a CPU with native bf16 (AVX512-BF16, AMX); bf16: autocast always.",
+    f"({', '.join(BF16_NORMS) or 'none yet'}) on a CPU with native bf16 (AVX512-BF16, AMX); "
+    "bf16: autocast always.",
 )
 @click.option(
     "--compile",
