@@ -119,12 +119,12 @@ def _file_spec(path: Path, grid) -> Spec:
     """A grid of the file (top level or a norm's), its `variants` key apart."""
     if not isinstance(grid, dict):
         raise ConfigError(f"grid file {path}: a grid maps a parameter to a list of values")
-    values = {
+    swept = {
         str(key): [_yaml_value(v) for v in (values if isinstance(values, list) else [values])]
         for key, values in grid.items()
         if key != VARIANTS
     }
-    return Spec(values, _file_variants(path, grid.get(VARIANTS) or []))
+    return Spec(swept, _file_variants(path, grid.get(VARIANTS, [])))
 
 
 def _file_variants(path: Path, variants) -> list[Variant]:
