@@ -350,10 +350,12 @@ def update_champion(name: str, *, max_rounds: int = 20) -> str | None:
     Correct when trainings on different machines finish at once, with no lock they share:
     each writer recomputes the best from every version and re-reads after its write until
     what it read is what the alias holds. A version registers before its writer's update, so
-    the last writer's final read sees every version and the alias settles on the best. (The
+    the last writer's final read sees every version and the alias settles on the best. A
+    write refused because another writer created the alias first is one more round. (The
     file lock only saves same-host writers the extra rounds.)
     """
     client = MlflowClient()
+    last_error = None
     with stores.file_lock("registry", f"{tracking_uri()}|{name}"):
         for _ in range(max_rounds):
             best = _best_version(client, name)
@@ -365,9 +367,17 @@ def update_champion(name: str, *, max_rounds: int = 20) -> str | None:
                 current = None
             if str(current) == best:
                 return best
-            client.set_registered_model_alias(name, CHAMPION, best)
+            try:
+                client.set_registered_model_alias(name, CHAMPION, best)
+            except MlflowException as error:
+                # Two writers that both found no alias both insert one; the store's unique
+                # key refuses the second. The next round re-reads what the winner wrote.
+                last_error = error.message.splitlines()[0] if error.message else str(error)
+                log.debug("%s@%s write lost a race: %s", name, CHAMPION, last_error)
+                continue
             log.info("%s@%s -> version %s", name, CHAMPION, best)
-    raise TrackingError(f"{name}@{CHAMPION} did not settle in {max_rounds} rounds")
+    detail = f" (last error: {last_error})" if last_error else ""
+    raise TrackingError(f"{name}@{CHAMPION} did not settle in {max_rounds} rounds{detail}")
 
 
 def _best_version(client: MlflowClient, name: str) -> str | None:

@@ -21,6 +21,7 @@ import pytest
 import torch
 import yaml
 from conftest import REPO, mlflow_run, run_cli, write_image_folder
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from pipeline import cli, tracking
@@ -431,6 +432,43 @@ def test_a_stale_champion_writer_corrects_itself(tracking_store, monkeypatch):
     assert tracking.update_champion("cifar10-stale") == "2"
     assert _champion(client, "cifar10-stale") == "2"
     assert len(reads) >= 2
+
+
+def test_a_writer_that_loses_the_alias_insert_race_rereads_and_settles(tracking_store, monkeypatch):
+    """Two writers both read "no champion yet" and both insert the alias; the store's unique
+    key refuses the second insert. The loser's next round reads what the winner wrote."""
+    client = MlflowClient()
+    client.create_registered_model("cifar10-race")
+    for index, accuracy in enumerate((0.61, 0.74)):
+        _register(client, "cifar10-race", accuracy, index)
+    set_alias = MlflowClient.set_registered_model_alias
+    writes = []
+
+    def other_writer_inserts_first(self, name, alias, version):
+        writes.append(version)
+        if len(writes) == 1:  # the winner's insert lands just before ours
+            set_alias(self, name, alias, "1")
+            raise MlflowException("(sqlite3.IntegrityError) UNIQUE constraint failed")
+        return set_alias(self, name, alias, version)
+
+    monkeypatch.setattr(MlflowClient, "set_registered_model_alias", other_writer_inserts_first)
+    assert tracking.update_champion("cifar10-race") == "2"
+    assert _champion(client, "cifar10-race") == "2"
+    assert writes == ["2", "2"]
+
+
+def test_a_champion_that_never_settles_names_the_last_store_error(tracking_store, monkeypatch):
+    client = MlflowClient()
+    client.create_registered_model("cifar10-refused")
+    _register(client, "cifar10-refused", 0.61, 0)
+
+    def refused(self, name, alias, version):
+        raise MlflowException("database is locked")
+
+    monkeypatch.setattr(MlflowClient, "set_registered_model_alias", refused)
+    settled = "did not settle in 3 rounds.*database is locked"
+    with pytest.raises(tracking.TrackingError, match=settled):
+        tracking.update_champion("cifar10-refused", max_rounds=3)
 
 
 # --------------------------------------------------------------------------- MLproject
