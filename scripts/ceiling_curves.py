@@ -21,6 +21,8 @@ from mlflow.tracking import MlflowClient  # noqa: E402
 
 from pipeline import tracking  # noqa: E402
 
+NORM_COLOURS = {"batch": "C0", "group": "C1", "layer": "C2"}
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python scripts/ceiling_curves.py")
@@ -40,8 +42,14 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         label = f"{params['norm']}, seed {params['seed']}, {params['epochs']} epochs"
         epochs = [record.epoch for record in records]
-        test_axis.plot(epochs, [100 * r.test_acc for r in records], label=label)
-        train_axis.plot(epochs, [100 * r.train_acc for r in records], label=label)
+        # One colour per norm; the 20-epoch runs dashed, so a norm's pair reads as one family.
+        style = {
+            "color": NORM_COLOURS.get(params["norm"]),
+            "linestyle": "--" if int(params["epochs"]) <= 20 else "-",
+            "label": label,
+        }
+        test_axis.plot(epochs, [100 * r.test_acc for r in records], **style)
+        train_axis.plot(epochs, [100 * r.train_acc for r in records], **style)
         minutes = (run.info.end_time - run.info.start_time) / 60_000
         print(
             f"| `{run_id[:8]}` | {params['norm']} | {params['seed']} | {params['epochs']} | "
