@@ -23,6 +23,7 @@ from pipeline.config import (
     MAX_MEASUREMENT_EPOCHS,
     NORMS,
     ORDERS,
+    PER_NORM,
     PRECISIONS,
     REGISTERED_MODEL,
     STANDARDIZE,
@@ -31,6 +32,7 @@ from pipeline.config import (
     EvalConfig,
     TrainConfig,
     parse_norms,
+    recipe_help,
 )
 from pipeline.data import DataError
 from pipeline.engine import BF16_NORMS
@@ -175,7 +177,14 @@ def model_summary(**options) -> None:
     help=f"1..{MAX_EPOCHS}; up to {MAX_MEASUREMENT_EPOCHS} to measure the model's ceiling "
     "(such runs are tagged beyond_budget and never registered).",
 )
-@click.option("--batch-size", "batch_size", type=int, default=_DEFAULTS.batch_size)
+@click.option(
+    "--batch-size",
+    "batch_size",
+    type=int,
+    default=PER_NORM,  # _DEFAULTS holds batch norm's resolved value
+    help=f"Images per training step; {recipe_help('batch_size')}",
+    show_default=True,
+)
 @click.option(
     "--learning-rate",
     "learning_rate",

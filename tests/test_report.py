@@ -179,6 +179,41 @@ def test_lever_table_pairs_each_lever_with_the_default_recipe_on_shared_seeds():
     assert readable.loc[0, "recipe"] == "default"
 
 
+def test_lever_table_takes_each_norms_own_recipe_as_its_default():
+    """batch_size is per norm (config.RECIPES): 256 is batch norm's default and a lever for
+    layer norm, whose default is 128."""
+    rows, histories = [], {}
+    for norm, batch_size, accuracies in (
+        ("batch", "256", [0.80, 0.82]),
+        ("batch", "128", [0.79, 0.81]),
+        ("layer", "256", [0.78, 0.79]),
+        ("layer", "128", [0.79, 0.81]),
+    ):
+        for seed, accuracy in enumerate(accuracies, start=1):
+            run_id = f"{norm}-{batch_size}-{seed}"
+            rows.append(
+                {
+                    "run_id": run_id,
+                    "status": "FINISHED",
+                    "tags.step": "train",
+                    "params.norm": norm,
+                    "params.seed": str(seed),
+                    "params.batch_size": batch_size,
+                }
+            )
+            histories[run_id] = [EpochMetrics(1, 1.0, accuracy, 1.0, accuracy, 0.1, 1.0)]
+    study = comparison.build_study(pd.DataFrame(rows), histories, group_by=("batch_size",))
+    table = comparison.lever_table(study)
+    assert list(zip(table["norm"], table["batch_size"], table["default"], strict=True)) == [
+        ("batch", "256", True),
+        ("batch", "128", False),
+        ("layer", "128", True),
+        ("layer", "256", False),
+    ]
+    layer = table[table["norm"] == "layer"].set_index("batch_size")
+    assert layer.loc["256", "gain_points"] == pytest.approx(-1.5)
+
+
 def test_tta_table_compares_evaluations_of_the_same_models(tmp_path):
     runs, histories = _lever_runs({("batch", "False"): [0.80, 0.82]})
     evaluations = []

@@ -7,10 +7,12 @@ from pathlib import Path
 
 import mlflow
 import pytest
+from click.testing import CliRunner
 from conftest import REPO, mlflow_run, run_in_process
 from mlflow.tracking import MlflowClient
 
-from pipeline import workflow
+from pipeline import config, workflow
+from pipeline.cli import cli
 from pipeline.config import ConfigError, TrainConfig
 from pipeline.model import MAX_PARAMETERS
 from pipeline.sweep import parse_grid, trials
@@ -260,3 +262,33 @@ def test_variants_set_levers_together_in_one_trial(tmp_path):
     found, _ = trials(str(spec), norms=["batch"], seeds=1)
     with pytest.raises(ConfigError, match="conv_groups must divide .* C2 has 16 in, 24 out"):
         workflow.check_models([trial.config for trial in found])  # before any run starts
+
+
+# --------------------------------------------------------------------------- per-norm recipe
+
+
+def test_batch_size_zero_is_the_norms_recipe_and_runs_log_the_value_they_train_with():
+    for norm, recipe in config.RECIPES.items():
+        trained = TrainConfig(norm=norm)
+        assert trained.batch_size == recipe["batch_size"]
+        assert trained.as_params()["batch_size"] == str(recipe["batch_size"])
+    assert TrainConfig(norm="layer").batch_size == 128
+    assert TrainConfig(norm="layer", batch_size=64).batch_size == 64  # an explicit value wins
+    with pytest.raises(ConfigError, match=r"batch_size must be 0 \(the norm's recipe\) or"):
+        TrainConfig(batch_size=1)
+
+
+def test_a_sweep_over_batch_size_keeps_each_norms_default_once():
+    """layer's default is batch 128, so the grid's 128 for layer norm is its default trial."""
+    found, _ = trials("batch_size=128", norms=("batch", "layer"), seeds=1, mode="one-at-a-time")
+    names = [trial.name for trial in found]
+    assert names == ["train-batch-seed1", "train-batch-seed1-batch_size=128", "train-layer-seed1"]
+    assert [trial.config.batch_size for trial in found] == [256, 128, 128]
+
+
+def test_train_help_names_each_norms_batch_size():
+    result = CliRunner().invoke(cli, ["train", "--help"], terminal_width=200)
+    assert result.exit_code == 0
+    assert "0: the norm's recipe (batch 256, group 128, layer 128)." in " ".join(
+        result.output.split()
+    )

@@ -107,16 +107,18 @@ def lever_table(study: Study) -> pd.DataFrame:
     """One row per norm and combination of `study.group_by` values: final test accuracy over
     seeds, and the mean gain over that norm's default-recipe runs on the seeds both have.
 
-    The default recipe is the row whose group_by values are `TrainConfig`'s defaults; pairing
-    by seed compares runs that started from the same initial weights and batch order.
+    The default recipe is the row whose group_by values are the norm's `TrainConfig` defaults
+    (config.RECIPES); pairing by seed compares runs that started from the same initial weights
+    and batch order.
     """
     keys = list(study.group_by)
     summary = run_summary(study).merge(study.train[["run_id", *keys]], on="run_id")
     for key in keys:
         summary[key] = summary[key].map(param_value)
-    defaults = {key: param_value(value) for key, value in TrainConfig().as_params().items()}
     rows = []
     for norm in study.norms:
+        recipe = TrainConfig(norm=norm).as_params()  # the norm's defaults (config.RECIPES)
+        defaults = {key: param_value(value) for key, value in recipe.items()}
         runs = summary[summary["norm"] == norm]
         is_default = pd.Series(True, index=runs.index)
         for key in keys:
