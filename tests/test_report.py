@@ -131,12 +131,16 @@ def test_report_html_is_one_page_with_its_tables_figures_and_text_as_typed(tmp_p
 # --------------------------------------------------------------------------- levers and tta
 
 
-def _lever_runs(finals: dict[tuple[str, str], list[float]]) -> tuple[pd.DataFrame, dict]:
-    """Train runs of (norm, whiten) with per-seed final accuracies, as search_runs rows."""
+def _lever_runs(
+    finals: dict[tuple[str, str], list[float]], key: str = "whiten", **others: str
+) -> tuple[pd.DataFrame, dict]:
+    """Train runs of (norm, value of `key`) with per-seed final accuracies, as search_runs rows;
+    `others` are params every run shares (translate=4 unless given)."""
+    others = others or {"translate": "4"}
     rows, histories = [], {}
-    for (norm, whiten), accuracies in finals.items():
+    for (norm, value), accuracies in finals.items():
         for seed, accuracy in enumerate(accuracies, start=1):
-            run_id = f"{norm}-{whiten}-{seed}"
+            run_id = f"{norm}-{value}-{seed}"
             rows.append(
                 {
                     "run_id": run_id,
@@ -144,8 +148,8 @@ def _lever_runs(finals: dict[tuple[str, str], list[float]]) -> tuple[pd.DataFram
                     "tags.step": "train",
                     "params.norm": norm,
                     "params.seed": str(seed),
-                    "params.whiten": whiten,
-                    "params.translate": "4",
+                    f"params.{key}": value,
+                    **{f"params.{name}": v for name, v in others.items()},
                 }
             )
             histories[run_id] = [EpochMetrics(1, 1.0, accuracy, 1.0, accuracy, 0.1, 1.0)]
@@ -182,27 +186,17 @@ def test_lever_table_pairs_each_lever_with_the_default_recipe_on_shared_seeds():
 def test_lever_table_takes_each_norms_own_recipe_as_its_default():
     """batch_size is per norm (config.RECIPES): 256 is batch norm's default and a lever for
     layer norm, whose default is 128."""
-    rows, histories = [], {}
-    for norm, batch_size, accuracies in (
-        ("batch", "256", [0.80, 0.82]),
-        ("batch", "128", [0.79, 0.81]),
-        ("layer", "256", [0.78, 0.79]),
-        ("layer", "128", [0.79, 0.81]),
-    ):
-        for seed, accuracy in enumerate(accuracies, start=1):
-            run_id = f"{norm}-{batch_size}-{seed}"
-            rows.append(
-                {
-                    "run_id": run_id,
-                    "status": "FINISHED",
-                    "tags.step": "train",
-                    "params.norm": norm,
-                    "params.seed": str(seed),
-                    "params.batch_size": batch_size,
-                }
-            )
-            histories[run_id] = [EpochMetrics(1, 1.0, accuracy, 1.0, accuracy, 0.1, 1.0)]
-    study = comparison.build_study(pd.DataFrame(rows), histories, group_by=("batch_size",))
+    runs, histories = _lever_runs(
+        {
+            ("batch", "256"): [0.80, 0.82],
+            ("batch", "128"): [0.79, 0.81],
+            ("layer", "256"): [0.78, 0.79],
+            ("layer", "128"): [0.79, 0.81],
+        },
+        key="batch_size",
+        translate="4",
+    )
+    study = comparison.build_study(runs, histories, group_by=("batch_size",))
     table = comparison.lever_table(study)
     assert list(zip(table["norm"], table["batch_size"], table["default"], strict=True)) == [
         ("batch", "256", True),
