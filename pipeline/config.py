@@ -36,6 +36,7 @@ RECIPES: dict[str, dict[str, int]] = {
     "layer": {"batch_size": 128},
 }
 PER_NORM = 0  # the value of a RECIPES parameter that asks for the norm's recipe
+PER_NORM_CHOICE = f"{PER_NORM} (the norm's recipe)"  # how errors name it
 
 
 class ConfigError(ValueError):
@@ -83,11 +84,7 @@ class TrainConfig:
             given = getattr(self, name)
             if type(given) is int and given == PER_NORM:
                 object.__setattr__(self, name, value)
-        try:
-            check_int_range("batch_size", self.batch_size, low=2, high=8192)
-        except ConfigError as error:
-            message = str(error).replace("must be", "must be 0 (the norm's recipe) or", 1)
-            raise ConfigError(message) from None
+        check_int_range("batch_size", self.batch_size, low=2, high=8192, also=PER_NORM_CHOICE)
         check_float_range("learning_rate", self.learning_rate, low=0.0, high=10.0, open_low=True)
         check_float_range("momentum", self.momentum, low=0.0, high=1.0, open_high=True)
         check_float_range("weight_decay", self.weight_decay, low=0.0, high=1.0)
@@ -189,12 +186,16 @@ def recipe_help(name: str) -> str:
     return f"{PER_NORM}: the norm's recipe ({values})."
 
 
-def check_int_range(name: str, value: int, *, low: int, high: int | None = None) -> None:
+def check_int_range(
+    name: str, value: int, *, low: int, high: int | None = None, also: str = ""
+) -> None:
+    """`also` names a value allowed besides the range, e.g. `0 (the norm's recipe)`."""
+    either = f"{also} or " if also else ""
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ConfigError(f"{name} must be an integer (got {value!r})")
+        raise ConfigError(f"{name} must be {either}an integer (got {value!r})")
     if value < low or (high is not None and value > high):
         allowed = f">= {low}" if high is None else f"between {low} and {high}"
-        raise ConfigError(f"{name} must be {allowed} (got {value})")
+        raise ConfigError(f"{name} must be {either}{allowed} (got {value})")
 
 
 def check_float_range(

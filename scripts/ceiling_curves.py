@@ -20,6 +20,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
 from pipeline import tracking  # noqa: E402
+from pipeline.config import MAX_EPOCHS  # noqa: E402
 
 NORM_COLOURS = {"batch": "C0", "group": "C1", "layer": "C2"}
 
@@ -45,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         # One colour per norm; the 20-epoch runs dashed, so a norm's pair reads as one family.
         style = {
             "color": NORM_COLOURS.get(params["norm"]),
-            "linestyle": "--" if int(params["epochs"]) <= 20 else "-",
+            "linestyle": "--" if int(params["epochs"]) <= MAX_EPOCHS else "-",
             "label": label,
         }
         test_axis.plot(epochs, [100 * r.test_acc for r in records], **style)

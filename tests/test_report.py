@@ -132,11 +132,10 @@ def test_report_html_is_one_page_with_its_tables_figures_and_text_as_typed(tmp_p
 
 
 def _lever_runs(
-    finals: dict[tuple[str, str], list[float]], key: str = "whiten", **others: str
+    finals: dict[tuple[str, str], list[float]], key: str = "whiten"
 ) -> tuple[pd.DataFrame, dict]:
-    """Train runs of (norm, value of `key`) with per-seed final accuracies, as search_runs rows;
-    `others` are params every run shares (translate=4 unless given)."""
-    others = others or {"translate": "4"}
+    """Train runs of (norm, value of `key`) with per-seed final accuracies, as search_runs
+    rows; every run has translate=4."""
     rows, histories = [], {}
     for (norm, value), accuracies in finals.items():
         for seed, accuracy in enumerate(accuracies, start=1):
@@ -149,7 +148,7 @@ def _lever_runs(
                     "params.norm": norm,
                     "params.seed": str(seed),
                     f"params.{key}": value,
-                    **{f"params.{name}": v for name, v in others.items()},
+                    "params.translate": "4",
                 }
             )
             histories[run_id] = [EpochMetrics(1, 1.0, accuracy, 1.0, accuracy, 0.1, 1.0)]
@@ -194,7 +193,6 @@ def test_lever_table_takes_each_norms_own_recipe_as_its_default():
             ("layer", "128"): [0.79, 0.81],
         },
         key="batch_size",
-        translate="4",
     )
     study = comparison.build_study(runs, histories, group_by=("batch_size",))
     table = comparison.lever_table(study)

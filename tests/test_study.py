@@ -315,6 +315,15 @@ def _register(client: MlflowClient, name: str, test_acc: float, index: int) -> s
     return str(version.version)
 
 
+def _registered(name: str, accuracies: tuple[float, ...]) -> MlflowClient:
+    """A registered model `name` with a version per accuracy (versions 1, 2, ...)."""
+    client = MlflowClient()
+    client.create_registered_model(name)
+    for index, accuracy in enumerate(accuracies):
+        _register(client, name, accuracy, index)
+    return client
+
+
 def _champion(client: MlflowClient, name: str) -> str:
     return str(client.get_model_version_by_alias(name, tracking.CHAMPION).version)
 
@@ -416,10 +425,7 @@ def test_champion_is_the_best_when_processes_share_no_lock(tracking_store, tmp_p
 def test_a_stale_champion_writer_corrects_itself(tracking_store, monkeypatch):
     """A writer whose first read misses a better version (registered on another host in
     between) re-reads after its write and moves the alias on."""
-    client = MlflowClient()
-    client.create_registered_model("cifar10-stale")
-    for index, accuracy in enumerate((0.61, 0.74)):
-        _register(client, "cifar10-stale", accuracy, index)
+    client = _registered("cifar10-stale", (0.61, 0.74))
     search = MlflowClient.search_model_versions
     reads = []
 
@@ -437,10 +443,7 @@ def test_a_stale_champion_writer_corrects_itself(tracking_store, monkeypatch):
 def test_a_writer_that_loses_the_alias_insert_race_rereads_and_settles(tracking_store, monkeypatch):
     """Two writers both read "no champion yet" and both insert the alias; the store's unique
     key refuses the second insert. The loser's next round reads what the winner wrote."""
-    client = MlflowClient()
-    client.create_registered_model("cifar10-race")
-    for index, accuracy in enumerate((0.61, 0.74)):
-        _register(client, "cifar10-race", accuracy, index)
+    client = _registered("cifar10-race", (0.61, 0.74))
     set_alias = MlflowClient.set_registered_model_alias
     writes = []
 
@@ -458,9 +461,7 @@ def test_a_writer_that_loses_the_alias_insert_race_rereads_and_settles(tracking_
 
 
 def test_a_champion_that_never_settles_names_the_last_store_error(tracking_store, monkeypatch):
-    client = MlflowClient()
-    client.create_registered_model("cifar10-refused")
-    _register(client, "cifar10-refused", 0.61, 0)
+    _registered("cifar10-refused", (0.61,))
 
     def refused(self, name, alias, version):
         raise MlflowException("database is locked")
