@@ -319,10 +319,10 @@ class StepRunner:
                 run_name=step.name,
                 tags={RETRY_TAG: retry_of} if retry_of else {},
             )
-            where = self.executor.placement(lane=lane, lanes=lanes)
-            self.echo(f"step {step.name}: running entry point {step.entry_point}{where}")
             command = StepCommand(step.name, created.command, created.work_dir, created.env)
             try:
+                where = self.executor.placement(lane=lane, lanes=lanes)
+                self.echo(f"step {step.name}: running entry point {step.entry_point}{where}")
                 outcome = self.executor.run(command, lane=lane, lanes=lanes)
                 break
             except StepLost as lost:
@@ -331,6 +331,11 @@ class StepRunner:
                     raise StepFailed(f"{lost}, {MAX_ATTEMPTS} times") from None
                 self.echo(f"{lost}: run {created.run_id} FAILED; running the step again")
                 retry_of = created.run_id
+            except BaseException:
+                # Interrupted: the executor stopped the step, maybe before its command could
+                # end its own run (a signal during Python's start-up), or before it started.
+                self.step_runs.end(created.run_id, succeeded=False, killed=True)
+                raise
         if outcome.node:
             self.step_runs.set_tags(created.run_id, {NODE_TAG: outcome.node})
         status = self.step_runs.end(

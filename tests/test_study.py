@@ -8,9 +8,11 @@ import json
 import multiprocessing
 import os
 import re
+import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -292,6 +294,58 @@ def test_a_failed_step_fails_the_study_and_keeps_finished_steps(tracking_store, 
     assert children.loc["prepare-stats", "status"] == "FINISHED"
     assert children.loc["train-layer-seed1", "status"] == "FAILED"
     assert "compare" not in children.index
+
+
+class _Interrupted(BaseException):
+    """What the CLI's SIGTERM handler raises, stood in for by SIGUSR1 here."""
+
+
+@pytest.mark.parametrize("parallel", [1, 2])
+def test_an_interrupt_before_a_step_ends_its_own_run_leaves_no_run_running(
+    tracking_store, tmp_path, parallel
+):
+    """A step stopped before its command could end its run (a signal while Python starts)
+    still ends KILLED: the workflow ends the runs of the steps it stopped, in sequence and in
+    parallel. Here the step is `sleep`, which never touches its run."""
+    from pipeline.executors.local import LocalExecutor
+    from pipeline.step_runs import StepRuns
+    from pipeline.workflow import Step, StepRunner
+
+    (tmp_path / "MLproject").write_text(
+        "name: nap\nentry_points:\n  nap:\n    parameters: {name: string}\n"
+        "    command: touch started-{name} && sleep 60\n"
+    )
+    steps = [Step(f"nap-{n}", "nap", {"name": str(n)}, reuse=False) for n in range(parallel)]
+
+    def interrupt(signum, frame):
+        raise _Interrupted
+
+    def interrupt_once_all_started(main: int) -> None:
+        while len(list(tmp_path.glob("started-*"))) < parallel:
+            time.sleep(0.05)
+        signal.pthread_kill(main, signal.SIGUSR1)
+
+    previous = signal.signal(signal.SIGUSR1, interrupt)
+    with mlflow.start_run(run_name="parent") as parent:
+        runner = StepRunner(
+            step_runs=StepRuns.of_active_run(project_dir=tmp_path, code_version="test"),
+            executor=LocalExecutor(parallel=parallel),
+            echo=lambda message: None,
+        )
+        watcher = threading.Thread(
+            target=interrupt_once_all_started, args=(threading.get_ident(),), daemon=True
+        )
+        watcher.start()
+        try:
+            with pytest.raises(_Interrupted):
+                runner.execute(steps)
+        finally:
+            signal.signal(signal.SIGUSR1, previous)
+    children = mlflow.search_runs(
+        filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'", output_format="list"
+    )
+    assert sorted(run.info.run_name for run in children) == [step.name for step in steps]
+    assert {run.info.status for run in children} == {"KILLED"}
 
 
 @pytest.mark.slow

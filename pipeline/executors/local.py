@@ -36,6 +36,7 @@ class LocalExecutor:
     def __init__(self, *, parallel: int = 1) -> None:
         self.parallel = parallel
         self._running: set[subprocess.Popen] = set()
+        self._stopped: set[subprocess.Popen] = set()  # by `stop`: their runs end KILLED
         self._running_lock = threading.Lock()
 
     def _cpus(self, lane: int, lanes: int) -> set[int] | None:
@@ -86,7 +87,9 @@ class LocalExecutor:
                 pump.join(timeout=30)
             with self._running_lock:
                 self._running.discard(process)
-        return StepOutcome(code, error_line(tail))
+                killed = process in self._stopped
+                self._stopped.discard(process)
+        return StepOutcome(code, error_line(tail), killed=killed)
 
     def _pump(self, stream, sink, prefix: str | None, tail: deque[str] | None) -> None:
         """Copy a step's output to ours: unchanged when alone, whole prefixed lines when in
@@ -124,6 +127,7 @@ class LocalExecutor:
         """SIGTERM every running step (each ends its run KILLED) and wait for them to exit."""
         with self._running_lock:
             running = list(self._running)
+            self._stopped.update(process for process in running if process.poll() is None)
         for process in running:
             if process.poll() is None:
                 try:
