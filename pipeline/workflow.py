@@ -331,10 +331,12 @@ class StepRunner:
                     raise StepFailed(f"{lost}, {MAX_ATTEMPTS} times") from None
                 self.echo(f"{lost}: run {created.run_id} FAILED; running the step again")
                 retry_of = created.run_id
-            except BaseException:
-                # Interrupted: the executor stopped the step, maybe before its command could
-                # end its own run (a signal during Python's start-up), or before it started.
-                self.step_runs.end(created.run_id, succeeded=False, killed=True)
+            except BaseException as error:
+                # Interrupted (Ctrl-C, SIGTERM: KILLED) or an executor error (FAILED): the step
+                # may have stopped before its command could end its own run (a signal during
+                # Python's start-up), or before it started.
+                interrupted = not isinstance(error, Exception)
+                self.step_runs.end(created.run_id, succeeded=False, killed=interrupted)
                 raise
         if outcome.node:
             self.step_runs.set_tags(created.run_id, {NODE_TAG: outcome.node})
