@@ -296,10 +296,6 @@ def test_a_failed_step_fails_the_study_and_keeps_finished_steps(tracking_store, 
     assert "compare" not in children.index
 
 
-class _Interrupted(BaseException):
-    """What the CLI's SIGTERM handler raises, stood in for by SIGUSR1 here."""
-
-
 @pytest.mark.parametrize("parallel", [1, 2])
 def test_an_interrupt_before_a_step_ends_its_own_run_leaves_no_run_running(
     tracking_store, tmp_path, parallel
@@ -317,8 +313,8 @@ def test_an_interrupt_before_a_step_ends_its_own_run_leaves_no_run_running(
     )
     steps = [Step(f"nap-{n}", "nap", {"name": str(n)}, reuse=False) for n in range(parallel)]
 
-    def interrupt(signum, frame):
-        raise _Interrupted
+    def interrupt(signum, frame):  # what the CLI's SIGTERM handler does, on SIGUSR1 here
+        raise tracking.RunInterrupted
 
     def interrupt_once_all_started(main: int) -> None:
         while len(list(tmp_path.glob("started-*"))) < parallel:
@@ -337,7 +333,7 @@ def test_an_interrupt_before_a_step_ends_its_own_run_leaves_no_run_running(
         )
         watcher.start()
         try:
-            with pytest.raises(_Interrupted):
+            with pytest.raises(tracking.RunInterrupted):
                 runner.execute(steps)
         finally:
             signal.signal(signal.SIGUSR1, previous)
