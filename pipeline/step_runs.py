@@ -20,6 +20,10 @@ from mlflow.tracking import MlflowClient
 from pipeline.tracking import REUSED_TAG, TrackingError
 
 CODE_VERSION_TAG = "pipeline.code_version"
+# Where a step asks for no model in the registry, a finished run that registered one trained the
+# same model: a sweep's trials reuse the study's trainings as their defaults. (Not the reverse:
+# a step that registers would be left with nothing in the registry.)
+REGISTERED_MODEL_PARAM = "registered_model"
 
 
 @dataclass(frozen=True)
@@ -54,7 +58,8 @@ class StepRuns:
 
     def find_finished(self, *, entry_point: str, parameters: dict[str, str]) -> str | None:
         """The newest FINISHED run of `entry_point` in the experiment with the same parameters
-        and code version (MLflow's multistep example's `_already_ran`), or None."""
+        and code version (MLflow's multistep example's `_already_ran`), or None. A step that
+        registers no model matches runs that registered one (REGISTERED_MODEL_PARAM)."""
         query = (
             f"tags.`mlflow.project.entryPoint` = '{entry_point}' "
             f"and tags.`{CODE_VERSION_TAG}` = '{self.code_version}' "
@@ -67,7 +72,11 @@ class StepRuns:
             if REUSED_TAG in candidate.data.tags:
                 continue
             logged = candidate.data.params
-            if all(_same_param(logged.get(key), value) for key, value in parameters.items()):
+            if all(
+                _same_param(logged.get(key), value)
+                for key, value in parameters.items()
+                if not (key == REGISTERED_MODEL_PARAM and value == "")
+            ):
                 return candidate.info.run_id
         return None
 

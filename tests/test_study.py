@@ -551,3 +551,30 @@ def test_compare_rejects_group_by_names_that_are_not_train_parameters():
     assert cli.parse_group_by(" whiten, translate,whiten") == ("whiten", "translate")
     with pytest.raises(ConfigError, match=r"group_by names train parameters: .* \(got 'seed'\)"):
         cli.parse_group_by("seed")
+
+
+def test_a_step_registering_no_model_reuses_a_run_that_registered_one(tracking_store, tmp_path):
+    """A sweep's trials (registered_model empty) take the study's trainings as their defaults;
+    a study's step, which registers its model, never takes a sweep's unregistered trial."""
+    from pipeline.step_runs import CODE_VERSION_TAG, StepRuns
+
+    def finished_train_run(registered_model: str) -> str:
+        tags = {"mlflow.project.entryPoint": "train", CODE_VERSION_TAG: "test"}
+        with mlflow.start_run(tags=tags) as run:
+            mlflow.log_params({"learning_rate": "0.2", "registered_model": registered_model})
+        return run.info.run_id
+
+    study_run = finished_train_run("cifar10-batch")
+    with mlflow.start_run(run_name="parent"):
+        step_runs = StepRuns.of_active_run(project_dir=tmp_path, code_version="test")
+
+    def found(learning_rate: str, registered_model: str = "") -> str | None:
+        parameters = {"learning_rate": learning_rate, "registered_model": registered_model}
+        return step_runs.find_finished(entry_point="train", parameters=parameters)
+
+    assert found("0.2") == study_run
+    assert found("0.4") is None
+    sweep_run = finished_train_run("''")  # how `mlflow run` logs an empty value
+    assert found("0.2") == sweep_run  # the newest match
+    assert found("0.2", registered_model="cifar10-batch") == study_run
+    assert found("0.2", registered_model="cifar10-layer") is None
