@@ -426,6 +426,53 @@ class Normalizer:
         return torch.addcmul(self.shift, x, self.scale)  # x / (255 std) - mean / std
 
 
+@dataclass(frozen=True)
+class EpochDraws:
+    """The random numbers of one epoch's augmentation, drawn ahead and moved to the device once,
+    so that no training step waits on the host or copies to the device."""
+
+    order: torch.Tensor  # (N,) the epoch's shuffle
+    shifts: torch.Tensor | None  # (steps, 2, B) row and column offsets in 0..2 x translate
+    mirror: torch.Tensor | None  # (steps, B) bool: flip this image
+    centres: torch.Tensor | None  # (steps, 2, B) cutout centres on the [0, 1) scale
+
+
+def draw_epoch(
+    count: int,
+    *,
+    batch_size: int,
+    generator: torch.Generator,
+    device: torch.device,
+    translate: int = 4,
+    flip: bool = True,
+    cutout: int = 0,
+) -> tuple[EpochDraws, int]:
+    """One epoch's shuffle and augmentation draws from the seeded CPU `generator`, in the order
+    a batch-by-batch loop draws them (so a seed gives the same batches as ever), on `device`.
+    Returns the draws and the number of full batches."""
+    order = torch.randperm(count, generator=generator)
+    steps = count // batch_size
+    shifts, mirror, centres = [], [], []
+    for _ in range(steps):
+        if translate:
+            shifts.append(torch.randint(0, 2 * translate + 1, (2, batch_size), generator=generator))
+        if flip:
+            mirror.append(torch.rand(batch_size, generator=generator) < 0.5)
+        if cutout:
+            centres.append(torch.rand(2, batch_size, generator=generator))
+
+    def on_device(draws: list[torch.Tensor]) -> torch.Tensor | None:
+        return torch.stack(draws).to(device) if draws else None
+
+    draws = EpochDraws(
+        order=order.to(device),
+        shifts=on_device(shifts),
+        mirror=on_device(mirror),
+        centres=on_device(centres),
+    )
+    return draws, steps
+
+
 def train_batches(
     split: DeviceSplit,
     *,
@@ -439,42 +486,49 @@ def train_batches(
     """Shuffled, augmented training batches (random shift by up to `translate` pixels + flip,
     and with `cutout` > 0 a `cutout`-pixel square of each image set to the dataset mean).
 
-    Augmentation is batch-wise tensor indexing on the device; the last partial batch is dropped
+    Augmentation is batch-wise tensor indexing on the device, from random numbers drawn for the
+    whole epoch when the first batch is asked for (`draw_epoch`): a step reads slices of them,
+    with no host synchronisation and no copy to the device. The last partial batch is dropped
     so every step sees a full batch (BatchNorm statistics stay well-defined).
     """
-    count = len(split)
     device = split.images.device
-    order = torch.randperm(count, generator=generator).to(device)
+    draws, steps = draw_epoch(
+        len(split),
+        batch_size=batch_size,
+        generator=generator,
+        device=device,
+        translate=translate,
+        flip=flip,
+        cutout=cutout,
+    )
     height, width = split.images.shape[-2:]
     rows = torch.arange(height, device=device)
     cols = torch.arange(width, device=device)
-    for start in range(0, count - batch_size + 1, batch_size):
-        index = order[start : start + batch_size]
+    batch_index = torch.arange(batch_size, device=device)[:, None, None]  # (B, 1, 1)
+    border = (translate,) * 4
+    for step in range(steps):
+        index = draws.order[step * batch_size : (step + 1) * batch_size]
         images = split.images[index]  # (B, 3, H, W) uint8
-        if translate:
-            shifts = torch.randint(0, 2 * translate + 1, (2, batch_size), generator=generator)
-            shifts = shifts.to(device)
-            border = (translate,) * 4
+        if draws.shifts is not None:
+            shifts = draws.shifts[step]
             padded = torch.nn.functional.pad(images, border, mode="constant")
             row_index = (shifts[0, :, None] + rows)[:, :, None]  # (B, H, 1)
             col_index = (shifts[1, :, None] + cols)[:, None, :]  # (B, 1, W)
-            batch_index = torch.arange(batch_size, device=device)[:, None, None]
             images = padded[batch_index, :, row_index, col_index].permute(0, 3, 1, 2)
-        if flip:
-            mirror = (torch.rand(batch_size, generator=generator) < 0.5).to(device)
+        if draws.mirror is not None:
+            mirror = draws.mirror[step]
             images = torch.where(mirror[:, None, None, None], images.flip(3), images)
         images = normalize(images)
-        if cutout:
-            images = images * _cutout_mask(batch_size, height, width, cutout, generator, device)
+        if draws.centres is not None:
+            images = images * _cutout_mask(draws.centres[step], height, width, cutout)
         yield images, split.labels[index]
 
 
-def _cutout_mask(
-    count: int, height: int, width: int, size: int, generator: torch.Generator, device
-) -> torch.Tensor:
+def _cutout_mask(centres: torch.Tensor, height: int, width: int, size: int) -> torch.Tensor:
     """(count, 1, H, W) float mask: 0 inside one `size`-pixel square per image (its centre
-    anywhere in the image, so the square may be clipped by the border), 1 elsewhere."""
-    centres = torch.rand(2, count, generator=generator).to(device)
+    anywhere in the image, so the square may be clipped by the border), 1 elsewhere.
+    `centres` is (2, count) on the [0, 1) scale."""
+    device = centres.device
     top = (centres[0] * height).long() - size // 2
     left = (centres[1] * width).long() - size // 2
     rows = torch.arange(height, device=device)

@@ -139,7 +139,8 @@ def configure_backend(device: torch.device) -> None:
 def make_optimizer(
     model: nn.Module, *, learning_rate: float, momentum: float, weight_decay: float
 ) -> torch.optim.Optimizer:
-    """SGD with Nesterov momentum; weight decay on conv weights only, never on norms or biases."""
+    """SGD with Nesterov momentum; weight decay on conv weights only, never on norms or biases.
+    On CUDA the fused kernel, which reads a tensor learning rate on the device (no sync)."""
     decay = [p for p in model.parameters() if p.ndim > 1]
     no_decay = [p for p in model.parameters() if p.ndim <= 1]
     return torch.optim.SGD(
@@ -150,7 +151,25 @@ def make_optimizer(
         lr=learning_rate,
         momentum=momentum,
         nesterov=momentum > 0,
+        fused=True if all(p.is_cuda for p in model.parameters()) else None,
     )
+
+
+def learning_rate_on_device(optimizer: torch.optim.Optimizer) -> None:
+    """Make each param group's learning rate a 0-dim tensor on its parameters' device.
+
+    The scheduler then writes the rate in place (`fill_`) and the optimizer reads it there: a
+    step never reads it from the host (on CUDA the fused SGD kernel takes it as a pointer).
+    Call it after the scheduler is built (its base rates stay floats) and after loading a
+    checkpoint. float64 on the CPU, so the update is bit for bit that of a float rate; float32
+    on CUDA, the fused kernel's type. Other devices keep a float (their fused kernels untried).
+    """
+    for group in optimizer.param_groups:
+        device = group["params"][0].device
+        if device.type not in ("cpu", "cuda"):
+            continue
+        dtype = torch.float64 if device.type == "cpu" else torch.float32
+        group["lr"] = torch.tensor(float(group["lr"]), dtype=dtype, device=device)
 
 
 def make_scheduler(
@@ -171,44 +190,102 @@ def make_scheduler(
 # --------------------------------------------------------------------------- loops
 
 
+@torch.no_grad()
+def update_average(average: AveragedModel, model: nn.Module, *, first: bool) -> None:
+    """`average.update_parameters(model)` for a weight average over parameters and buffers,
+    without its `if n_averaged == 0` on the host: the caller knows whether this is the first
+    update (a copy). The same arithmetic, grouped by dtype as torch groups it."""
+    averaged = [*average.module.parameters(), *average.module.buffers()]
+    current = [*model.parameters(), *model.buffers()]
+    if first:
+        for mine, theirs in zip(averaged, current, strict=True):
+            mine.detach().copy_(theirs.detach())
+    else:
+        by_dtype: dict[torch.dtype, tuple[list, list]] = {}
+        for mine, theirs in zip(averaged, current, strict=True):
+            pair = by_dtype.setdefault(mine.dtype, ([], []))
+            pair[0].append(mine.detach())
+            pair[1].append(theirs.detach())
+        for mine, theirs in by_dtype.values():
+            average.multi_avg_fn(mine, theirs, average.n_averaged)
+    average.n_averaged += 1
+
+
+class TrainStep:
+    """One training step on a batch: forward, loss, backward, SGD step, the weight average's
+    update and the epoch's loss and accuracy sums, all on the device with no host sync: the
+    learning rate is a device tensor (`learning_rate_on_device`), the sums are read once an
+    epoch (`sums`), and nothing in the step branches on a tensor's value.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        optimizer: torch.optim.Optimizer,
+        loss_fn: nn.Module,
+        autocast_dtype: torch.dtype | None,
+        average: AveragedModel | None = None,
+    ) -> None:
+        self.model = model
+        self.optimizer = optimizer
+        self.loss_fn = loss_fn
+        self.autocast_dtype = autocast_dtype
+        self.average = average
+        # One host read, before any step: a resumed average has been started already.
+        self.average_started = average is not None and int(average.n_averaged) > 0
+        self.device = next(model.parameters()).device
+        self.loss_sum = torch.zeros((), device=self.device)
+        self.correct = torch.zeros((), device=self.device, dtype=torch.long)
+        self.seen = 0
+
+    def reset_sums(self) -> None:
+        self.loss_sum.zero_()
+        self.correct.zero_()
+        self.seen = 0
+
+    def sums(self) -> tuple[float, float]:
+        """(mean loss, accuracy) since `reset_sums`: the one host read of an epoch."""
+        if self.seen == 0:
+            raise ValueError("the training split is smaller than one batch; lower batch_size")
+        return self.loss_sum.item() / self.seen, self.correct.item() / self.seen
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        self.seen += len(labels)
+        with torch.autocast(
+            self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None
+        ):
+            logits = self.model(images)
+            loss = self.loss_fn(logits.float(), labels)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        if self.average is not None:
+            update_average(self.average, self.model, first=not self.average_started)
+            self.average_started = True
+        self.loss_sum += loss.detach() * len(labels)
+        self.correct += (logits.argmax(dim=1) == labels).sum()
+
+
 def train_one_epoch(
-    model: nn.Module,
+    step: TrainStep,
     batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
     *,
-    optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
-    loss_fn: nn.Module,
-    autocast_dtype: torch.dtype | None,
-    device: torch.device,
     steps: int,
     description: str = "train",
-    ema: AveragedModel | None = None,
 ) -> tuple[float, float]:
-    """One pass over `batches`; returns (mean loss, accuracy) of the augmented training data."""
-    model.train()
-    loss_sum = torch.zeros((), device=device)
-    correct = torch.zeros((), device=device, dtype=torch.long)
-    seen = 0
+    """One pass over `batches`, a `step` each; returns (mean loss, accuracy) of the augmented
+    training data, read from the device once, at the end."""
+    step.model.train()
+    step.reset_sums()
     bar = tqdm(total=steps, desc=description, unit="batch", leave=False, mininterval=1.0)
     for images, labels in batches:
-        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            logits = model(images)
-            loss = loss_fn(logits.float(), labels)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
-        if ema is not None:
-            ema.update_parameters(model)
-        # Sums stay on the device: no host sync per batch.
-        loss_sum += loss.detach() * len(labels)
-        correct += (logits.argmax(dim=1) == labels).sum()
-        seen += len(labels)
+        step(images, labels)
+        scheduler.step()  # writes the next rate into the device tensor the step reads
         bar.update()
     bar.close()
-    if seen == 0:
-        raise ValueError("the training split is smaller than one batch; lower batch_size")
-    return loss_sum.item() / seen, correct.item() / seen
+    return step.sums()
 
 
 @torch.no_grad()
@@ -339,7 +416,6 @@ def fit(
     `cutout` > 0 blanks a `cutout`-pixel square of every training image; `translate` is the
     largest random shift (pixels) of the training images; `tta` is how each epoch evaluates.
     """
-    device = train_split.images.device
     steps = len(train_split) // batch_size
     if steps == 0:
         raise ValueError(
@@ -359,13 +435,21 @@ def fit(
     state = TrainingState(model, optimizer, scheduler, generator, ema=average)
     if resume_from is not None:
         state.load_state_dict(resume_from)
-    loss_fn = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+    learning_rate_on_device(optimizer)
+    step = TrainStep(
+        model,
+        optimizer=optimizer,
+        loss_fn=nn.CrossEntropyLoss(label_smoothing=label_smoothing),
+        autocast_dtype=autocast_dtype,
+        average=average,
+    )
+    evaluated = model if average is None else average.module
     records = []
     for epoch in range(state.epoch + 1, epochs + 1):
         started = time.perf_counter()
-        lr = optimizer.param_groups[0]["lr"]
+        lr = float(optimizer.param_groups[0]["lr"])
         train_loss, train_acc = train_one_epoch(
-            model,
+            step,
             train_batches(
                 train_split,
                 batch_size=batch_size,
@@ -374,17 +458,12 @@ def fit(
                 translate=translate,
                 cutout=cutout,
             ),
-            optimizer=optimizer,
             scheduler=scheduler,
-            loss_fn=loss_fn,
-            autocast_dtype=autocast_dtype,
-            device=device,
             steps=steps,
             description=f"epoch {epoch}/{epochs}",
-            ema=average,
         )
         result = evaluate(
-            model if average is None else average.module,
+            evaluated,
             test_split,
             normalize=normalize,
             batch_size=eval_batch_size,

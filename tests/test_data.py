@@ -6,6 +6,7 @@ import pytest
 import torch
 from conftest import CLASSES, TEST_PER_CLASS, TRAIN_PER_CLASS, make_split_arrays, write_image_folder
 from PIL import Image
+from reference_training import reference_batches
 
 from pipeline import data
 from pipeline.data import DataError, DatasetStats
@@ -281,3 +282,22 @@ def test_cutout_blanks_one_square_per_image_to_the_mean():
         assert 4 <= len(rows) <= 8 and 4 <= len(cols) <= 8  # a square, clipped at most to half
         assert mask.sum() == len(rows) * len(cols)
         assert rows.max() - rows.min() + 1 == len(rows)  # contiguous
+
+
+@pytest.mark.parametrize("translate, flip, cutout", [(4, True, 0), (2, False, 8), (0, True, 6)])
+def test_an_epoch_drawn_ahead_gives_the_batches_and_generator_of_drawing_batch_by_batch(
+    translate, flip, cutout
+):
+    """Moving the draws to the epoch's start changes no batch, and leaves the generator where
+    drawing batch by batch leaves it (the next epoch, and a checkpoint, see the same state)."""
+    split = _split(40)
+    options = dict(
+        batch_size=8, normalize=_identity_normalizer(), translate=translate, cutout=cutout
+    )
+    ours, theirs = torch.Generator().manual_seed(9), torch.Generator().manual_seed(9)
+    drawn = list(data.train_batches(split, generator=ours, flip=flip, **options))
+    expected = list(reference_batches(split, generator=theirs, flip=flip, **options))
+    assert len(drawn) == len(expected) == 5
+    for (images, labels), (want_images, want_labels) in zip(drawn, expected, strict=True):
+        assert torch.equal(images, want_images) and torch.equal(labels, want_labels)
+    assert torch.equal(ours.get_state(), theirs.get_state())

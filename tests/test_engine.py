@@ -3,6 +3,8 @@ import copy
 import pytest
 import torch
 from conftest import make_split_arrays
+from reference_training import reference_fit
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from pipeline import data, engine
 from pipeline.config import ConfigError
@@ -231,3 +233,91 @@ def test_translate_zero_trains_on_unshifted_images():
     model = build_model(norm="batch", groups=4)
     records = _fit(model, epochs=1, translate=0, tta="flip-translate", count=64)
     assert len(records) == 1 and 0.0 <= records[0].test_acc <= 1.0
+
+
+# --------------------------------------------------------------------------- the sync-free step
+
+
+@pytest.mark.parametrize(
+    "norm, ema, cutout", [("batch", 0.0, 0), ("group", 0.9, 8), ("layer", 0.0, 0)]
+)
+def test_the_step_trains_bit_for_bit_as_the_batch_by_batch_loop(norm, ema, cutout):
+    """Draws ahead, a device learning rate and the host-free average change no bit on the CPU:
+    the same weights, losses, learning rates and final test accuracy for a seed."""
+    train, test, normalize = _splits(96)
+    torch.manual_seed(5)
+    model = build_model(norm=norm, groups=4).to(memory_format=torch.channels_last)
+    reference = copy.deepcopy(model)
+    options = dict(epochs=2, batch_size=32, learning_rate=0.05, seed=5, ema=ema, cutout=cutout)
+    records = engine.fit(
+        model,
+        train,
+        test,
+        normalize=normalize,
+        momentum=0.9,
+        weight_decay=5e-4,
+        label_smoothing=0.1,
+        warmup_epochs=0.5,
+        **options,
+    )
+    expected, evaluated = reference_fit(reference, train, normalize=normalize, **options)
+    assert [(r.train_loss, r.train_acc, r.lr) for r in records] == expected
+    for name, tensor in evaluated.state_dict().items():
+        assert torch.equal(model.state_dict()[name], tensor), name
+    final = engine.evaluate(evaluated, test, normalize=normalize)
+    assert records[-1].test_acc == final.accuracy and records[-1].test_loss == final.loss
+
+
+def test_the_weight_average_update_is_torchs_without_the_host_read():
+    torch.manual_seed(0)
+    model = build_model(norm="batch", groups=4)
+    ours = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.9), use_buffers=True)
+    torchs = copy.deepcopy(ours)
+    for update in range(3):
+        with torch.no_grad():
+            for tensor in [*model.parameters(), *model.buffers()]:
+                tensor.add_(torch.rand_like(tensor.float()).to(tensor.dtype) + 1)
+        engine.update_average(ours, model, first=update == 0)
+        torchs.update_parameters(model)
+        for (name, mine), theirs in zip(
+            ours.state_dict().items(), torchs.state_dict().values(), strict=True
+        ):
+            assert torch.equal(mine, theirs), (update, name)
+
+
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)` before")
+def test_the_learning_rate_lives_on_the_device_and_follows_the_schedule():
+    model = build_model(norm="batch", groups=4)
+    optimizer = engine.make_optimizer(model, learning_rate=0.4, momentum=0.9, weight_decay=0)
+    scheduler = engine.make_scheduler(optimizer, epochs=2, steps_per_epoch=5, warmup_epochs=1)
+    engine.learning_rate_on_device(optimizer)
+    rates = optimizer.param_groups[0]["lr"], optimizer.param_groups[1]["lr"]
+    assert all(isinstance(r, torch.Tensor) and r.dtype == torch.float64 for r in rates)
+    seen = []
+    for _ in range(6):
+        seen.append(float(rates[0]))
+        scheduler.step()
+    assert optimizer.param_groups[0]["lr"] is rates[0]  # written in place, never replaced
+    assert seen == pytest.approx([0.4 * (s + 1) / 6 for s in range(5)] + [0.4])
+
+
+def test_a_checkpoint_with_float_learning_rates_resumes_bit_for_bit():
+    """Checkpoints written before the rate moved to the device hold floats; they still resume."""
+    torch.manual_seed(8)
+    full_model = build_model(norm="layer", groups=4)
+    start = copy.deepcopy(full_model.state_dict())
+    checkpoints = {}
+
+    def keep(record, state):
+        checkpoints[record.epoch] = copy.deepcopy(state.state_dict())
+
+    _fit(full_model, epochs=2, seed=8, on_epoch_end=keep, count=96)
+    old_style = checkpoints[1]
+    for group in old_style["optimizer"]["param_groups"]:
+        group["lr"] = float(group["lr"])
+    torch.manual_seed(8)
+    resumed = build_model(norm="layer", groups=4)
+    resumed.load_state_dict(start)
+    _fit(resumed, epochs=2, seed=8, resume_from=old_style, count=96)
+    for name, tensor in full_model.state_dict().items():
+        assert torch.equal(tensor, resumed.state_dict()[name]), name

@@ -188,7 +188,13 @@ def measure_training(
         steps_per_epoch=len(train_split) // batch_size,
         warmup_epochs=DEFAULTS.warmup_epochs,
     )
-    loss_fn = nn.CrossEntropyLoss(label_smoothing=DEFAULTS.label_smoothing)
+    engine.learning_rate_on_device(optimizer)
+    step = engine.TrainStep(
+        model,
+        optimizer=optimizer,
+        loss_fn=nn.CrossEntropyLoss(label_smoothing=DEFAULTS.label_smoothing),
+        autocast_dtype=autocast_dtype,
+    )
 
     def epoch_batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         return datasets.train_batches(
@@ -202,13 +208,9 @@ def measure_training(
 
     def train_steps(count: int) -> None:
         engine.train_one_epoch(
-            model,
+            step,
             itertools.islice(batches, count),
-            optimizer=optimizer,
             scheduler=scheduler,
-            loss_fn=loss_fn,
-            autocast_dtype=autocast_dtype,
-            device=device,
             steps=count,
             description=f"{norm} {path}",
         )
