@@ -260,7 +260,15 @@ def model_summary(**options) -> None:
     default=_DEFAULTS.conv_groups,
     help="Grouped 3x3 convs C2..C9 (1: dense); the 1x1 layers c3 and c6 mix the groups.",
 )
-@tta_option(_DEFAULTS.tta, "How each epoch's test accuracy is computed")
+@tta_option(_DEFAULTS.tta, "How each epoch's validation and test accuracy are computed")
+@click.option(
+    "--val-size",
+    "val_size",
+    type=int,
+    default=_DEFAULTS.val_size,
+    help="Training images held out for validation, drawn per class with a seed of their own "
+    "(the same images in every run of a dataset); choices rank by them. 0: none.",
+)
 @click.option("--seed", type=int, default=_DEFAULTS.seed)
 @data_option
 @stats_option
@@ -575,7 +583,17 @@ def parse_group_by(text: str) -> tuple[str, ...]:
 
 # --------------------------------------------------------------------------- registry
 
-_REGISTRY_COLUMNS = ("name", "version", "aliases", "norm", "groups", "seed", "test_acc", "run_id")
+_REGISTRY_COLUMNS = (
+    "name",
+    "version",
+    "aliases",
+    "norm",
+    "groups",
+    "seed",
+    "val_acc",
+    "test_acc",
+    "run_id",
+)
 
 
 @cli.group()
@@ -611,7 +629,7 @@ def registry_show(name: str) -> None:
 @click.option("--alias", default=tracking.CHAMPION, help="The alias to move.")
 def registry_promote(name: str, version: str, alias: str) -> None:
     """Point ALIAS at VERSION of NAME. The next train run recomputes `champion` from the
-    versions' test_acc tags, so a manual champion lasts until a better version registers."""
+    versions' val_acc tags, so a manual champion lasts until a better version registers."""
     tracking.check_store()
     tracking.promote(name, version, alias=alias)
     click.echo(f"{name}@{alias} -> version {version}")

@@ -35,6 +35,11 @@ RECIPES: dict[str, dict[str, int]] = {
     "group": {"batch_size": 128},
     "layer": {"batch_size": 128},
 }
+# The validation split: images held out of the training split, per class, with a seed of its
+# own (not the training seed), so every run of a dataset holds out the same ones. Choices (a
+# recipe, a lever, the champion) are made on it; the test split is only reported.
+DEFAULT_VAL_SIZE = 5000
+VAL_SEED = 0
 PER_NORM = 0  # the value of a RECIPES parameter that asks for the norm's recipe
 PER_NORM_CHOICE = f"{PER_NORM} (the norm's recipe)"  # how errors name it
 
@@ -67,6 +72,7 @@ class TrainConfig:
     residual: bool = False
     conv_groups: int = 1
     tta: str = DEFAULT_TTA
+    val_size: int = DEFAULT_VAL_SIZE  # training images held out for validation; 0: none
     seed: int = 1
     data: str = DEFAULT_DATA
     stats: str = ""
@@ -104,6 +110,7 @@ class TrainConfig:
         check_bool("residual", self.residual)
         check_int_range("conv_groups", self.conv_groups, low=1, high=64)
         check_choice("tta", self.tta, TTA_MODES)
+        check_int_range("val_size", self.val_size, low=0, high=1_000_000)
         check_int_range("seed", self.seed, low=0, high=2**31 - 1)
         check_choice("device", self.device, DEVICES)
         check_choice("precision", self.precision, PRECISIONS)

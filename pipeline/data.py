@@ -390,6 +390,67 @@ def cached_stats(dataset: ArrayDataset) -> DatasetStats:
     return stats
 
 
+# --------------------------------------------------------------------------- validation
+
+
+@dataclass(frozen=True)
+class ValidationSplit:
+    """Which training images are held out for validation: sorted indices into the training
+    split, the seed that drew them and a digest that names the split (the same images of the
+    same dataset give the same digest), so runs on different splits are never compared."""
+
+    indices: np.ndarray  # (val_size,) int64, sorted
+    seed: int
+    digest: str
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+def validation_split(
+    labels: np.ndarray,
+    size: int,
+    *,
+    seed: int,
+    dataset_digest: str = "",
+    class_names: tuple[str, ...] = (),
+) -> ValidationSplit:
+    """`size` training images held out for validation, drawn per class in proportion to the
+    class's share of `labels` (largest remainders round), with `seed` alone.
+
+    Each class keeps at least half its images for training; a `size` that leaves fewer is a
+    DataError naming the first such class.
+    """
+    classes, counts = np.unique(labels, return_counts=True)
+    if size > len(labels):
+        raise DataError(
+            f"val_size {size} is more than the {len(labels)} training images; lower val_size "
+            "(0 turns validation off)"
+        )
+    shares = size * counts / counts.sum()
+    taken = np.floor(shares).astype(np.int64)
+    # Largest remainders first, then the lower class index: deterministic.
+    order = sorted(range(len(classes)), key=lambda c: (-(shares[c] - taken[c]), c))
+    for c in order[: size - int(taken.sum())]:
+        taken[c] += 1
+    for label, count, held in zip(classes, counts, taken, strict=True):
+        if count - held < held:
+            name = class_names[label] if label < len(class_names) else str(label)
+            raise DataError(
+                f"val_size {size} leaves too few training images: class {name} would keep "
+                f"{count - held} of its {count} (at least half must stay for training); lower "
+                "val_size or set it to 0"
+            )
+    rng = np.random.default_rng(seed)
+    chosen = [
+        rng.permutation(np.flatnonzero(labels == label))[:held]
+        for label, held in zip(classes, taken, strict=True)
+    ]
+    indices = np.sort(np.concatenate(chosen)).astype(np.int64)
+    digest = hashlib.sha256(f"{dataset_digest}:{seed}:".encode() + indices.tobytes())
+    return ValidationSplit(indices=indices, seed=seed, digest=digest.hexdigest()[:16])
+
+
 # --------------------------------------------------------------------------- batches
 
 

@@ -31,9 +31,24 @@ class EpochMetrics:
     test_acc: float
     lr: float
     epoch_seconds: float
+    # On the validation split, when the run holds one out (val_size > 0).
+    val_loss: float | None = None
+    val_acc: float | None = None
 
     def metrics(self) -> dict[str, float]:
-        return {k: v for k, v in self.__dict__.items() if k != "epoch"}
+        return {k: v for k, v in self.__dict__.items() if k != "epoch" and v is not None}
+
+    def describe(self, epochs: int) -> str:
+        """One line for a person: `epoch  3/20  train loss ... acc ...  val ...  test ...`."""
+        val = ""
+        if self.val_loss is not None and self.val_acc is not None:
+            val = f"val loss {self.val_loss:.4f} acc {100 * self.val_acc:5.2f}%  "
+        return (
+            f"epoch {self.epoch:>2}/{epochs}  "
+            f"train loss {self.train_loss:.4f} acc {100 * self.train_acc:5.2f}%  {val}"
+            f"test loss {self.test_loss:.4f} acc {100 * self.test_acc:5.2f}%  "
+            f"lr {self.lr:.4f}  {self.epoch_seconds:5.1f}s"
+        )
 
 
 @dataclass(frozen=True)
@@ -389,6 +404,7 @@ def fit(
     train_split: DeviceSplit,
     test_split: DeviceSplit,
     *,
+    val_split: DeviceSplit | None = None,
     normalize: Normalizer,
     epochs: int,
     batch_size: int,
@@ -407,7 +423,8 @@ def fit(
     resume_from: dict | None = None,
     on_epoch_end: Callable[[EpochMetrics, TrainingState], None] | None = None,
 ) -> list[EpochMetrics]:
-    """Train for `epochs`, evaluating after each; returns one record per epoch run here.
+    """Train for `epochs`, evaluating after each (on `val_split` too, when given); returns one
+    record per epoch run here.
 
     `on_epoch_end(record, state)` is called after every epoch (logging, checkpointing).
     `resume_from` is a `TrainingState.state_dict()`: training continues after its epoch.
@@ -462,6 +479,16 @@ def fit(
             steps=steps,
             description=f"epoch {epoch}/{epochs}",
         )
+        validation = None
+        if val_split is not None:
+            validation = evaluate(
+                evaluated,
+                val_split,
+                normalize=normalize,
+                batch_size=eval_batch_size,
+                autocast_dtype=autocast_dtype,
+                tta=tta,
+            )
         result = evaluate(
             evaluated,
             test_split,
@@ -482,21 +509,13 @@ def fit(
             test_acc=result.accuracy,
             lr=lr,
             epoch_seconds=time.perf_counter() - started,
+            val_loss=None if validation is None else validation.loss,
+            val_acc=None if validation is None else validation.accuracy,
         )
         state.epoch = epoch
         records.append(record)
-        log.info(
-            "epoch %d/%d  train_loss %.4f  train_acc %.2f%%  test_loss %.4f  test_acc %.2f%%  "
-            "lr %.4f  %.1fs",
-            epoch,
-            epochs,
-            train_loss,
-            100 * train_acc,
-            result.loss,
-            100 * result.accuracy,
-            lr,
-            record.epoch_seconds,
-        )
+        # The CLI echoes each epoch through its callback; a caller without one can log this.
+        log.debug("%s", record.describe(epochs))
         if on_epoch_end is not None:
             on_epoch_end(record, state)
     if average is not None:

@@ -116,6 +116,10 @@ def train_model(config: TrainConfig, *, echo: Echo = log.info) -> str:
                 "device": str(setup.device),
                 "autocast": _precision_name(setup.autocast_dtype),
                 "cpu_capability": engine.cpu_capability(),
+                # Which training images validate: runs on other splits are never paired.
+                "val_seed": str(setup.validation.seed) if setup.validation else "",
+                "val_digest": setup.validation.digest if setup.validation else "",
+                "train_images": str(len(setup.train_split)),
             }
         )
         tracking.log_dataset(
@@ -136,12 +140,7 @@ def train_model(config: TrainConfig, *, echo: Echo = log.info) -> str:
             with _signals_deferred():
                 tracking.log_epoch(record)
                 tracking.log_checkpoint(state.state_dict())
-            echo(
-                f"epoch {record.epoch:>2}/{config.epochs}  "
-                f"train loss {record.train_loss:.4f} acc {100 * record.train_acc:5.2f}%  "
-                f"test loss {record.test_loss:.4f} acc {100 * record.test_acc:5.2f}%  "
-                f"lr {record.lr:.4f}  {record.epoch_seconds:5.1f}s"
-            )
+            echo(record.describe(config.epochs))
 
         started = time.perf_counter()
         records = training.fit(setup, config, resume_from=resume_state, on_epoch_end=on_epoch_end)
@@ -177,6 +176,8 @@ def train_model(config: TrainConfig, *, echo: Echo = log.info) -> str:
                 tags={
                     **norm_tags,
                     "seed": str(config.seed),
+                    # The champion is chosen on val_acc; test_acc is reported, never chosen on.
+                    **({"val_acc": f"{history[-1].val_acc:.4f}"} if _has_val(history) else {}),
                     "test_acc": f"{final.accuracy:.4f}",
                 },
             )
@@ -185,8 +186,13 @@ def train_model(config: TrainConfig, *, echo: Echo = log.info) -> str:
                 f"registered {config.registered_model} version {version} "
                 f"(champion: version {champion})"
             )
-    echo(f"final test accuracy {100 * final.accuracy:.2f}% (run {run_id})")
+    val = f"validation {100 * history[-1].val_acc:.2f}%, " if _has_val(history) else ""
+    echo(f"final {val}test accuracy {100 * final.accuracy:.2f}% (run {run_id})")
     return run_id
+
+
+def _has_val(history: list[engine.EpochMetrics]) -> bool:
+    return bool(history) and history[-1].val_acc is not None
 
 
 def evaluate_model(config: EvalConfig, *, echo: Echo = log.info) -> str:

@@ -152,17 +152,19 @@ def log_epoch(record: EpochMetrics) -> None:
 
 
 def metric_history(run_id: str) -> list[EpochMetrics]:
-    """The run's per-epoch records, rebuilt from its logged metrics (complete after a resume)."""
+    """The run's per-epoch records, rebuilt from its logged metrics (complete after a resume);
+    the validation metrics where the run logged them."""
     client = MlflowClient()
-    names = [f.name for f in dataclasses.fields(EpochMetrics) if f.name != "epoch"]
+    fields = [f for f in dataclasses.fields(EpochMetrics) if f.name != "epoch"]
+    required = {f.name for f in fields if f.default is dataclasses.MISSING}
     by_step: dict[int, dict[str, float]] = {}
-    for name in names:
-        for metric in client.get_metric_history(run_id, name):
-            by_step.setdefault(metric.step, {})[name] = metric.value
+    for field in fields:
+        for metric in client.get_metric_history(run_id, field.name):
+            by_step.setdefault(metric.step, {})[field.name] = metric.value
     return [
         EpochMetrics(epoch=step, **values)
         for step, values in sorted(by_step.items())
-        if len(values) == len(names)
+        if required <= set(values)
     ]
 
 
@@ -337,15 +339,23 @@ def register_model(model_uri: str, *, name: str, run_id: str, tags: dict[str, st
     return str(version.version)
 
 
-def _version_score(version) -> float:
-    try:
-        return float(version.tags.get("test_acc", "nan"))
-    except ValueError:
-        return float("nan")
+def _version_score(version) -> tuple[float, float]:
+    """A version's rank for `champion`: its validation accuracy; versions trained without a
+    validation split rank after every one with it, by test accuracy (how they were chosen
+    before validation existed). NaN where the tag is missing."""
+
+    def tag(name: str) -> float:
+        try:
+            return float(version.tags.get(name, "nan"))
+        except ValueError:
+            return float("nan")
+
+    val = tag("val_acc")
+    return (1.0, val) if val == val else (0.0, tag("test_acc"))
 
 
 def update_champion(name: str, *, max_rounds: int = 20) -> str | None:
-    """Point the `champion` alias at the version with the best `test_acc` tag; return it.
+    """Point the `champion` alias at the version with the best `val_acc` tag; return it.
 
     Correct when trainings on different machines finish at once, with no lock they share:
     each writer recomputes the best from every version and re-reads after its write until
@@ -382,7 +392,7 @@ def update_champion(name: str, *, max_rounds: int = 20) -> str | None:
 
 def _best_version(client: MlflowClient, name: str) -> str | None:
     scored = [(v, _version_score(v)) for v in client.search_model_versions(f"name = '{name}'")]
-    scored = [(v, s) for v, s in scored if s == s]
+    scored = [(v, s) for v, s in scored if s[1] == s[1]]
     if not scored:
         return None
     # Highest accuracy wins; on a tie the older version keeps the title.
@@ -420,6 +430,7 @@ def registry_rows(name: str | None = None) -> list[dict[str, str]]:
                     "norm": version.tags.get("norm", ""),
                     "groups": version.tags.get("groups", ""),
                     "seed": version.tags.get("seed", ""),
+                    "val_acc": version.tags.get("val_acc", ""),
                     "test_acc": version.tags.get("test_acc", ""),
                     "run_id": version.run_id or "",
                     "status": version.status,

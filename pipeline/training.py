@@ -8,11 +8,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from pipeline import data as datasets
 from pipeline import engine
-from pipeline.config import ConfigError, TrainConfig
+from pipeline.config import VAL_SEED, ConfigError, TrainConfig
 from pipeline.data import DataError, DatasetStats
 from pipeline.model import MAX_PARAMETERS, Net, count_parameters
 
@@ -32,8 +33,10 @@ class TrainingSetup:
     device: torch.device
     autocast_dtype: torch.dtype | None
     normalize: datasets.Normalizer
-    train_split: datasets.DeviceSplit
+    train_split: datasets.DeviceSplit  # the training images minus the validation split
     test_split: datasets.DeviceSplit
+    val_split: datasets.DeviceSplit | None = None
+    validation: datasets.ValidationSplit | None = None  # which training images it holds
 
 
 def load_local_stats(spec: str, dataset: datasets.ArrayDataset) -> DatasetStats:
@@ -71,7 +74,21 @@ def prepare_training(
     stats = load_stats(config.stats, dataset)
     memory_format = engine.memory_format_for(config.norm, device)
     normalize = datasets.Normalizer(stats, device=device, memory_format=memory_format)
-    train_split = datasets.to_device(dataset.train_images, dataset.train_labels, device=device)
+    images, labels = dataset.train_images, dataset.train_labels
+    validation, val_split = None, None
+    if config.val_size:
+        validation = datasets.validation_split(
+            labels,
+            config.val_size,
+            seed=VAL_SEED,
+            dataset_digest=dataset.digest,
+            class_names=dataset.classes,
+        )
+        held = np.zeros(len(labels), dtype=bool)
+        held[validation.indices] = True
+        val_split = datasets.to_device(images[held], labels[held], device=device)
+        images, labels = images[~held], labels[~held]
+    train_split = datasets.to_device(images, labels, device=device)
     model = model.to(device=device, memory_format=memory_format)
     if config.whiten:
         model.init_whitening(normalize(train_split.images[:WHITENING_IMAGES]))
@@ -87,6 +104,8 @@ def prepare_training(
         normalize=normalize,
         train_split=train_split,
         test_split=datasets.to_device(dataset.test_images, dataset.test_labels, device=device),
+        val_split=val_split,
+        validation=validation,
     )
 
 
@@ -102,6 +121,7 @@ def fit(
         setup.model,
         setup.train_split,
         setup.test_split,
+        val_split=setup.val_split,
         normalize=setup.normalize,
         epochs=config.epochs,
         batch_size=config.batch_size,

@@ -24,6 +24,8 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 CLASSES = CIFAR10_CLASSES
 TRAIN_PER_CLASS = 24
 TEST_PER_CLASS = 6
+# Training images a test's run holds out for validation (train's 5,000 exceed the data).
+VAL_SIZE = 4 * len(CLASSES)
 
 
 def synthetic_images(count: int, label: int, *, seed: int) -> np.ndarray:

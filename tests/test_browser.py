@@ -15,7 +15,7 @@ from types import SimpleNamespace
 
 import mlflow_ui
 import pytest
-from conftest import mlflow_run
+from conftest import VAL_SIZE, mlflow_run
 from mlflow.tracking import MlflowClient
 
 try:
@@ -34,6 +34,7 @@ STUDY_PARAMS = {
     "epochs": 1,  # one epoch: the study's subprocesses, not training, dominate the time
     "warmup_epochs": 0.5,
     "batch_size": 32,
+    "val_size": VAL_SIZE,
     "parallel": 2,  # the four trainings two at a time: startup, not compute, is the cost
 }
 TRAIN_RUNS = [f"train-{norm}-seed{seed}" for norm in NORMS for seed in range(1, SEEDS + 1)]

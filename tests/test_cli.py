@@ -6,7 +6,7 @@ import json
 import mlflow.pytorch
 import pytest
 import torch
-from conftest import mlflow_run, run_cli, run_in_process
+from conftest import VAL_SIZE, mlflow_run, run_cli, run_in_process
 from mlflow.tracking import MlflowClient
 
 from pipeline import cli
@@ -48,7 +48,14 @@ def test_train_and_evaluate_end_to_end_through_mlflow_run(tracking_store, image_
 
     trained = mlflow_run(
         "train",
-        {"norm": "layer", "epochs": 2, "batch_size": 32, "data": image_folder, "seed": 5},
+        {
+            "norm": "layer",
+            "epochs": 2,
+            "batch_size": 32,
+            "data": image_folder,
+            "seed": 5,
+            "val_size": VAL_SIZE,
+        },
     )
     _assert_ok(trained)
     train_run = next(r for r in _runs(client) if r.data.tags.get("step") == "train")
@@ -131,6 +138,7 @@ def test_train_compiled_from_cifar_pickles_without_registration(tracking_store, 
         "--registered-model=",
         "--compile=on",
         "--tta=none",
+        f"--val-size={VAL_SIZE}",
     )
     _assert_ok(result)
     client = MlflowClient()
@@ -153,7 +161,8 @@ BAD_TRAIN = [
     (["--epochs=0"], "epochs must be between 1 and 200 (got 0)"),
     (["--epochs=201"], "epochs must be between 1 and 200 (got 201)"),
     (["--batch-size=1"], "batch_size must be 0 (the norm's recipe) or between 2 and 8192 (got 1)"),
-    (["--batch-size=4096"], "batch_size must be at most the training split's 240 images"),
+    (["--batch-size=4096"], "batch_size must be at most the training split's 200 images"),
+    (["--val-size=200"], "val_size 200 leaves too few training images: class airplane would"),
     (["--learning-rate=-1"], "learning_rate must be in (0, 10]"),
     (["--learning-rate=fast"], "'fast' is not a valid float"),
     (["--device=tpu"], "device must be one of auto, cpu, cuda, mps (got 'tpu')"),
@@ -169,7 +178,13 @@ def test_bad_train_input_is_one_line_and_leaves_no_running_run(
     tracking_store, image_folder, arguments, message, monkeypatch, capsys
 ):
     code, stderr = run_in_process(
-        monkeypatch, capsys, "train", "--epochs=1", f"--data={image_folder}", *arguments
+        monkeypatch,
+        capsys,
+        "train",
+        "--epochs=1",
+        f"--data={image_folder}",
+        f"--val-size={VAL_SIZE}",
+        *arguments,
     )
     assert code in (1, 2)
     lines = stderr.strip().splitlines()

@@ -1,5 +1,6 @@
 import pytest
 import torch
+from conftest import VAL_SIZE
 from torch import nn
 
 from pipeline.config import MAX_EPOCHS, ConfigError, TrainConfig
@@ -145,12 +146,16 @@ def test_whitening_needs_enough_patch_dimensions():
 def test_train_setup_whitens_c1_from_the_training_images(image_folder):
     from pipeline import training
 
-    config = TrainConfig(norm="layer", whiten=True, data=str(image_folder), device="cpu")
+    config = TrainConfig(
+        norm="layer", whiten=True, data=str(image_folder), device="cpu", val_size=VAL_SIZE
+    )
     setup = training.prepare_training(config)
     images = setup.normalize(setup.train_split.images[: training.WHITENING_IMAGES])
     expected = whitening_filters(images, setup.model.C1.conv.out_channels)
     assert torch.allclose(setup.model.C1.conv.weight, expected.float())
-    plain = training.prepare_training(TrainConfig(norm="layer", data=str(image_folder)))
+    plain = training.prepare_training(
+        TrainConfig(norm="layer", data=str(image_folder), val_size=VAL_SIZE)
+    )
     assert not torch.allclose(plain.model.C1.conv.weight, expected.float())
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 import pytest
-from conftest import REPO, mlflow_run, run_in_process
+from conftest import REPO, VAL_SIZE, mlflow_run, run_in_process
 
 BAD_EXECUTOR_OPTIONS = [
     (
@@ -46,6 +46,7 @@ STUDY = {
     "epochs": 1,
     "warmup_epochs": 0.5,
     "batch_size": 32,
+    "val_size": VAL_SIZE,
     "parallel": 2,
 }
 
@@ -102,6 +103,7 @@ def test_sigterm_cancels_every_ray_task_and_leaves_no_run_running(
         [
             sys.executable, "-m", "pipeline", "sweep", "--grid", "learning_rate=0.4",
             "--mode", "one-at-a-time", "--norm", "batch", "--epochs", "20", "--batch-size", "8",
+            "--val-size", str(VAL_SIZE),
             "--parallel", "2", "--executor", "ray", "--data", str(image_folder),
         ],
         stdout=subprocess.PIPE,

@@ -13,7 +13,7 @@ import time
 
 import pytest
 import torch
-from conftest import REPO, run_cli
+from conftest import REPO, VAL_SIZE, run_cli
 from mlflow.tracking import MlflowClient
 
 from pipeline import cli, runs, tracking
@@ -57,7 +57,13 @@ def test_sigterm_ends_the_run_killed_and_resume_matches_an_uninterrupted_run(
 ):
     epochs = 6
     options = dict(
-        norm="batch", epochs=epochs, batch_size=32, warmup_epochs=1.0, seed=3, registered_model=""
+        norm="batch",
+        epochs=epochs,
+        batch_size=32,
+        warmup_epochs=1.0,
+        seed=3,
+        registered_model="",
+        val_size=VAL_SIZE,
     )
     arguments = [f"--{key.replace('_', '-')}={value}" for key, value in options.items()]
     arguments.append(f"--data={image_folder}")
@@ -166,7 +172,9 @@ def test_four_mlflow_runs_at_once_on_a_fresh_sqlite_store_all_finish(
     env = {**os.environ, "PYTHONPATH": PYTHONPATH, "MLFLOW_TRACKING_URI": uri}
     processes = []
     for seed in range(1, 5):
-        parameters = dict(epochs=epochs, batch_size=32, seed=seed, data=image_folder)
+        parameters = dict(
+            epochs=epochs, batch_size=32, seed=seed, data=image_folder, val_size=VAL_SIZE
+        )
         options = [f"-P{key}={value}" for key, value in parameters.items()]
         processes.append(
             subprocess.Popen(

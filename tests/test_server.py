@@ -22,7 +22,7 @@ from types import SimpleNamespace
 
 import pytest
 import requests
-from conftest import REPO, run_cli
+from conftest import REPO, VAL_SIZE, run_cli
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
@@ -171,7 +171,12 @@ def test_four_trainings_at_once_then_evaluate_the_champion_through_the_server(
     client, epochs = on_server, 2
     processes = []
     for seed in range(1, 5):
-        options = [f"--epochs={epochs}", "--batch-size=32", f"--seed={seed}"]
+        options = [
+            f"--epochs={epochs}",
+            "--batch-size=32",
+            f"--seed={seed}",
+            f"--val-size={VAL_SIZE}",
+        ]
         processes.append(
             subprocess.Popen(
                 [sys.executable, "-m", "pipeline", "train", *options, f"--data={image_folder}"],
@@ -342,6 +347,7 @@ def test_a_sweep_on_a_two_node_cluster_reruns_the_trial_of_a_lost_node(
             "--grid", "learning_rate=0.1,0.4,0.8", "--mode", "one-at-a-time",
             "--norm", "batch", "--seeds", "2", "--epochs", "3", "--batch-size", "32",
             "--warmup-epochs", "0.5", "--data", str(image_folder),
+            "--val-size", str(VAL_SIZE),
             "--executor", "ray", "--ray-address", two_node_cluster.cluster.address,
             "--parallel", "2",
         ],

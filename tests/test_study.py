@@ -22,7 +22,7 @@ import pandas as pd
 import pytest
 import torch
 import yaml
-from conftest import REPO, mlflow_run, run_cli, write_image_folder
+from conftest import REPO, VAL_SIZE, mlflow_run, run_cli, write_image_folder
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
@@ -35,6 +35,7 @@ STUDY_PARAMS = {
     "epochs": 2,
     "warmup_epochs": 0.5,
     "batch_size": 32,
+    "val_size": VAL_SIZE,
     "parallel": 2,  # the two trainings (and the two evaluations) at once
 }
 EXPECTED_STEPS = {
@@ -283,7 +284,14 @@ def test_evaluate_accepts_the_champion_alias(study, store):
 def test_a_failed_step_fails_the_study_and_keeps_finished_steps(tracking_store, image_folder):
     result = mlflow_run(
         "main",
-        {"norm": "layer", "device": "cuda", "epochs": 1, "warmup_epochs": 0, "data": image_folder},
+        {
+            "norm": "layer",
+            "device": "cuda",
+            "epochs": 1,
+            "warmup_epochs": 0,
+            "data": image_folder,
+            "val_size": VAL_SIZE,
+        },
     )
     assert result.returncode != 0
     assert "error: step train-layer-seed1 failed: " in result.stderr

@@ -8,7 +8,7 @@ from pathlib import Path
 import mlflow
 import pytest
 from click.testing import CliRunner
-from conftest import REPO, mlflow_run, run_in_process
+from conftest import REPO, VAL_SIZE, mlflow_run, run_in_process
 from mlflow.tracking import MlflowClient
 
 from pipeline import config, workflow
@@ -189,6 +189,7 @@ SWEEP = {
     "epochs": 1,
     "warmup_epochs": 0.5,
     "batch_size": 32,
+    "val_size": VAL_SIZE,
     "parallel": 2,
 }
 
