@@ -321,9 +321,11 @@ def compare_runs(
         tracking.set_tags({"report_run_id": target})
     table = comparison.norm_table(study_data)
     for row in table.itertuples(index=False):
+        val = comparison.percent(row.final_val_acc_mean, row.final_val_acc_se)
         echo(
-            f"{row.norm:<6} {row.runs} runs  final test acc "
-            f"{comparison.percent(row.final_test_acc_mean, row.final_test_acc_std)}%"
+            f"{row.norm:<6} {row.runs} runs  final val acc {val or '-'}%  test acc "
+            f"{comparison.percent(row.final_test_acc_mean, row.final_test_acc_se)}% "
+            "(mean ± SE)"
         )
     for note in comparison.findings(table):
         echo(f"- {note}")

@@ -301,3 +301,56 @@ def test_an_epoch_drawn_ahead_gives_the_batches_and_generator_of_drawing_batch_b
     for (images, labels), (want_images, want_labels) in zip(drawn, expected, strict=True):
         assert torch.equal(images, want_images) and torch.equal(labels, want_labels)
     assert torch.equal(ours.get_state(), theirs.get_state())
+
+
+# --------------------------------------------------------------------------- validation split
+
+
+def test_the_validation_split_is_stratified_and_set_by_its_seed_alone():
+    labels = np.repeat(np.arange(10), 450)
+    split = data.validation_split(labels, 500, seed=0, dataset_digest="cifar")
+    assert len(split) == 500 and np.all(np.diff(split.indices) > 0)  # sorted, no repeats
+    assert np.bincount(labels[split.indices]).tolist() == [50] * 10  # per class
+    again = data.validation_split(labels, 500, seed=0, dataset_digest="cifar")
+    assert np.array_equal(split.indices, again.indices) and split.digest == again.digest
+    other = data.validation_split(labels, 500, seed=1, dataset_digest="cifar")
+    assert not np.array_equal(split.indices, other.indices) and other.digest != split.digest
+    assert data.validation_split(labels, 500, seed=0, dataset_digest="x").digest != split.digest
+    # Uneven classes: each gives in proportion to its size, the remainders to the largest.
+    uneven = np.concatenate([np.zeros(30, int), np.ones(20, int), np.full(10, 2)])
+    counts = np.bincount(uneven[data.validation_split(uneven, 7, seed=0).indices])
+    assert counts.tolist() == [4, 2, 1]  # shares 3.5, 2.33, 1.17
+
+
+def test_the_validation_images_leave_the_training_split_and_never_come_from_test(image_folder):
+    from pipeline import training
+    from pipeline.config import TrainConfig
+
+    config = TrainConfig(data=str(image_folder), device="cpu", val_size=40, seed=3)
+    setup = training.prepare_training(config)
+    dataset = setup.dataset
+    assert len(setup.val_split) == 40 and len(setup.train_split) == len(dataset.train_labels) - 40
+    assert np.bincount(setup.val_split.labels.numpy()).tolist() == [4] * 10
+
+    def rows(images) -> set[bytes]:
+        return {image.tobytes() for image in np.asarray(images)}
+
+    val = rows(setup.val_split.images.permute(0, 2, 3, 1).numpy())
+    train = rows(setup.train_split.images.permute(0, 2, 3, 1).numpy())
+    assert val <= rows(dataset.train_images) and not val & train
+    assert not val & rows(dataset.test_images)
+    # The training seed does not move the split.
+    other = training.prepare_training(TrainConfig(data=str(image_folder), val_size=40, seed=4))
+    assert other.validation.digest == setup.validation.digest
+    assert (
+        training.prepare_training(TrainConfig(data=str(image_folder), val_size=0)).val_split is None
+    )
+
+
+def test_a_validation_split_that_leaves_too_few_training_images_is_refused():
+    labels = np.repeat(np.arange(3), 10)
+    with pytest.raises(DataError, match="class a would keep 4 of its 10 .at least half"):
+        data.validation_split(labels, 18, seed=0, class_names=("a", "b", "c"))
+    with pytest.raises(DataError, match="val_size 31 is more than the 30 training images"):
+        data.validation_split(labels, 31, seed=0)
+    assert len(data.validation_split(labels, 15, seed=0)) == 15  # half of each class: allowed

@@ -34,15 +34,20 @@ def _fake_study(tmp_path: Path, finals: dict[str, list[float]]) -> comparison.St
                     "params.epochs": "2",
                     "params.groups": "4",
                     "params.data": "'~/data'",
+                    "params.val_size": "40",
+                    "params.val_digest": "d1",
                     # search_runs' times; the runs of seed s take 10 + s minutes
                     "start_time": pd.Timestamp("2026-01-01 12:00", tz="UTC"),
                     "end_time": pd.Timestamp("2026-01-01 12:10", tz="UTC")
                     + pd.Timedelta(minutes=seed),
                 }
             )
+            # Validation half a point below test, and no higher at its first epoch.
             histories[run_id] = [
-                EpochMetrics(1, 1.5, accuracy - 0.2, 1.4, accuracy - 0.1, 0.1, 2.0),
-                EpochMetrics(2, 1.0, accuracy + 0.02, 1.1, accuracy, 0.0, 3.0),
+                EpochMetrics(1, 1.5, accuracy - 0.2, 1.4, accuracy - 0.1, 0.1, 2.0, 1.4, 0.5),
+                EpochMetrics(
+                    2, 1.0, accuracy + 0.02, 1.1, accuracy, 0.0, 3.0, 1.1, accuracy - 0.005
+                ),
             ]
             rows.append(
                 {
@@ -65,7 +70,7 @@ def _fake_study(tmp_path: Path, finals: dict[str, list[float]]) -> comparison.St
     )
 
 
-def test_norm_table_is_mean_and_std_over_seeds(tmp_path):
+def test_norm_table_is_mean_std_and_standard_error_over_seeds(tmp_path):
     finals = {"layer": [0.60, 0.62, 0.64], "batch": [0.70, 0.71, 0.72]}
     study = _fake_study(tmp_path, finals)
     assert study.norms == ["batch", "layer"]
@@ -73,27 +78,46 @@ def test_norm_table_is_mean_and_std_over_seeds(tmp_path):
     for norm, values in finals.items():
         assert table.loc[norm, "runs"] == 3
         assert table.loc[norm, "final_test_acc_mean"] == pytest.approx(np.mean(values))
+        assert table.loc[norm, "final_val_acc_mean"] == pytest.approx(np.mean(values) - 0.005)
         assert table.loc[norm, "final_test_acc_std"] == pytest.approx(np.std(values, ddof=1))
+        assert table.loc[norm, "final_test_acc_se"] == pytest.approx(
+            np.std(values, ddof=1) / np.sqrt(3)
+        )
         assert table.loc[norm, "train_test_gap_mean"] == pytest.approx(0.02)
         assert table.loc[norm, "epoch_seconds_mean"] == pytest.approx(2.5)
         assert table.loc[norm, "run_minutes_mean"] == pytest.approx(12.0)
         assert table.loc[norm, "run_minutes_std"] == pytest.approx(1.0)
     readable = comparison.readable_norm_table(comparison.norm_table(study)).set_index("norm")
-    assert readable.loc["batch", "run min"] == "12.0 ± 1.0"
+    assert readable.loc["batch", "run min"] == "12.0 ± 0.6"  # 1 / sqrt(3): the SE
+    assert readable.loc["batch", "final val acc %"] == "70.50 ± 0.58"
+    assert readable.loc["batch", "final test acc %"] == "71.00 ± 0.58"
     assert readable.loc["layer", "groups"] == ""  # groups is a group-norm parameter
     notes = comparison.findings(comparison.norm_table(study))
-    assert notes[0].startswith("**batch** norm leads on final test accuracy with 71.00%")
+    assert notes[0].startswith(
+        "**batch** norm leads on final validation accuracy with 70.50% (test 71.00%)"
+    )
     assert "9.00 points ahead of layer" in notes[0]
-    assert "more than twice the seed spread" in notes[1]
+    # SEs 0.58 and 1.15 points: the difference's is 1.29, and 9.00 > 2 x 1.29.
+    assert "more than twice its standard error" in notes[1] and "1.29 points" in notes[1]
     classes = comparison.per_class_table(study)
     assert classes.loc["dog", "layer"] == pytest.approx(np.mean(finals["layer"]) / 2)
 
 
-def test_findings_call_a_margin_inside_the_seed_spread_a_tie(tmp_path):
+def test_findings_call_a_margin_inside_its_standard_error_a_tie(tmp_path):
     study = _fake_study(tmp_path, {"group": [0.50, 0.60, 0.55], "layer": [0.56, 0.52, 0.54]})
     notes = comparison.findings(comparison.norm_table(study))
-    assert any("within the seed spread" in note for note in notes)
+    assert any("within its standard error" in note for note in notes)
     assert any("under-fitting" in note for note in notes)  # train accuracy below 60%
+
+
+def test_findings_rank_on_test_only_where_no_run_held_validation_out(tmp_path):
+    study = _fake_study(tmp_path, {"batch": [0.70, 0.72], "layer": [0.60, 0.61]})
+    study = dataclasses.replace(
+        study, history=study.history.assign(val_acc=np.nan, val_loss=np.nan)
+    )
+    notes = comparison.findings(comparison.norm_table(study))
+    assert "ranked on the test split" in notes[0]
+    assert notes[1].startswith("**batch** norm leads on final test accuracy with 71.00%")
 
 
 def test_report_renders_with_relative_links(tmp_path):
@@ -102,12 +126,12 @@ def test_report_renders_with_relative_links(tmp_path):
     text = report.read_text()
     for link in re.findall(r"\]\(([^)]+)\)", text):
         assert (report.parent / link).is_file(), link
-    assert "70.00 ± 1.41" not in text  # the headline is a mean, not one seed
-    assert "71.00 ± 1.41" in text
+    assert "70.00 ± 1.00" not in text  # the headline is a mean, not one seed
+    assert "71.00 ± 1.00" in text and "70.50 ± 1.00" in text  # test and validation, ± SE
     assert not math.isnan(float(pd.read_csv(report.parent / "norms.csv")["epochs"][0]))
     # The HTML copy (MLflow renders it, images included) carries the same table, figures inlined.
     page = (report.parent / "report.html").read_text()
-    assert "<td>71.00 ± 1.41</td>" in page
+    assert "<td>71.00 ± 1.00</td>" in page
     images = re.findall(r'<img alt="([^"]*)" src="([^"]+)"', page)
     assert images and all(src.startswith("data:image/png;base64,") for _, src in images)
     assert len(images) == text.count("![")
@@ -132,10 +156,14 @@ def test_report_html_is_one_page_with_its_tables_figures_and_text_as_typed(tmp_p
 
 
 def _lever_runs(
-    finals: dict[tuple[str, str], list[float]], key: str = "whiten"
+    finals: dict[tuple[str, str], list[float]],
+    key: str = "whiten",
+    *,
+    digests: dict[str, str] | None = None,
 ) -> tuple[pd.DataFrame, dict]:
-    """Train runs of (norm, value of `key`) with per-seed final accuracies, as search_runs
-    rows; every run has translate=4."""
+    """Train runs of (norm, value of `key`) with per-seed final validation accuracies (test
+    one point above), as search_runs rows; every run has translate=4 and validates on split
+    "d1" unless `digests` names another for its run id."""
     rows, histories = [], {}
     for (norm, value), accuracies in finals.items():
         for seed, accuracy in enumerate(accuracies, start=1):
@@ -149,37 +177,77 @@ def _lever_runs(
                     "params.seed": str(seed),
                     f"params.{key}": value,
                     "params.translate": "4",
+                    "params.val_digest": (digests or {}).get(run_id, "d1"),
                 }
             )
-            histories[run_id] = [EpochMetrics(1, 1.0, accuracy, 1.0, accuracy, 0.1, 1.0)]
+            histories[run_id] = [
+                EpochMetrics(1, 1.0, accuracy, 1.0, accuracy + 0.01, 0.1, 1.0, 1.0, accuracy)
+            ]
     return pd.DataFrame(rows), histories
 
 
-def test_lever_table_pairs_each_lever_with_the_default_recipe_on_shared_seeds():
+def test_paired_gain_and_the_adoption_rule_on_a_hand_worked_case():
+    """Default and lever on four seeds: differences 1.2, 0.8, 1.5, 0.6 points; mean 1.025,
+    sample variance 0.4875 / 3 = 0.1625, SE sqrt(0.1625) / 2 = 0.2016: 1.025 > 2 x 0.2016."""
+    default = pd.Series([0.800, 0.810, 0.820, 0.805], index=[1, 2, 3, 4])
+    lever = pd.Series([0.812, 0.818, 0.835, 0.811], index=[1, 2, 3, 4])
+    gain = comparison.paired_gain(lever, default)
+    assert gain.pairs == 4
+    assert gain.points == pytest.approx(1.025)
+    assert gain.standard_error == pytest.approx(0.201556, abs=1e-6)
+    assert gain.adopted
+    # Differences +1.0, -0.5, +0.8: mean 0.433, SE 0.470; twice the SE is more than the gain.
+    small = comparison.paired_gain(pd.Series([0.81, 0.805, 0.828], index=[1, 2, 3]), default)
+    assert small.points == pytest.approx(0.4333, abs=1e-4)
+    assert small.standard_error == pytest.approx(0.470225, abs=2e-6)
+    assert not small.adopted
+    # Large but on two seeds: below the three the rule needs.
+    two = comparison.paired_gain(pd.Series([0.82, 0.83], index=[1, 2]), default)
+    assert two.points == pytest.approx(2.0) and two.pairs == 2 and not two.adopted
+    nothing = comparison.paired_gain(pd.Series([0.9], index=[9]), default)
+    assert nothing.pairs == 0 and math.isnan(nothing.points) and not nothing.adopted
+
+
+def test_lever_table_ranks_on_validation_and_pairs_each_lever_with_the_default_recipe():
     runs, histories = _lever_runs(
         {
-            ("batch", "False"): [0.80, 0.82, 0.84],
-            ("batch", "true"): [0.81, 0.84],  # seeds 1-2: +1 and +2 points; as `mlflow run` logs
+            ("batch", "False"): [0.800, 0.810, 0.820, 0.805],
+            ("batch", "true"): [0.812, 0.818, 0.835, 0.811],  # the hand-worked case: adopted
             ("layer", "True"): [0.70],  # as the CLI logs; no default-recipe layer run to pair with
         }
     )
     study = comparison.build_study(runs, histories, group_by=("whiten", "translate"))
     table = comparison.lever_table(study)
     assert list(zip(table["norm"], table["whiten"], table["default"], strict=True)) == [
+        ("batch", "true", False),  # ranked first: the higher validation accuracy
         ("batch", "false", True),
-        ("batch", "true", False),
         ("layer", "true", False),
     ]
     assert set(table["translate"]) == {"4"}
     batch = table[table["norm"] == "batch"].set_index("whiten")
-    assert batch.loc["false", "final_test_acc_mean"] == pytest.approx(0.82)
-    assert batch.loc["true", "gain_points"] == pytest.approx(1.5)
-    assert batch.loc["true", "paired_seeds"] == 2
+    assert batch.loc["false", "final_val_acc_mean"] == pytest.approx(0.80875)
+    assert batch.loc["false", "final_test_acc_mean"] == pytest.approx(0.81875)
+    assert batch.loc["true", "gain_points"] == pytest.approx(1.025)
+    assert batch.loc["true", "gain_se_points"] == pytest.approx(0.201556, abs=1e-6)
+    assert batch.loc["true", "paired_seeds"] == 4 and batch.loc["true", "adopt"]
     assert math.isnan(batch.loc["false", "gain_points"])
     assert math.isnan(table[table["norm"] == "layer"]["gain_points"].iloc[0])
     readable = comparison.readable_lever_table(table, ("whiten", "translate"))
-    assert readable.loc[1, "gain (points)"] == "+1.50 (2 seeds)"
-    assert readable.loc[0, "recipe"] == "default"
+    assert readable.loc[0, "val gain (points ± SE)"] == "+1.02 ± 0.20 (4 seeds)"
+    assert readable.loc[0, "adopt?"] == "yes" and readable.loc[1, "adopt?"] == ""
+    assert readable.loc[1, "recipe"] == "default"
+    assert readable.loc[1, "test acc % (reported, not chosen on)"] == "81.88 ± 0.43"
+
+
+def test_lever_table_never_pairs_runs_validated_on_different_splits():
+    runs, histories = _lever_runs(
+        {("batch", "False"): [0.80, 0.81, 0.82], ("batch", "true"): [0.85, 0.86, 0.87]},
+        digests={"batch-true-1": "d2", "batch-true-2": "d2", "batch-true-3": "d2"},
+    )
+    study = comparison.build_study(runs, histories, group_by=("whiten",))
+    lever = comparison.lever_table(study).set_index("whiten").loc["true"]
+    assert lever["paired_seeds"] == 0 and math.isnan(lever["gain_points"])
+    assert not lever["adopt"]
 
 
 def test_lever_table_takes_each_norms_own_recipe_as_its_default():
@@ -239,5 +307,5 @@ def test_tta_table_compares_evaluations_of_the_same_models(tmp_path):
     assert table.loc["flip", "gain_points"] == pytest.approx(-0.75)
     assert math.isnan(table.loc["flip-translate", "gain_points"])
     report = comparison.write_report(study, tmp_path / "out").read_text()
-    assert "## Test-time augmentation" in report and "-0.75 (2 models)" in report
+    assert "## Test-time augmentation" in report and "-0.75 ± 0.25 (2 models)" in report
     assert "## Levers" not in report  # no group_by given

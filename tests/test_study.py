@@ -366,10 +366,15 @@ def test_main_rejects_bad_values_before_starting_a_step(tracking_store):
 # --------------------------------------------------------------------------- champion alias
 
 
-def _register(client: MlflowClient, name: str, test_acc: float, index: int) -> str:
-    version = client.create_model_version(
-        name, source=f"/tmp/not-a-model-{index}", tags={"test_acc": f"{test_acc:.4f}"}
-    )
+def _register(
+    client: MlflowClient, name: str, val_acc: float | None, index: int, test_acc: float = 0.5
+) -> str:
+    """A version tagged as train tags it: `val_acc` (None: a run without a validation split)
+    and a `test_acc` that the champion must never look at while a version has `val_acc`."""
+    tags = {"test_acc": f"{test_acc:.4f}"}
+    if val_acc is not None:
+        tags["val_acc"] = f"{val_acc:.4f}"
+    version = client.create_model_version(name, source=f"/tmp/not-a-model-{index}", tags=tags)
     return str(version.version)
 
 
@@ -394,6 +399,25 @@ def test_champion_moves_only_to_a_better_version(tracking_store):
         _register(client, "cifar10-test", accuracy, index)
         assert tracking.update_champion("cifar10-test") == expected
         assert _champion(client, "cifar10-test") == expected
+
+
+def test_champion_is_chosen_on_validation_never_on_test(tracking_store):
+    client = MlflowClient()
+    client.create_registered_model("cifar10-test")
+    steps = [  # (val_acc, test_acc, the champion after it registers)
+        (0.80, 0.70, "1"),
+        (0.78, 0.95, "1"),  # better on test, worse on validation: no move
+        (0.81, 0.60, "3"),
+        (None, 0.99, "3"),  # trained without a validation split: ranks after every one with it
+    ]
+    for index, (val_acc, test_acc, expected) in enumerate(steps):
+        _register(client, "cifar10-test", val_acc, index, test_acc=test_acc)
+        assert tracking.update_champion("cifar10-test") == expected
+    legacy = MlflowClient()
+    legacy.create_registered_model("cifar10-legacy")  # no version has val_acc: test decides
+    for index, test_acc in enumerate((0.70, 0.75)):
+        _register(legacy, "cifar10-legacy", None, index, test_acc=test_acc)
+    assert tracking.update_champion("cifar10-legacy") == "2"
 
 
 def _register_and_update(name: str, accuracy: float, index: int, barrier) -> None:

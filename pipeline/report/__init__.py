@@ -6,10 +6,12 @@ and report.html.
 from pipeline.report.frame import Study, build_study, step_runs
 from pipeline.report.render import write_report
 from pipeline.report.tables import (
+    PairedGain,
     findings,
     lever_table,
     markdown_table,
     norm_table,
+    paired_gain,
     per_class_table,
     percent,
     readable_lever_table,
@@ -18,12 +20,14 @@ from pipeline.report.tables import (
 )
 
 __all__ = [
+    "PairedGain",
     "Study",
     "build_study",
     "findings",
     "lever_table",
     "markdown_table",
     "norm_table",
+    "paired_gain",
     "per_class_table",
     "percent",
     "readable_lever_table",

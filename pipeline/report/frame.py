@@ -30,6 +30,7 @@ TABLE_PARAMS = (
     "dropout",
     "label_smoothing",
     "warmup_epochs",
+    "val_size",
 )
 
 
@@ -37,7 +38,7 @@ TABLE_PARAMS = (
 class Study:
     """A study's runs as tables: one row per train run, per epoch, and per evaluated class."""
 
-    train: pd.DataFrame  # run_id, run_name, norm, seed, TABLE_PARAMS...
+    train: pd.DataFrame  # run_id, run_name, norm, seed, TABLE_PARAMS..., val_digest
     history: pd.DataFrame  # run_id, norm, seed, epoch, train_loss, ..., epoch_seconds
     per_class: pd.DataFrame  # run_id, norm, seed, class, accuracy (from evaluation.json)
     misclassified: dict[str, Path]  # norm -> plots/misclassified.png of its first seed
@@ -149,6 +150,9 @@ def train_runs(runs: pd.DataFrame, *, extra_params: Sequence[str] = ()) -> pd.Da
     rows = step_runs(runs, "train")
     for name in dict.fromkeys([*TABLE_PARAMS, *extra_params]):
         rows[name] = _column(runs.loc[rows.index], f"params.{name}").map(_unquote)
+    # Which training images validated: only runs on the same split are ever paired. Runs from
+    # before the split existed, or with val_size 0, have none ("").
+    rows["val_digest"] = _column(runs.loc[rows.index], "params.val_digest").fillna("")
     started = pd.to_datetime(_column(runs.loc[rows.index], "start_time"), utc=True)
     ended = pd.to_datetime(_column(runs.loc[rows.index], "end_time"), utc=True)
     rows["run_minutes"] = (ended - started).dt.total_seconds() / 60

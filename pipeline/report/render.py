@@ -29,6 +29,8 @@ from pipeline.plots import (  # noqa: E402
 )
 from pipeline.report.frame import Study  # noqa: E402
 from pipeline.report.tables import (  # noqa: E402
+    ADOPT_MIN_SEEDS,
+    ADOPT_STANDARD_ERRORS,
     _spread,
     findings,
     lever_table,
@@ -67,10 +69,12 @@ def write_report(study: Study, directory: Path) -> Path:
         "",
         markdown_table(readable),
         "",
-        "Accuracies are percentages after the last epoch, mean ± std over seeds (std needs two "
-        "or more seeds). *Best* is the best epoch on the test set, for reference only: it is "
-        "picked on the test set. Gap = final train minus final test accuracy. *Epoch s*: "
-        "mean seconds per epoch (training and evaluation); *run min*: wall time of a train run "
+        "Accuracies are percentages after the last epoch, mean ± standard error over the "
+        "*runs* (the SE needs two or more). *Val*: the validation split, `val_size` training "
+        "images held out of training, on which every choice is made (the findings' ranking, "
+        "the lever tables, the registry's `champion`); *test*: the test split, reported and "
+        "never chosen on. Gap = final train minus final test accuracy. *Epoch s*: mean "
+        "seconds per epoch (training and evaluation); *run min*: wall time of a train run "
         "from start to end as the tracking store recorded it (data, epochs, logging, "
         "registration). `groups` applies to group norm only. "
         "Machine-readable: [norms.csv](norms.csv), per run: [runs.csv](runs.csv).",
@@ -89,10 +93,13 @@ def write_report(study: Study, directory: Path) -> Path:
             "",
             markdown_table(readable_lever_table(levers, study.group_by)),
             "",
-            "Final test accuracy, mean ± std over seeds. Gain: the mean difference in points "
-            "from the norm's default recipe (the row marked *default*: every grouped parameter "
-            "at `train`'s default), paired on the seeds both have. "
-            "Machine-readable: [levers.csv](levers.csv).",
+            "Ranked per norm by final validation accuracy, mean ± standard error over seeds. "
+            "Val gain: the mean difference in points from the norm's default recipe (the row "
+            "marked *default*: every grouped parameter at `train`'s default), paired on the "
+            "seeds both ran on the same validation split, ± its standard error. *Adopt?*: yes "
+            f"only where that gain exceeds {ADOPT_STANDARD_ERRORS:g} standard errors over "
+            f"{ADOPT_MIN_SEEDS} or more seeds. The test accuracy is reported beside it and "
+            "chooses nothing. Machine-readable: [levers.csv](levers.csv).",
             "",
         ]
     if "tta" in study.evaluated and study.evaluated["tta"].nunique() > 1:
@@ -103,8 +110,9 @@ def write_report(study: Study, directory: Path) -> Path:
             "",
             markdown_table(readable_tta_table(ttas)),
             "",
-            "From the evaluate runs: test accuracy per `tta`, mean ± std over the evaluated "
-            f"models; gain over `tta={TrainConfig().tta}` on the same models. "
+            "From the evaluate runs: test accuracy per `tta`, mean ± standard error over the "
+            f"evaluated models; gain over `tta={TrainConfig().tta}` on the same models, ± its "
+            "standard error. On the test split: reported, not a basis for choosing a `tta`. "
             "Machine-readable: [tta.csv](tta.csv).",
             "",
         ]
@@ -153,8 +161,9 @@ def write_report(study: Study, directory: Path) -> Path:
             "",
         ]
     runs = summary[["run_name", "run_id", "norm", "seed"]].copy()
+    runs["final val acc %"] = [percent(v) for v in summary["final_val_acc"]]
+    runs["best val acc %"] = [percent(v) for v in summary["best_val_acc"]]
     runs["final test acc %"] = [percent(v) for v in summary["final_test_acc"]]
-    runs["best test acc %"] = [percent(v) for v in summary["best_test_acc"]]
     runs["final train acc %"] = [percent(v) for v in summary["final_train_acc"]]
     runs["epoch s"] = [f"{v:.1f}" for v in summary["epoch_seconds"]]
     runs["run min"] = [_spread(v) for v in summary["run_minutes"]]

@@ -1,15 +1,18 @@
 """The study's tables (per run, per norm, per class, per lever, per tta) and the findings
 drawn from them, as pandas DataFrames and Markdown (no MLflow here).
 
-Accuracies are fractions as logged (CSV) and percentages in the Markdown. The headline number is
-the test accuracy after the last epoch, mean ± std over seeds; the best epoch is picked on the
-test set and is shown for reference only.
+Accuracies are fractions as logged (CSV) and percentages in the Markdown. Three splits, three
+jobs: every choice the tables make (the lever table's ranking and its `adopt?`, the findings'
+leader) is made on the validation accuracy after the last epoch; the test accuracy after the
+last epoch is reported beside it, never chosen on. Means are shown with their standard error
+over the n runs (`mean ± SE`).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import pandas as pd
 
@@ -20,20 +23,38 @@ from pipeline.report.frame import TABLE_PARAMS, Study, ordered_norms
 OVERFIT_GAP_POINTS = 5.0
 # A final train accuracy below this (percent) is called under-fitting.
 UNDERFIT_TRAIN_ACC = 60.0
-# Test accuracy peaking this far (points) above its final value is mentioned.
+# Validation accuracy peaking this far (points) above its final value is mentioned.
 PEAK_DROP_POINTS = 1.0
+# The adoption rule: a lever is adopted when its gain over the defaults, paired by seed on the
+# same validation split, exceeds ADOPT_STANDARD_ERRORS standard errors over ADOPT_MIN_SEEDS or
+# more seeds (config.RECIPES holds what was adopted).
+ADOPT_STANDARD_ERRORS = 2.0
+ADOPT_MIN_SEEDS = 3
+
+SUMMARY_METRICS = (
+    "final_val_acc",
+    "best_val_acc",
+    "final_test_acc",
+    "final_train_acc",
+    "train_test_gap",
+    "epoch_seconds",
+    "run_minutes",
+)
 
 
 def run_summary(study: Study) -> pd.DataFrame:
-    """One row per train run: final and best test accuracy, final train accuracy, the gap."""
+    """One row per train run: final validation and test accuracy, the best validation epoch,
+    final train accuracy, the train-test gap, timings, and the run's validation split."""
     columns = [
         "run_id",
         "run_name",
         "norm",
         "seed",
+        "val_digest",
         "epochs_logged",
+        "final_val_acc",
+        "best_val_acc",
         "final_test_acc",
-        "best_test_acc",
         "final_train_acc",
         "train_test_gap",
         "final_test_loss",
@@ -46,15 +67,18 @@ def run_summary(study: Study) -> pd.DataFrame:
         if history.empty:
             continue
         last = history.iloc[-1]
+        val = history["val_acc"] if "val_acc" in history else pd.Series(dtype=float)
         rows.append(
             {
                 "run_id": run.run_id,
                 "run_name": run.run_name,
                 "norm": run.norm,
                 "seed": run.seed,
+                "val_digest": run.val_digest,
                 "epochs_logged": int(last["epoch"]),
+                "final_val_acc": _number(last.get("val_acc")),
+                "best_val_acc": float(val.max()) if val.notna().any() else math.nan,
                 "final_test_acc": float(last["test_acc"]),
-                "best_test_acc": float(history["test_acc"].max()),
                 "final_train_acc": float(last["train_acc"]),
                 "train_test_gap": float(last["train_acc"] - last["test_acc"]),
                 "final_test_loss": float(last["test_loss"]),
@@ -66,8 +90,19 @@ def run_summary(study: Study) -> pd.DataFrame:
     return summary.sort_values(["norm", "seed"], key=_norm_order_key).reset_index(drop=True)
 
 
+def _number(value) -> float:
+    return math.nan if value is None or pd.isna(value) else float(value)
+
+
+def standard_error(values: pd.Series) -> float:
+    """The standard error of the mean of `values` (sample std / sqrt(n)); NaN below two."""
+    values = values.dropna()
+    return float(values.std(ddof=1) / math.sqrt(len(values))) if len(values) > 1 else math.nan
+
+
 def norm_table(study: Study) -> pd.DataFrame:
-    """One row per norm: parameters, then mean and std over seeds of each run summary."""
+    """One row per norm: parameters, then mean, std and standard error over its runs of each
+    run summary."""
     summary = run_summary(study)
     rows = []
     for norm in study.norms:
@@ -78,17 +113,11 @@ def norm_table(study: Study) -> pd.DataFrame:
         for name in TABLE_PARAMS:
             values = [str(v) for v in dict.fromkeys(params[name].dropna())]
             row[name] = "/".join(values)
-        for metric in (
-            "final_test_acc",
-            "best_test_acc",
-            "final_train_acc",
-            "train_test_gap",
-            "epoch_seconds",
-            "run_minutes",
-        ):
-            values = runs[metric]
+        for metric in SUMMARY_METRICS:
+            values = runs[metric].dropna()
             row[f"{metric}_mean"] = float(values.mean()) if len(values) else math.nan
             row[f"{metric}_std"] = float(values.std(ddof=1)) if len(values) > 1 else math.nan
+            row[f"{metric}_se"] = standard_error(values)
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -103,13 +132,45 @@ def per_class_table(study: Study) -> pd.DataFrame:
     return table[[n for n in study.norms if n in table.columns]]
 
 
+@dataclass(frozen=True)
+class PairedGain:
+    """A lever's gain over the defaults on the seeds both ran on the same validation split."""
+
+    points: float  # mean of (lever - default) in percentage points
+    standard_error: float  # of that mean, in points: std of the differences / sqrt(n)
+    pairs: int  # seeds paired
+
+    @property
+    def adopted(self) -> bool:
+        """The adoption rule: a gain above ADOPT_STANDARD_ERRORS standard errors over at
+        least ADOPT_MIN_SEEDS paired seeds."""
+        return (
+            self.pairs >= ADOPT_MIN_SEEDS
+            and not math.isnan(self.standard_error)
+            and self.points > ADOPT_STANDARD_ERRORS * self.standard_error
+        )
+
+
+def paired_gain(mine: pd.Series, baseline: pd.Series) -> PairedGain:
+    """`mine - baseline` in points over the index labels both have (a seed and a validation
+    split's digest, or a model), with its standard error; NaN where they share none."""
+    shared = sorted(set(mine.dropna().index) & set(baseline.dropna().index))
+    if not shared:
+        return PairedGain(math.nan, math.nan, 0)
+    differences = 100 * (mine[shared] - baseline[shared]).astype(float)
+    return PairedGain(float(differences.mean()), standard_error(differences), len(shared))
+
+
 def lever_table(study: Study) -> pd.DataFrame:
-    """One row per norm and combination of `study.group_by` values: final test accuracy over
-    seeds, and the mean gain over that norm's default-recipe runs on the seeds both have.
+    """One row per norm and combination of `study.group_by` values, ranked per norm by final
+    validation accuracy: its mean and standard error over seeds, the gain over that norm's
+    default-recipe runs paired by seed on the same validation split, with its standard error
+    and the adoption rule's verdict; the final test accuracy beside it, never chosen on.
 
     The default recipe is the row whose group_by values are the norm's `TrainConfig` defaults
     (config.RECIPES); pairing by seed compares runs that started from the same initial weights
-    and batch order.
+    and batch order, and pairing on the split's digest never compares runs validated on
+    different images.
     """
     keys = list(study.group_by)
     summary = run_summary(study).merge(study.train[["run_id", *keys]], on="run_id")
@@ -123,49 +184,54 @@ def lever_table(study: Study) -> pd.DataFrame:
         is_default = pd.Series(True, index=runs.index)
         for key in keys:
             is_default &= runs[key] == defaults.get(key, "")
-        baseline = runs[is_default].set_index("seed")["final_test_acc"]
-        groups = [
-            (bool(is_default.loc[group.index].all()), values, group)
-            for values, group in runs.groupby(keys, sort=True, dropna=False)
-        ]
-        groups.sort(key=lambda item: not item[0])  # the default recipe first
-        for is_baseline, values, group in groups:
+        pair_keys = ["seed", "val_digest"]
+        baseline = runs[is_default].set_index(pair_keys)["final_val_acc"]
+        norm_rows = []
+        for values, group in runs.groupby(keys, sort=True, dropna=False):
             values = values if isinstance(values, tuple) else (values,)
-            gain, paired = _paired_gain(group.set_index("seed")["final_test_acc"], baseline)
-            accuracy = group["final_test_acc"]
-            rows.append(
+            is_baseline = bool(is_default.loc[group.index].all())
+            gain = paired_gain(group.set_index(pair_keys)["final_val_acc"], baseline)
+            norm_rows.append(
                 {
                     "norm": norm,
                     **dict(zip(keys, values, strict=True)),
                     "default": is_baseline,
                     "runs": len(group),
                     "seeds": ",".join(str(s) for s in sorted(group["seed"].dropna().astype(int))),
-                    "final_test_acc_mean": float(accuracy.mean()),
-                    "final_test_acc_std": float(accuracy.std(ddof=1))
-                    if len(group) > 1
-                    else math.nan,
-                    "gain_points": math.nan if is_baseline else gain,
-                    "paired_seeds": 0 if is_baseline else paired,
+                    "final_val_acc_mean": _mean(group["final_val_acc"]),
+                    "final_val_acc_se": standard_error(group["final_val_acc"]),
+                    "gain_points": math.nan if is_baseline else gain.points,
+                    "gain_se_points": math.nan if is_baseline else gain.standard_error,
+                    "paired_seeds": 0 if is_baseline else gain.pairs,
+                    "adopt": False if is_baseline else gain.adopted,
+                    "final_test_acc_mean": _mean(group["final_test_acc"]),
+                    "final_test_acc_se": standard_error(group["final_test_acc"]),
                 }
             )
+        # Ranked on validation; rows without it (runs from before the split) come last.
+        norm_rows.sort(
+            key=lambda row: (math.isnan(row["final_val_acc_mean"]), -row["final_val_acc_mean"])
+        )
+        rows.extend(norm_rows)
     return pd.DataFrame(rows)
 
 
-def _paired_gain(mine: pd.Series, baseline: pd.Series) -> tuple[float, int]:
-    """Mean of `mine - baseline` in points over the index labels both have (seeds, models),
-    and how many there are; NaN when they share none."""
-    shared = sorted(set(mine.index) & set(baseline.index))
-    if not shared:
-        return math.nan, 0
-    return float(100 * (mine[shared] - baseline[shared]).mean()), len(shared)
+def _mean(values: pd.Series) -> float:
+    values = values.dropna()
+    return float(values.mean()) if len(values) else math.nan
 
 
-def _gain_cells(gains: pd.Series, counts: pd.Series, noun: str) -> list[str]:
-    """ "+1.50 (2 seeds)" per row; empty where there is no gain."""
-    return [
-        "" if math.isnan(g) else f"{g:+.2f} ({n} {noun}{'s' * (n != 1)})"
-        for g, n in zip(gains, counts, strict=True)
-    ]
+def _gain_cells(gains: pd.Series, errors: pd.Series, counts: pd.Series, noun: str) -> list[str]:
+    """ "+1.50 ± 0.40 (3 seeds)" per row (± the standard error where there are two or more);
+    empty where there is no gain."""
+    cells = []
+    for gain, error, count in zip(gains, errors, counts, strict=True):
+        if math.isnan(gain):
+            cells.append("")
+            continue
+        spread = "" if math.isnan(error) else f" ± {error:.2f}"
+        cells.append(f"{gain:+.2f}{spread} ({count} {noun}{'s' * (count != 1)})")
+    return cells
 
 
 def param_value(value) -> str:
@@ -187,18 +253,29 @@ def readable_lever_table(table: pd.DataFrame, keys: Sequence[str]) -> pd.DataFra
     out["recipe"] = ["default" if d else "" for d in table["default"]]
     out["runs"] = table["runs"]
     out["seeds"] = table["seeds"]
-    out["final test acc %"] = [
+    out["val acc % (mean ± SE)"] = [
         percent(m, s)
-        for m, s in zip(table["final_test_acc_mean"], table["final_test_acc_std"], strict=True)
+        for m, s in zip(table["final_val_acc_mean"], table["final_val_acc_se"], strict=True)
     ]
-    out["gain (points)"] = _gain_cells(table["gain_points"], table["paired_seeds"], "seed")
+    out["val gain (points ± SE)"] = _gain_cells(
+        table["gain_points"], table["gain_se_points"], table["paired_seeds"], "seed"
+    )
+    out["adopt?"] = [
+        "" if d else ("yes" if a else "no")
+        for d, a in zip(table["default"], table["adopt"], strict=True)
+    ]
+    out["test acc % (reported, not chosen on)"] = [
+        percent(m, s)
+        for m, s in zip(table["final_test_acc_mean"], table["final_test_acc_se"], strict=True)
+    ]
     return out
 
 
 def tta_table(study: Study) -> pd.DataFrame:
     """Evaluate runs per norm and test-time augmentation: test accuracy over the evaluated
-    models, and the mean gain over `TrainConfig`'s default tta on the models evaluated both ways.
-    """
+    models, and the mean gain over `TrainConfig`'s default tta on the models evaluated both
+    ways, with its standard error. On the test split (what `evaluate` reads): reported, not a
+    basis for choosing a tta."""
     evaluated = study.evaluated.dropna(subset=["test_acc"])
     default = TrainConfig().tta
     rows = []
@@ -209,16 +286,17 @@ def tta_table(study: Study) -> pd.DataFrame:
         for tta in [t for t in TTA_MODES if t in set(runs["tta"])]:
             group = runs[runs["tta"] == tta]
             mine = group.groupby("source_run_id")["test_acc"].mean()
-            gain, paired = _paired_gain(mine, baseline)
+            gain = paired_gain(mine, baseline)
             rows.append(
                 {
                     "norm": norm,
                     "tta": tta,
                     "models": int(group["source_run_id"].nunique()),
                     "test_acc_mean": float(mine.mean()),
-                    "test_acc_std": float(mine.std(ddof=1)) if len(mine) > 1 else math.nan,
-                    "gain_points": math.nan if tta == default else gain,
-                    "paired_models": 0 if tta == default else paired,
+                    "test_acc_se": standard_error(mine),
+                    "gain_points": math.nan if tta == default else gain.points,
+                    "gain_se_points": math.nan if tta == default else gain.standard_error,
+                    "paired_models": 0 if tta == default else gain.pairs,
                 }
             )
     return pd.DataFrame(rows)
@@ -226,10 +304,12 @@ def tta_table(study: Study) -> pd.DataFrame:
 
 def readable_tta_table(table: pd.DataFrame) -> pd.DataFrame:
     out = table[["norm", "tta", "models"]].copy()
-    out["test acc %"] = [
-        percent(m, s) for m, s in zip(table["test_acc_mean"], table["test_acc_std"], strict=True)
+    out["test acc % (mean ± SE)"] = [
+        percent(m, s) for m, s in zip(table["test_acc_mean"], table["test_acc_se"], strict=True)
     ]
-    out["gain (points)"] = _gain_cells(table["gain_points"], table["paired_models"], "model")
+    out["gain (points ± SE)"] = _gain_cells(
+        table["gain_points"], table["gain_se_points"], table["paired_models"], "model"
+    )
     return out
 
 
@@ -271,25 +351,26 @@ def _norm_order_key(column: pd.Series) -> pd.Series:
 
 
 def readable_norm_table(table: pd.DataFrame) -> pd.DataFrame:
-    """norm_table with accuracies as `mean ± std` percentages, for the Markdown report."""
+    """norm_table with accuracies as `mean ± SE` percentages, for the Markdown report: the
+    validation accuracy (what choices are made on) first, the test accuracy beside it."""
     out = table[["norm", "runs", "seeds", *TABLE_PARAMS]].copy()
     out["groups"] = [
         g if n == "group" else "" for n, g in zip(out["norm"], out["groups"], strict=True)
     ]
     for label, prefix in (
+        ("final val acc %", "final_val_acc"),
         ("final test acc %", "final_test_acc"),
-        ("best test acc %", "best_test_acc"),
         ("final train acc %", "final_train_acc"),
         ("train-test gap (points)", "train_test_gap"),
     ):
         out[label] = [
             percent(m, s)
-            for m, s in zip(table[f"{prefix}_mean"], table[f"{prefix}_std"], strict=True)
+            for m, s in zip(table[f"{prefix}_mean"], table[f"{prefix}_se"], strict=True)
         ]
     out["epoch s"] = [f"{s:.1f}" for s in table["epoch_seconds_mean"]]
     out["run min"] = [
         _spread(m, s)
-        for m, s in zip(table["run_minutes_mean"], table["run_minutes_std"], strict=True)
+        for m, s in zip(table["run_minutes_mean"], table["run_minutes_se"], strict=True)
     ]
     return out
 
@@ -298,50 +379,63 @@ def readable_norm_table(table: pd.DataFrame) -> pd.DataFrame:
 
 
 def findings(table: pd.DataFrame) -> list[str]:
-    """Plain-language observations generated from the per-norm table."""
+    """Plain-language observations generated from the per-norm table. The norms are ranked on
+    final validation accuracy (on test only where no run held a validation split out)."""
     table = table[table["runs"] > 0]
     if table.empty:
         return ["No finished train runs with logged epochs were found."]
-    ranked = table.sort_values("final_test_acc_mean", ascending=False).reset_index(drop=True)
+    on_val = bool(table["final_val_acc_mean"].notna().all())
+    key, split = ("final_val_acc", "validation") if on_val else ("final_test_acc", "test")
+    ranked = table.sort_values(f"{key}_mean", ascending=False).reset_index(drop=True)
     notes = []
+    if not on_val:
+        notes.append(
+            "These runs held no validation split out (val_size 0, or logged before it "
+            "existed): they are ranked on the test split, which then chose."
+        )
+
+    def both(row) -> str:
+        if not on_val:
+            return f"{percent(row['final_test_acc_mean'])}%"
+        return (
+            f"{percent(row['final_val_acc_mean'])}% (test {percent(row['final_test_acc_mean'])}%)"
+        )
+
     leader = ranked.iloc[0]
     if len(ranked) == 1:
         notes.append(
-            f"Only **{leader['norm']}** norm was run "
-            f"({percent(leader['final_test_acc_mean'])}% final test accuracy); "
-            "there is nothing to compare it with."
+            f"Only **{leader['norm']}** norm was run ({both(leader)} final {split} "
+            "accuracy); there is nothing to compare it with."
         )
     else:
         runner = ranked.iloc[1]
-        margin = 100 * (leader["final_test_acc_mean"] - runner["final_test_acc_mean"])
+        margin = 100 * (leader[f"{key}_mean"] - runner[f"{key}_mean"])
         notes.append(
-            f"**{leader['norm']}** norm leads on final test accuracy with "
-            f"{percent(leader['final_test_acc_mean'])}%, {margin:.2f} points ahead of "
-            f"{runner['norm']} ({percent(runner['final_test_acc_mean'])}%)"
+            f"**{leader['norm']}** norm leads on final {split} accuracy with {both(leader)}, "
+            f"{margin:.2f} points ahead of {runner['norm']} ({both(runner)})"
             + (
-                f"; {ranked.iloc[-1]['norm']} is last "
-                f"({percent(ranked.iloc[-1]['final_test_acc_mean'])}%)."
+                f"; {ranked.iloc[-1]['norm']} is last ({both(ranked.iloc[-1])})."
                 if len(ranked) > 2
                 else "."
             )
         )
-        spreads = [s for s in (leader["final_test_acc_std"], runner["final_test_acc_std"])]
-        if any(math.isnan(s) for s in spreads):
+        errors = [leader[f"{key}_se"], runner[f"{key}_se"]]
+        if any(math.isnan(e) for e in errors):
             notes.append(
                 "With one seed per norm the seed-to-seed spread is unknown, so this margin is "
                 "not yet evidence of a real difference; rerun with `-P seeds=3`."
             )
         else:
-            spread = 100 * max(spreads)
-            if margin > 2 * spread:
-                verdict = "more than twice the seed spread, so the lead is unlikely to be noise"
-            elif margin > spread:
-                verdict = "larger than the seed spread but less than twice it: a weak lead"
+            error = 100 * math.hypot(*errors)  # of the difference of two independent means
+            if margin > ADOPT_STANDARD_ERRORS * error:
+                verdict = "more than twice its standard error, so the lead is unlikely to be noise"
+            elif margin > error:
+                verdict = "larger than its standard error but less than twice it: a weak lead"
             else:
-                verdict = "within the seed spread: the two are not distinguishable"
+                verdict = "within its standard error: the two are not distinguishable"
             notes.append(
                 f"The margin of {margin:.2f} points is {verdict} "
-                f"(largest std over seeds: {spread:.2f} points)."
+                f"(standard error of the difference: {error:.2f} points)."
             )
     for row in ranked.itertuples(index=False):
         gap = 100 * row.train_test_gap_mean
@@ -358,10 +452,10 @@ def findings(table: pd.DataFrame) -> list[str]:
             )
         else:
             notes.append(f"{row.norm}: train-test gap {gap:+.2f} points, no sign of over-fitting.")
-        drop = 100 * (row.best_test_acc_mean - row.final_test_acc_mean)
+        drop = 100 * (row.best_val_acc_mean - row.final_val_acc_mean)
         if drop > PEAK_DROP_POINTS:
             notes.append(
-                f"{row.norm}: test accuracy peaked {drop:.2f} points above its final value "
-                "before the last epoch (the table reports the final epoch)."
+                f"{row.norm}: validation accuracy peaked {drop:.2f} points above its final "
+                "value before the last epoch (the tables report the final epoch)."
             )
     return notes
