@@ -18,12 +18,15 @@ import click
 from pipeline import runs, tracking, training, workflow
 from pipeline import sweep as sweeps
 from pipeline.config import (
+    ACTIVATIONS,
     COMPILE_MODES,
     MAX_EPOCHS,
     MAX_MEASUREMENT_EPOCHS,
     NORMS,
+    OPTIMIZERS,
     ORDERS,
     PER_NORM,
+    POOLS,
     PRECISIONS,
     REGISTERED_MODEL,
     STANDARDIZE,
@@ -158,6 +161,8 @@ def prepare_stats(data: str) -> None:
 @click.option(
     "--conv-groups", "conv_groups", type=int, default=_DEFAULTS.conv_groups, help="As train's."
 )
+@click.option("--activation", type=click.Choice(ACTIVATIONS), default=_DEFAULTS.activation)
+@click.option("--pool", type=click.Choice(POOLS), default=_DEFAULTS.pool)
 def model_summary(**options) -> None:
     """Print the model: output shape, parameters and receptive field of each layer."""
     model, _ = training.model_for(TrainConfig(**options))  # train's validation and budget
@@ -259,6 +264,46 @@ def model_summary(**options) -> None:
     type=int,
     default=_DEFAULTS.conv_groups,
     help="Grouped 3x3 convs C2..C9 (1: dense); the 1x1 layers c3 and c6 mix the groups.",
+)
+@click.option(
+    "--activation",
+    type=click.Choice(ACTIVATIONS),
+    default=_DEFAULTS.activation,
+    help="The non-linearity of every conv block (no parameters).",
+)
+@click.option(
+    "--pool",
+    type=click.Choice(POOLS),
+    default=_DEFAULTS.pool,
+    help="P1 and P2: 2x2 max or average pooling.",
+)
+@click.option(
+    "--optimizer",
+    type=click.Choice(OPTIMIZERS),
+    default=_DEFAULTS.optimizer,
+    help="sgd: SGD with Nesterov momentum for everything; muon: Muon for the conv filters but "
+    "the c10 head (muon_lr, muon_momentum), the same SGD for norms, biases and the head.",
+)
+@click.option(
+    "--muon-lr",
+    "muon_lr",
+    type=float,
+    default=_DEFAULTS.muon_lr,
+    help="optimizer=muon: the filters' peak learning rate (the one-cycle schedule scales it).",
+)
+@click.option(
+    "--muon-momentum",
+    "muon_momentum",
+    type=float,
+    default=_DEFAULTS.muon_momentum,
+    help="optimizer=muon: the filters' Nesterov momentum.",
+)
+@click.option(
+    "--muon-renormalize",
+    "muon_renormalize",
+    type=click.BOOL,
+    default=_DEFAULTS.muon_renormalize,
+    help="optimizer=muon: reset each filter tensor's norm to sqrt(out channels) every step.",
 )
 @tta_option(_DEFAULTS.tta, "How each epoch's validation and test accuracy are computed")
 @click.option(

@@ -14,6 +14,11 @@ DEVICES = ("auto", "cpu", "cuda", "mps")
 PRECISIONS = ("auto", "fp32", "bf16")
 COMPILE_MODES = ("off", "on")  # torch.compile of the model: its warm-up must pay (docs/speed.md)
 ORDERS = ("norm-act", "act-norm")  # conv -> norm -> ReLU, or conv -> ReLU -> norm
+ACTIVATIONS = ("relu", "silu", "gelu", "mish")  # the non-linearity of every conv block
+POOLS = ("max", "avg")  # P1 and P2
+# sgd: SGD with Nesterov momentum for every parameter; muon: Muon for the conv filters but the
+# c10 head (engine.MuonSGD), the recipe's SGD for norms, biases and the head.
+OPTIMIZERS = ("sgd", "muon")
 # Weight standardization of the convs: auto = on for group and layer norm, off for batch norm.
 STANDARDIZE = ("auto", "true", "false")
 # Test-time augmentation: the image alone, with its mirror, or mirror x two 1-pixel translations.
@@ -71,6 +76,12 @@ class TrainConfig:
     standardize: str = "auto"
     residual: bool = False
     conv_groups: int = 1
+    activation: str = "relu"
+    pool: str = "max"
+    optimizer: str = "sgd"
+    muon_lr: float = 0.03  # optimizer=muon: the filters' peak learning rate (one-cycle too)
+    muon_momentum: float = 0.9
+    muon_renormalize: bool = True  # reset each filter tensor's norm to sqrt(out) every step
     tta: str = DEFAULT_TTA
     val_size: int = DEFAULT_VAL_SIZE  # training images held out for validation; 0: none
     seed: int = 1
@@ -109,6 +120,12 @@ class TrainConfig:
         check_choice("standardize", self.standardize, STANDARDIZE)
         check_bool("residual", self.residual)
         check_int_range("conv_groups", self.conv_groups, low=1, high=64)
+        check_choice("activation", self.activation, ACTIVATIONS)
+        check_choice("pool", self.pool, POOLS)
+        check_choice("optimizer", self.optimizer, OPTIMIZERS)
+        check_float_range("muon_lr", self.muon_lr, low=0.0, high=10.0, open_low=True)
+        check_float_range("muon_momentum", self.muon_momentum, low=0.0, high=1.0, open_high=True)
+        check_bool("muon_renormalize", self.muon_renormalize)
         check_choice("tta", self.tta, TTA_MODES)
         check_int_range("val_size", self.val_size, low=0, high=1_000_000)
         check_int_range("seed", self.seed, low=0, high=2**31 - 1)
@@ -142,6 +159,8 @@ class TrainConfig:
             "standardize": None if self.standardize == "auto" else self.standardize == "true",
             "residual": self.residual,
             "conv_groups": self.conv_groups,
+            "activation": self.activation,
+            "pool": self.pool,
         }
 
     def as_params(self) -> dict[str, str]:

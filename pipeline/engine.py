@@ -11,10 +11,11 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.optim.sgd import sgd
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
-from pipeline.config import DEFAULT_TTA, TTA_MODES, check_choice
+from pipeline.config import DEFAULT_TTA, OPTIMIZERS, TTA_MODES, check_choice
 from pipeline.data import DeviceSplit, Normalizer, eval_batches, train_batches
 
 log = logging.getLogger(__name__)
@@ -152,10 +153,46 @@ def configure_backend(device: torch.device) -> None:
 
 
 def make_optimizer(
-    model: nn.Module, *, learning_rate: float, momentum: float, weight_decay: float
+    model: nn.Module,
+    *,
+    learning_rate: float,
+    momentum: float,
+    weight_decay: float,
+    optimizer: str = "sgd",
+    muon_lr: float = 0.03,
+    muon_momentum: float = 0.9,
+    muon_renormalize: bool = True,
 ) -> torch.optim.Optimizer:
     """SGD with Nesterov momentum; weight decay on conv weights only, never on norms or biases.
-    On CUDA the fused kernel, which reads a tensor learning rate on the device (no sync)."""
+    On CUDA the fused kernel, which reads a tensor learning rate on the device (no sync).
+
+    `optimizer="muon"`: `MuonSGD`, Muon for every conv filter but the classifier head c10 (at
+    `muon_lr`, `muon_momentum`), the same SGD for the rest; one schedule scales both rates.
+    """
+    check_choice("optimizer", optimizer, OPTIMIZERS)
+    fused = True if all(p.is_cuda for p in model.parameters()) else None
+    if optimizer == "muon":
+        head = {id(p) for name, p in model.named_parameters() if name.startswith("c10.")}
+        filters = [p for p in model.parameters() if p.ndim > 1 and id(p) not in head]
+        taken = {id(p) for p in filters}
+        rest = [p for p in model.parameters() if id(p) not in taken]
+        return MuonSGD(
+            [  # the SGD groups first: group 0's rate is the `lr` each epoch records
+                {"params": [p for p in rest if p.ndim > 1], "weight_decay": weight_decay},
+                {"params": [p for p in rest if p.ndim <= 1], "weight_decay": 0.0},
+                {
+                    "params": filters,
+                    "muon": True,
+                    "lr": muon_lr,
+                    "momentum": muon_momentum,
+                    "weight_decay": weight_decay,
+                },
+            ],
+            lr=learning_rate,
+            momentum=momentum,
+            renormalize=muon_renormalize,
+            fused=fused,
+        )
     decay = [p for p in model.parameters() if p.ndim > 1]
     no_decay = [p for p in model.parameters() if p.ndim <= 1]
     return torch.optim.SGD(
@@ -166,8 +203,110 @@ def make_optimizer(
         lr=learning_rate,
         momentum=momentum,
         nesterov=momentum > 0,
-        fused=True if all(p.is_cuda for p in model.parameters()) else None,
+        fused=fused,
     )
+
+
+# The quintic Newton-Schulz iteration's coefficients (Jordan, 2024; torch.optim.Muon's).
+NEWTON_SCHULZ = (3.4445, -4.7750, 2.0315)
+
+
+def orthogonalize(matrix: torch.Tensor, *, steps: int = 5, eps: float = 1e-7) -> torch.Tensor:
+    """An approximately orthogonal matrix near `matrix` (U V^T of its SVD, with singular
+    values in roughly 0.7..1.2), by `steps` Newton-Schulz iterations in bf16, as
+    torch.optim.Muon computes it (whose function for it is private, and whose optimizer takes
+    2-D parameters only)."""
+    a, b, c = NEWTON_SCHULZ
+    x = matrix.bfloat16()
+    wide = x.size(0) <= x.size(1)
+    if not wide:
+        x = x.T
+    x = x / x.norm().clamp(min=eps)  # spectral norm at most 1
+    for _ in range(steps):
+        gram = x @ x.T
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    return (x if wide else x.T).to(matrix.dtype)
+
+
+class MuonSGD(torch.optim.Optimizer):
+    """Muon for the groups marked `muon`, SGD with Nesterov momentum for the others, in one
+    optimizer: one state dict in the checkpoint, one scheduler scaling every group's rate.
+
+    A Muon group's parameters are conv filters `(out, in, k, k)`: each filter tensor's gradient
+    is viewed as an `(out, in*k*k)` matrix, accumulated with momentum (Nesterov), orthogonalized
+    (`orthogonalize`) and applied at the group's rate times sqrt(max(1, out / (in*k*k))), after
+    torch.optim.Muon's decoupled weight decay. With `renormalize`, each filter tensor's norm is
+    reset to sqrt(out) before its step, so its scale cannot drift (the norms that follow make
+    the network invariant to it). Other groups are stepped by `torch.optim.sgd.sgd`, the
+    functional behind torch.optim.SGD, with the same arguments.
+    """
+
+    def __init__(
+        self,
+        params,
+        *,
+        lr: float,
+        momentum: float,
+        renormalize: bool = True,
+        ns_steps: int = 5,
+        fused: bool | None = None,
+    ) -> None:
+        defaults = {
+            "lr": lr,
+            "momentum": momentum,
+            "weight_decay": 0.0,
+            "muon": False,
+            "renormalize": renormalize,
+            "ns_steps": ns_steps,
+            "fused": fused,
+        }
+        super().__init__(params, defaults)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if group["muon"]:
+                for param in params:
+                    self._muon_step(param, group)
+                continue
+            buffers = [self.state[p].get("momentum_buffer") for p in params]
+            sgd(
+                params,
+                [p.grad for p in params],
+                buffers,
+                weight_decay=group["weight_decay"],
+                momentum=group["momentum"],
+                lr=group["lr"],
+                dampening=0.0,
+                nesterov=group["momentum"] > 0,
+                maximize=False,
+                fused=group["fused"],
+            )
+            for param, buffer in zip(params, buffers, strict=True):
+                self.state[param]["momentum_buffer"] = buffer
+        return loss
+
+    def _muon_step(self, param: torch.Tensor, group: dict) -> None:
+        out = param.shape[0]
+        grad = param.grad.reshape(out, -1)
+        state = self.state[param]
+        if "momentum_buffer" not in state:
+            state["momentum_buffer"] = torch.zeros_like(grad, memory_format=torch.contiguous_format)
+        buffer = state["momentum_buffer"]
+        buffer.mul_(group["momentum"]).add_(grad)
+        update = orthogonalize(grad.add(buffer, alpha=group["momentum"]), steps=group["ns_steps"])
+        if group["renormalize"]:
+            param.mul_(math.sqrt(out) / param.norm().clamp(min=1e-12))
+        lr = group["lr"]
+        if group["weight_decay"]:
+            param.mul_(1 - lr * group["weight_decay"])
+        scale = math.sqrt(max(1.0, out / update.shape[1]))
+        param.sub_(update.reshape(param.shape) * (lr * scale))
 
 
 def learning_rate_on_device(optimizer: torch.optim.Optimizer) -> None:
@@ -420,6 +559,10 @@ def fit(
     tta: str = DEFAULT_TTA,
     autocast_dtype: torch.dtype | None = None,
     eval_batch_size: int | None = None,
+    optimizer: str = "sgd",
+    muon_lr: float = 0.03,
+    muon_momentum: float = 0.9,
+    muon_renormalize: bool = True,
     resume_from: dict | None = None,
     on_epoch_end: Callable[[EpochMetrics, TrainingState], None] | None = None,
 ) -> list[EpochMetrics]:
@@ -432,6 +575,7 @@ def fit(
     is updated after every step; it is what each epoch evaluates, and `model` holds it on return.
     `cutout` > 0 blanks a `cutout`-pixel square of every training image; `translate` is the
     largest random shift (pixels) of the training images; `tta` is how each epoch evaluates.
+    `optimizer` and the `muon_*` options are `make_optimizer`'s.
     """
     steps = len(train_split) // batch_size
     if steps == 0:
@@ -440,22 +584,29 @@ def fit(
             f"(got {batch_size})"
         )
     generator = torch.Generator().manual_seed(seed)
-    optimizer = make_optimizer(
-        model, learning_rate=learning_rate, momentum=momentum, weight_decay=weight_decay
+    optim = make_optimizer(
+        model,
+        learning_rate=learning_rate,
+        momentum=momentum,
+        weight_decay=weight_decay,
+        optimizer=optimizer,
+        muon_lr=muon_lr,
+        muon_momentum=muon_momentum,
+        muon_renormalize=muon_renormalize,
     )
     scheduler = make_scheduler(
-        optimizer, epochs=epochs, steps_per_epoch=steps, warmup_epochs=warmup_epochs
+        optim, epochs=epochs, steps_per_epoch=steps, warmup_epochs=warmup_epochs
     )
     average = None
     if ema > 0:
         average = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(ema), use_buffers=True)
-    state = TrainingState(model, optimizer, scheduler, generator, ema=average)
+    state = TrainingState(model, optim, scheduler, generator, ema=average)
     if resume_from is not None:
         state.load_state_dict(resume_from)
-    learning_rate_on_device(optimizer)
+    learning_rate_on_device(optim)
     step = TrainStep(
         model,
-        optimizer=optimizer,
+        optimizer=optim,
         loss_fn=nn.CrossEntropyLoss(label_smoothing=label_smoothing),
         autocast_dtype=autocast_dtype,
         average=average,
@@ -464,7 +615,7 @@ def fit(
     records = []
     for epoch in range(state.epoch + 1, epochs + 1):
         started = time.perf_counter()
-        lr = float(optimizer.param_groups[0]["lr"])
+        lr = float(optim.param_groups[0]["lr"])
         train_loss, train_acc = train_one_epoch(
             step,
             train_batches(

@@ -9,9 +9,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from pipeline.config import NORMS, ORDERS, ConfigError, check_choice
+from pipeline.config import ACTIVATIONS, NORMS, ORDERS, POOLS, ConfigError, check_choice
 
-# C = 3x3 conv, c = 1x1 conv, P = 2x2 max-pool, GAP = global average pool; each used once.
+# C = 3x3 conv, c = 1x1 conv, P = 2x2 pool (max by default), GAP = global average pool; each
+# used once.
 LAYER_PLAN = ("C1", "C2", "c3", "P1", "C3", "C4", "C5", "c6", "P2", "C7", "C8", "C9", "GAP", "c10")
 MAX_PARAMETERS = 50_000
 NUM_CLASSES = 10
@@ -67,6 +68,26 @@ class FloatGroupNorm(nn.GroupNorm):
         )
 
 
+def make_activation(activation: str) -> nn.Module:
+    """The non-linearity after (or before, with order=act-norm) each norm: none has a
+    parameter, so the choice costs nothing in the 50,000-parameter budget."""
+    check_choice("activation", activation, ACTIVATIONS)
+    return {
+        "relu": lambda: nn.ReLU(inplace=True),
+        "silu": lambda: nn.SiLU(inplace=True),
+        "gelu": nn.GELU,
+        "mish": lambda: nn.Mish(inplace=True),
+    }[activation]()
+
+
+def make_pool(pool: str) -> nn.Module:
+    """P1 and P2: 2x2, stride 2, max or average."""
+    check_choice("pool", pool, POOLS)
+    if pool == "avg":
+        return nn.AvgPool2d(kernel_size=2, stride=2)
+    return nn.MaxPool2d(kernel_size=2, stride=2)
+
+
 def make_norm(norm: str, channels: int, *, groups: int) -> nn.Module:
     """The normalization layer for `channels` feature maps ("layer" is GroupNorm with one group,
     whose bf16 kernel is fast). `groups` must divide `channels` (`check_groups` checks every
@@ -114,8 +135,9 @@ def check_conv_groups(conv_groups: int, widths: dict[str, int]) -> None:
 
 
 class ConvBlock(nn.Sequential):
-    """conv -> norm -> ReLU (-> dropout), or conv -> ReLU -> norm with order="act-norm";
-    with `residual`, its input is added to its output (the channels must match)."""
+    """conv -> norm -> activation (-> dropout), or conv -> activation -> norm with
+    order="act-norm"; with `residual`, its input is added to its output (the channels must
+    match). The activation module is named after its function (`relu`, `silu`, ...)."""
 
     def __init__(
         self,
@@ -130,6 +152,7 @@ class ConvBlock(nn.Sequential):
         order: str = "norm-act",
         residual: bool = False,
         conv_groups: int = 1,
+        activation: str = "relu",
     ) -> None:
         check_choice("order", order, ORDERS)
         conv_type = WSConv2d if standardize else nn.Conv2d
@@ -146,7 +169,7 @@ class ConvBlock(nn.Sequential):
                 ),
             ),
             ("norm", make_norm(norm, out_channels, groups=groups)),
-            ("relu", nn.ReLU(inplace=True)),
+            (activation, make_activation(activation)),
         ]
         if order == "act-norm":
             layers[1], layers[2] = layers[2], layers[1]
@@ -179,6 +202,8 @@ class Net(nn.Sequential):
         whiten: bool = False,
         residual: bool = False,
         conv_groups: int = 1,
+        activation: str = "relu",
+        pool: str = "max",
     ) -> None:
         unknown = sorted(set(widths or {}) - (set(WIDTHS) - {"c10"}))
         if unknown:
@@ -197,7 +222,7 @@ class Net(nn.Sequential):
         channels = 3
         for name in LAYER_PLAN:
             if name.startswith("P"):
-                layers.append((name, nn.MaxPool2d(kernel_size=2, stride=2)))
+                layers.append((name, make_pool(pool)))
             elif name == "GAP":
                 layers.append((name, nn.AdaptiveAvgPool2d(1)))
             elif name == "c10":
@@ -223,6 +248,7 @@ class Net(nn.Sequential):
                             # Where channels match, the block adds its input: no parameter.
                             residual=residual and grouped and channels == widths[name],
                             conv_groups=conv_groups if grouped else 1,
+                            activation=activation,
                         ),
                     )
                 )
@@ -290,7 +316,9 @@ def receptive_fields(model: nn.Module, *, input_size: int = 32) -> list[LayerFie
     for name, module in model.named_children():
         if name not in LAYER_PLAN:
             continue
-        spatial = [m for m in module.modules() if isinstance(m, nn.Conv2d | nn.MaxPool2d)]
+        spatial = [
+            m for m in module.modules() if isinstance(m, nn.Conv2d | nn.MaxPool2d | nn.AvgPool2d)
+        ]
         for layer in spatial:
             kernel, stride, dilation, padding = _geometry(layer)
             field += (kernel - 1) * dilation * jump
@@ -311,7 +339,7 @@ def _geometry(layer: nn.Module) -> tuple[int, int, int, int]:
     return (
         first(layer.kernel_size),
         first(layer.stride),
-        first(layer.dilation),
+        first(getattr(layer, "dilation", 1)),  # average pooling has none
         first(layer.padding),
     )
 

@@ -100,13 +100,25 @@ def whole_epochs(axis, epochs: Sequence[int]) -> None:
 
 
 def training_curves(records: Sequence[EpochMetrics], *, title: str = "") -> Figure:
-    """Loss and accuracy per epoch, train vs test."""
+    """Loss and accuracy per epoch: train, validation (where the run held it out) and test."""
     epochs = [r.epoch for r in records]
     figure, (loss_axis, acc_axis) = plt.subplots(1, 2, figsize=(11, 4))
+    validated = [r for r in records if r.val_loss is not None and r.val_acc is not None]
     loss_axis.plot(epochs, [r.train_loss for r in records], "o-", label="train")
+    if validated:
+        loss_axis.plot(
+            [r.epoch for r in validated], [r.val_loss for r in validated], "o-", label="validation"
+        )
     loss_axis.plot(epochs, [r.test_loss for r in records], "o-", label="test")
     loss_axis.set(xlabel="epoch", ylabel="loss", title="Loss")
     acc_axis.plot(epochs, [100 * r.train_acc for r in records], "o-", label="train")
+    if validated:
+        acc_axis.plot(
+            [r.epoch for r in validated],
+            [100 * r.val_acc for r in validated],
+            "o-",
+            label="validation",
+        )
     acc_axis.plot(epochs, [100 * r.test_acc for r in records], "o-", label="test")
     acc_axis.set(xlabel="epoch", ylabel="accuracy (%)", title="Accuracy")
     for axis in (loss_axis, acc_axis):

@@ -136,6 +136,10 @@ def fit(
         translate=config.translate,
         tta=config.tta,
         autocast_dtype=setup.autocast_dtype,
+        optimizer=config.optimizer,
+        muon_lr=config.muon_lr,
+        muon_momentum=config.muon_momentum,
+        muon_renormalize=config.muon_renormalize,
         resume_from=resume_from,
         on_epoch_end=on_epoch_end,
     )

@@ -169,6 +169,11 @@ BAD_TRAIN = [
     (["--translate=-1"], "translate must be between 0 and 16 (got -1)"),
     (["--whiten=maybe"], "'maybe' is not a valid boolean"),
     (["--tta=mirror"], "tta must be one of none, flip, flip-translate (got 'mirror')"),
+    (["--optimizer=adam"], "'adam' is not one of 'sgd', 'muon'"),
+    (["--activation=tanh"], "'tanh' is not one of 'relu', 'silu', 'gelu', 'mish'"),
+    (["--pool=min"], "'min' is not one of 'max', 'avg'"),
+    (["--muon-lr=0"], "muon_lr must be in (0, 10] (got 0)"),
+    (["--muon-momentum=1"], "muon_momentum must be in [0, 1) (got 1)"),
     (["--data=/nonexistent/cifar"], "data path '/nonexistent/cifar' does not exist"),
 ]
 

@@ -321,3 +321,90 @@ def test_a_checkpoint_with_float_learning_rates_resumes_bit_for_bit():
     _fit(resumed, epochs=2, seed=8, resume_from=old_style, count=96)
     for name, tensor in full_model.state_dict().items():
         assert torch.equal(tensor, resumed.state_dict()[name]), name
+
+
+# --------------------------------------------------------------------------- Muon
+
+
+def test_muon_overfits_64_images():
+    torch.manual_seed(0)
+    model = build_model(norm="batch", groups=4).to(memory_format=torch.channels_last)
+    records = _fit(model, epochs=12, count=64, optimizer="muon", muon_lr=0.03)
+    assert records[-1].train_loss < 0.5 * records[0].train_loss
+    assert records[-1].train_acc > 0.8
+
+
+def test_muon_takes_every_conv_filter_but_the_head_and_sgd_steps_the_rest_as_torch_does():
+    torch.manual_seed(1)
+    model = build_model(norm="layer", groups=4)
+    reference = copy.deepcopy(model)
+    muon = engine.make_optimizer(
+        model, learning_rate=0.1, momentum=0.9, weight_decay=5e-4, optimizer="muon"
+    )
+    filters = {id(p) for g in muon.param_groups if g["muon"] for p in g["params"]}
+    convs = [m.weight for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert filters == {id(w) for w in convs if w is not model.c10.weight}
+    sgd = torch.optim.SGD(
+        [
+            {"params": [reference.c10.weight], "weight_decay": 5e-4},
+            {"params": [p for p in reference.parameters() if p.ndim <= 1], "weight_decay": 0.0},
+        ],
+        lr=0.1,
+        momentum=0.9,
+        nesterov=True,
+    )
+    images, labels = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
+    for _ in range(3):
+        for net, optimizer in ((model, muon), (reference, sgd)):
+            optimizer.zero_grad()
+            torch.nn.functional.cross_entropy(net(images), labels).backward()
+            optimizer.step()
+        # Identical until here, so the SGD parameters (not the filters) must match exactly.
+        for p in [*reference.parameters()]:
+            if p.ndim <= 1 or p is reference.c10.weight:
+                name = next(n for n, q in reference.named_parameters() if q is p)
+                assert torch.equal(dict(model.named_parameters())[name], p), name
+        model.load_state_dict(reference.state_dict())  # filters too, for the next round
+
+
+def test_orthogonalize_gives_singular_values_near_one_for_wide_and_tall_matrices():
+    torch.manual_seed(2)
+    for shape in ((24, 144), (32, 16)):
+        update = engine.orthogonalize(torch.randn(shape) * 5)
+        values = torch.linalg.svdvals(update.float())
+        assert update.shape == shape and update.dtype == torch.float32
+        assert 0.5 < values.min() and values.max() < 1.5
+
+
+def test_muon_renormalizes_each_filter_tensor_to_the_root_of_its_outputs():
+    torch.manual_seed(3)
+    model = build_model(norm="batch", groups=4)
+    with torch.no_grad():
+        model.C3.conv.weight.mul_(7)
+    optimizer = engine.make_optimizer(
+        model, learning_rate=0.1, momentum=0.9, weight_decay=0, optimizer="muon", muon_lr=1e-6
+    )
+    torch.nn.functional.cross_entropy(
+        model(torch.randn(4, 3, 32, 32)), torch.randint(0, 10, (4,))
+    ).backward()
+    optimizer.step()
+    assert model.C3.conv.weight.norm().item() == pytest.approx(24**0.5, rel=1e-4)
+
+
+def test_resuming_a_muon_run_reaches_the_same_weights_bit_for_bit():
+    torch.manual_seed(6)
+    full_model = build_model(norm="group", groups=4)
+    start = copy.deepcopy(full_model.state_dict())
+    checkpoints = {}
+
+    def keep(record, state):
+        checkpoints[record.epoch] = copy.deepcopy(state.state_dict())
+
+    options = dict(epochs=2, seed=6, count=96, optimizer="muon", muon_momentum=0.85)
+    _fit(full_model, on_epoch_end=keep, **options)
+    torch.manual_seed(6)
+    resumed = build_model(norm="group", groups=4)
+    resumed.load_state_dict(start)
+    _fit(resumed, resume_from=checkpoints[1], **options)
+    for name, tensor in full_model.state_dict().items():
+        assert torch.equal(tensor, resumed.state_dict()[name]), name

@@ -27,6 +27,31 @@ def test_every_variant_stays_under_the_parameter_budget(norm, groups):
     assert 40_000 < counted <= MAX_PARAMETERS
 
 
+@pytest.mark.parametrize("pool", ["max", "avg"])
+@pytest.mark.parametrize("activation", ["relu", "silu", "gelu", "mish"])
+@pytest.mark.parametrize(("norm", "groups"), VARIANTS)
+def test_every_activation_and_pool_costs_no_parameter_and_keeps_the_plan(
+    norm, groups, activation, pool
+):
+    model = Net(norm=norm, groups=groups, activation=activation, pool=pool)
+    assert count_parameters(model) == count_parameters(build_model(norm=norm, groups=groups))
+    assert count_parameters(model) <= MAX_PARAMETERS
+    assert list(dict(model.C2.named_children())) == ["conv", "norm", activation]
+    pools = (model.P1, model.P2)
+    assert all(type(p) is (nn.AvgPool2d if pool == "avg" else nn.MaxPool2d) for p in pools)
+    assert (
+        receptive_fields(model)[-3].receptive_field == receptive_fields(Net())[-3].receptive_field
+    )
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_activation_and_pool_are_checked_with_the_allowed_values():
+    with pytest.raises(ConfigError, match="activation must be one of relu, silu, gelu, mish"):
+        TrainConfig(activation="tanh")
+    with pytest.raises(ConfigError, match="pool must be one of max, avg .got 'min'."):
+        TrainConfig(pool="min")
+
+
 @pytest.mark.parametrize(("norm", "groups"), VARIANTS)
 def test_forward_gives_class_logits(norm, groups):
     logits = build_model(norm=norm, groups=groups)(torch.randn(4, 3, 32, 32))

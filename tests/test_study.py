@@ -169,7 +169,9 @@ def test_compare_report_has_every_artifact_and_the_childrens_numbers(store):
         row = table[norm]
         assert row["runs"] == "1" and row["seeds"] == "1" and row["epochs"] == "2"
         assert float(row["final_test_acc_mean"]) == pytest.approx(train["metrics.test_acc"])
-        assert float(row["best_test_acc_mean"]) == pytest.approx(max(m.value for m in history))
+        validation = store.get_metric_history(train["run_id"], "val_acc")
+        assert float(row["final_val_acc_mean"]) == pytest.approx(train["metrics.val_acc"])
+        assert float(row["best_val_acc_mean"]) == pytest.approx(max(m.value for m in validation))
         assert float(row["final_train_acc_mean"]) == pytest.approx(train["metrics.train_acc"])
         assert float(row["train_test_gap_mean"]) == pytest.approx(
             train["metrics.train_acc"] - train["metrics.test_acc"]
@@ -187,7 +189,7 @@ def test_compare_report_has_every_artifact_and_the_childrens_numbers(store):
         for name, accuracy in logged["per_class_accuracy"].items():
             assert per_class.loc[name, norm] == pytest.approx(accuracy)
 
-    leader = max(NORMS, key=lambda n: float(table[n]["final_test_acc_mean"]))
+    leader = max(NORMS, key=lambda n: float(table[n]["final_val_acc_mean"]))  # chosen on val
     findings = report.split("## Findings", 1)[1].split("##", 1)[0]
     assert f"**{leader}** norm leads" in findings
     assert "one seed per norm" in findings
@@ -444,9 +446,9 @@ def test_champion_is_the_best_when_threads_finish_together(tracking_store):
         thread.join(timeout=120)
     best = max(
         client.search_model_versions("name = 'cifar10-threads'"),
-        key=lambda v: float(v.tags["test_acc"]),
+        key=lambda v: float(v.tags["val_acc"]),
     )
-    assert best.tags["test_acc"] == "0.7400"
+    assert best.tags["val_acc"] == "0.7400"
     assert _champion(client, "cifar10-threads") == str(best.version)
 
 
@@ -467,8 +469,8 @@ def test_champion_is_the_best_when_processes_finish_together(tracking_store):
         assert worker.exitcode == 0
     versions = client.search_model_versions("name = 'cifar10-processes'")
     assert len(versions) == 3
-    best = max(versions, key=lambda v: float(v.tags["test_acc"]))
-    assert best.tags["test_acc"] == "0.7400"
+    best = max(versions, key=lambda v: float(v.tags["val_acc"]))
+    assert best.tags["val_acc"] == "0.7400"
     assert _champion(client, "cifar10-processes") == str(best.version)
 
 
@@ -500,7 +502,7 @@ def test_champion_is_the_best_when_processes_share_no_lock(tracking_store, tmp_p
         assert list((tmp_path / f"host{index}").glob("cifar10-pipeline-registry-*.lock"))
     versions = client.search_model_versions("name = 'cifar10-hosts'")
     assert len(versions) == len(ACCURACIES)
-    best = max(versions, key=lambda v: float(v.tags["test_acc"]))
+    best = max(versions, key=lambda v: float(v.tags["val_acc"]))
     assert _champion(client, "cifar10-hosts") == str(best.version)
 
 

@@ -88,6 +88,7 @@ def test_grid_file_adds_values_per_norm(tmp_path):
 SWEEP_FILES = {
     "levers.yaml": {"widths", "order", "standardize", "groups", "learning_rate"},
     "round2.yaml": {"residual", "conv_groups", "widths", "groups", "learning_rate", "ema"},
+    "round3.yaml": {"optimizer", "muon_lr", "muon_momentum", "activation", "pool"},
 }
 
 
