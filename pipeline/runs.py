@@ -80,7 +80,12 @@ def prepare_stats(data: str, *, echo: Echo = log.info) -> None:
             }
         )
         tracking.log_dataset(
-            name=dataset.name, source=dataset.source, digest=dataset.digest, context="train"
+            name=dataset.name,
+            source=dataset.source,
+            digest=dataset.digest,
+            context="train",
+            images=dataset.train_images,
+            labels=dataset.train_labels,
         )
         tracking.log_text(stats.to_json(), "stats.json")
         tracking.log_figure(
@@ -107,7 +112,13 @@ def train_model(config: TrainConfig, *, echo: Echo = log.info) -> str:
             f"epochs={config.epochs} is past the study's {MAX_EPOCHS}-epoch budget: "
             "a measurement, not registered"
         )
-    with tracking.run(run_name=run_name, tags=tags, resume_run_id=config.resume or None) as run_id:
+    tracking.set_system_metrics_interval(setup.device.type)
+    with tracking.run(
+        run_name=run_name,
+        tags=tags,
+        resume_run_id=config.resume or None,
+        system_metrics=True,
+    ) as run_id:
         tracking.log_params(
             {
                 **config.as_params(),
@@ -123,7 +134,12 @@ def train_model(config: TrainConfig, *, echo: Echo = log.info) -> str:
             }
         )
         tracking.log_dataset(
-            name=dataset.name, source=dataset.source, digest=dataset.digest, context="train"
+            name=dataset.name,
+            source=dataset.source,
+            digest=dataset.digest,
+            context="train",
+            images=dataset.train_images,
+            labels=dataset.train_labels,
         )
         tracking.log_text(summary(model), "model_summary.txt")
         tracking.log_dict(
@@ -222,7 +238,12 @@ def evaluate_model(config: EvalConfig, *, echo: Echo = log.info) -> str:
     with tracking.run(run_name=run_name, tags=tags) as run_id:
         tracking.log_params(config.as_params())
         tracking.log_dataset(
-            name=dataset.name, source=dataset.source, digest=dataset.digest, context="test"
+            name=dataset.name,
+            source=dataset.source,
+            digest=dataset.digest,
+            context="test",
+            images=dataset.test_images,
+            labels=dataset.test_labels,
         )
         result = engine.evaluate(
             model,

@@ -72,6 +72,9 @@ def isolated_environment(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("PIPELINE_CACHE_DIR", str(base / "cache"))
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{base / 'mlflow.db'}")
     monkeypatch.setenv("TQDM_DISABLE", "1")
+    # System metrics arrive on a 10 s clock: off, so that the metrics a test counts are its own;
+    # tests/test_cli.py turns them on to test them.
+    monkeypatch.setenv("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "false")
     monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
     monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
     monkeypatch.chdir(base)

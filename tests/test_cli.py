@@ -199,6 +199,25 @@ def test_bad_train_input_is_one_line_and_leaves_no_running_run(
     assert MlflowClient().search_registered_models() == []
 
 
+@pytest.mark.parametrize("enabled", ["true", "false"])
+def test_a_training_run_samples_system_metrics_unless_switched_off(
+    tracking_store, image_folder, enabled, monkeypatch
+):
+    monkeypatch.setenv("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", enabled)
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.2")
+    arguments = ["--epochs=2", "--batch-size=32", f"--val-size={VAL_SIZE}", "--registered-model="]
+    cli.cli.main(["train", *arguments, f"--data={image_folder}"], standalone_mode=False)
+    client = MlflowClient()
+    (run,) = _runs(client)
+    system = {key for key in run.data.metrics if key.startswith("system/")}
+    if enabled == "false":
+        assert system == set()
+        return
+    assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= system
+    samples = client.get_metric_history(run.info.run_id, "system/cpu_utilization_percentage")
+    assert len(samples) >= 2
+
+
 def test_evaluate_checks_its_tta_before_touching_the_store():
     with pytest.raises(ConfigError, match="tta must be one of none, flip, flip-translate"):
         EvalConfig(model_uri="models:/cifar10-batch/1", tta="mirror")
