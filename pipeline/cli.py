@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import shlex
 import signal
 import sys
 import traceback
@@ -468,6 +469,13 @@ def study(norm: str, seeds: int, **train_options) -> None:
                 **{key: str(value) for key, value in train_options.items()},
             }
         )
+        tracking.describe_run(
+            f"The study: {', '.join(norms)} norm x seeds 1..{seeds}: prepare-stats, "
+            f"{len(configs)} trainings ({configs[0].epochs} epochs each, `{executor.name}` "
+            f"executor, {executor.parallel} at a time), an evaluation of each registered "
+            "model, then the side-by-side comparison (artifacts `comparison/report.html`).\n\n"
+            f"Command: `{_command_line()}`"
+        )
         results = workflow.run_study(configs, executor=executor, echo=click.echo)
         _log_steps(results)
     reused = sum(result.reused for result in results)
@@ -475,6 +483,11 @@ def study(norm: str, seeds: int, **train_options) -> None:
         f"study {run_id}: {len(results)} steps ({reused} reused); "
         "report: artifacts comparison/report.md"
     )
+
+
+def _command_line() -> str:
+    """This command as a user would type it again."""
+    return shlex.join(["python", "-m", "pipeline", *sys.argv[1:]])
 
 
 def _log_steps(results: list[workflow.StepResult]) -> None:
@@ -555,6 +568,12 @@ def sweep(grid: str, mode: str, norm: str, seeds: int, max_trials: int, **train_
             }
         )
         click.echo(f"sweep {run_id}: {len(trials)} trainings over {', '.join(swept)} ({mode})")
+        tracking.describe_run(
+            f"A sweep over {', '.join(swept)} ({mode}): {len(trials)} trainings of "
+            f"{', '.join(norms)} norm x seeds 1..{seeds}, then the lever table, ranked on "
+            "validation accuracy with the adoption rule (artifacts `comparison/report.html`)."
+            f"\n\nCommand: `{_command_line()}`"
+        )
         results = workflow.run_sweep(trials, swept=swept, executor=executor, echo=click.echo)
         _log_steps(results)
     reused = sum(result.reused for result in results)

@@ -30,6 +30,8 @@ MAX_EPOCHS = 20  # the study's budget: every reported result trains at most this
 # result, so never registered, and tagged `beyond_budget`.
 MAX_MEASUREMENT_EPOCHS = 200
 REGISTERED_MODEL = "cifar10-{norm}"  # "{norm}" is filled in; an empty name skips registration
+# Where runs go unless MLFLOW_EXPERIMENT_NAME (or _ID) or `mlflow run --experiment-name` says.
+DEFAULT_EXPERIMENT = "cifar10-normalization"
 DEFAULT_DATA = "~/.cache/cifar10"  # where torchvision downloads CIFAR-10 when it is missing
 # Per-norm defaults: what a parameter left at its "per norm" value (0) becomes for each norm. The
 # second accuracy round's sweeps adopted these, each a gain over the shared recipe, paired by seed,

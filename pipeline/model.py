@@ -269,6 +269,34 @@ class Net(nn.Sequential):
         conv.weight.copy_(whitening_filters(images, conv.out_channels, conv.kernel_size[0]))
 
 
+class RawImageClassifier(nn.Module):
+    """What a registered model serves: uint8 RGB images `(N, 3, 32, 32)`, values 0-255, in;
+    class logits `(N, classes)` out. The training split's per-channel mean and std normalise
+    inside, with the arithmetic of training's `data.Normalizer`, so a user needs neither the
+    run's stats.json nor this package's preprocessing."""
+
+    takes_raw_images = True  # (a class attribute survives pickling by value: see tracking)
+
+    def __init__(
+        self,
+        net: nn.Module,
+        *,
+        mean: tuple[float, float, float],
+        std: tuple[float, float, float],
+        classes: tuple[str, ...] = (),
+    ) -> None:
+        super().__init__()
+        self.net = net
+        mean_tensor = torch.tensor(mean).view(1, 3, 1, 1)
+        std_tensor = torch.tensor(std).view(1, 3, 1, 1)
+        self.register_buffer("scale", 1.0 / (255.0 * std_tensor))
+        self.register_buffer("shift", -mean_tensor / std_tensor)
+        self.class_names = tuple(classes)  # not `.classes`: cloudpickle would take torch.classes
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.net(torch.addcmul(self.shift, images.float(), self.scale))
+
+
 def whitening_filters(
     images: torch.Tensor, out_channels: int, kernel_size: int = 3, *, eps: float = 5e-4
 ) -> torch.Tensor:

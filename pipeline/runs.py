@@ -23,7 +23,7 @@ from pipeline import engine, plots, tracking, training
 from pipeline import report as comparison
 from pipeline.config import MAX_EPOCHS, TTA_BEFORE_PARAM, EvalConfig, TrainConfig
 from pipeline.data import DatasetStats
-from pipeline.model import receptive_fields, summary
+from pipeline.model import RawImageClassifier, receptive_fields, summary
 
 log = logging.getLogger(__name__)
 
@@ -181,14 +181,25 @@ def train_model(config: TrainConfig, *, echo: Echo = log.info) -> str:
             ),
             "plots/misclassified.png",
         )
-        example = setup.normalize(setup.test_split.images[:8]).cpu().contiguous()
-        portable = training.portable_model(model, config)
-        model_uri = tracking.log_model(portable, input_example=example.numpy())
+        served = RawImageClassifier(
+            training.portable_model(model, config),
+            mean=setup.stats.mean,
+            std=setup.stats.std,
+            classes=dataset.classes,
+        )
+        example = dataset.test_images[:1].transpose(0, 3, 1, 2).copy()  # one image, NCHW uint8
+        model_uri = tracking.log_model(served, input_example=example, classes=dataset.classes)
         if config.registered_model:
+            val = f"validation {history[-1].val_acc:.2%}, " if _has_val(history) else ""
             version = tracking.register_model(
                 model_uri,
                 name=config.registered_model,
                 run_id=run_id,
+                model_description=_model_description(config, setup),
+                version_description=(
+                    f"Accuracy after its {config.epochs} epochs: {val}test "
+                    f"{final.accuracy:.2%}; seed {config.seed}; trained by run {run_id}."
+                ),
                 tags={
                     **norm_tags,
                     "seed": str(config.seed),
@@ -207,8 +218,31 @@ def train_model(config: TrainConfig, *, echo: Echo = log.info) -> str:
     return run_id
 
 
+def _model_description(config: TrainConfig, setup: training.TrainingSetup) -> str:
+    """What every version of a registered model is: the norm, the recipe, the data, the input."""
+    classes = ", ".join(setup.dataset.classes)
+    return (
+        f"CIFAR-10 classifier with {config.norm} normalization"
+        + (f" ({config.groups} groups)" if config.norm == "group" else "")
+        + f": the layer plan C1 C2 c3 P1 C3 C4 C5 c6 P2 C7 C8 C9 GAP c10, "
+        f"{setup.parameters:,} parameters. Recipe: {config.epochs} epochs, batch "
+        f"{config.batch_size}, one-cycle learning rate peaking at {config.learning_rate} "
+        f"({config.optimizer}), label smoothing {config.label_smoothing}, test-time "
+        f"augmentation {config.tta}. Data: {setup.dataset.name} ({setup.dataset.source}), "
+        f"{len(setup.train_split):,} training images, "
+        f"{len(setup.val_split) if setup.val_split is not None else 0:,} held out for "
+        "validation. Input: uint8 RGB images N x 3 x 32 x 32, values 0-255 (it normalises "
+        f"inside); output: logits over {classes}. The `champion` alias is the version with "
+        "the best validation accuracy."
+    )
+
+
 def _has_val(history: list[engine.EpochMetrics]) -> bool:
     return bool(history) and history[-1].val_acc is not None
+
+
+def _raw_images(images: torch.Tensor) -> torch.Tensor:
+    return images  # uint8 (B, 3, H, W), as a served model takes them
 
 
 def evaluate_model(config: EvalConfig, *, echo: Echo = log.info) -> str:
@@ -217,10 +251,12 @@ def evaluate_model(config: EvalConfig, *, echo: Echo = log.info) -> str:
     tracking.check_store()
     source = tracking.resolve_model_uri(config.model_uri)
     dataset = datasets.load_dataset(config.data)
-    stats = load_stats(config.stats or f"runs:/{source.run_id}/stats.json", dataset)
     model = tracking.load_model(config.model_uri, device=str(device))
-    memory_format = torch.contiguous_format
-    normalize = datasets.Normalizer(stats, device=device, memory_format=memory_format)
+    if getattr(model, "takes_raw_images", False):
+        normalize = _raw_images  # it normalises inside, as it was trained
+    else:  # a model logged before the models took raw images wants them normalised
+        stats = load_stats(config.stats or f"runs:/{source.run_id}/stats.json", dataset)
+        normalize = datasets.Normalizer(stats, device=device, memory_format=torch.contiguous_format)
     test_split = datasets.to_device(dataset.test_images, dataset.test_labels, device=device)
     label = f"{source.name}-v{source.version}" if source.version else source.run_id[:8]
     tags = {"step": "evaluate", "source_run_id": source.run_id, "model_uri": config.model_uri}
@@ -339,6 +375,15 @@ def compare_runs(
         with tempfile.TemporaryDirectory() as directory:
             comparison.write_report(study_data, Path(directory))
             tracking.log_artifacts(directory, "comparison", run_id=target)
+        # The same tables as MLflow tables: the UI shows and compares them.
+        tables = {
+            "norms": comparison.norm_table(study_data),
+            "runs": comparison.run_summary(study_data),
+        }
+        if keys:
+            tables["levers"] = comparison.lever_table(study_data)
+        for name, frame in tables.items():
+            tracking.log_table(frame, f"comparison/tables/{name}.json", run_id=target)
         tracking.set_tags({"report_run_id": target})
     table = comparison.norm_table(study_data)
     for row in table.itertuples(index=False):

@@ -22,6 +22,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from pipeline import stores
+from pipeline.config import DEFAULT_EXPERIMENT
 from pipeline.engine import EpochMetrics
 
 log = logging.getLogger(__name__)
@@ -74,6 +75,28 @@ def check_store() -> None:
             f"cannot reach the MLflow tracking store at {uri} ({type(error).__name__}: "
             f"{str(error).splitlines()[0][:200] if str(error) else ''})"
         ) from None
+    use_default_experiment()
+
+
+def use_default_experiment() -> None:
+    """Runs go to the experiment `DEFAULT_EXPERIMENT`, created if missing, unless the
+    environment names one (MLFLOW_EXPERIMENT_NAME or _ID) or `mlflow run` created the run
+    (MLFLOW_RUN_ID: its experiment is the one `--experiment-name` chose)."""
+    if os.environ.get("MLFLOW_RUN_ID"):
+        return
+    experiment_id = os.environ.get("MLFLOW_EXPERIMENT_ID")
+    name = os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT
+    for attempt in range(3):
+        try:
+            if experiment_id:
+                mlflow.set_experiment(experiment_id=experiment_id)
+            else:
+                mlflow.set_experiment(name)
+            return
+        except MlflowException:
+            # Another process created it between our lookup and our create: look again.
+            if attempt == 2:
+                raise
 
 
 # MLflow's own switch for system metrics (CPU, memory, disk, network; the GPU with nvidia-ml-py):
@@ -286,19 +309,51 @@ def _active_run_id() -> str:
 # --------------------------------------------------------------------------- models
 
 
-def log_model(model, *, input_example) -> str:
-    """Log `model` (in eval mode, exported with torch.export) and return its model URI."""
-    import torch
+def log_model(model, *, input_example, classes: tuple[str, ...] = ()) -> str:
+    """Log `model` (a `model.RawImageClassifier`, in eval mode) and return its model URI.
 
-    model.eval()  # the exported graph fixes the mode: BatchNorm must use its running stats
+    Pickled with its classes by value (pipeline.model and pipeline.config go into the pickle),
+    so loading it needs torch and MLflow, not this package. An explicit signature: uint8
+    `(-1, 3, 32, 32)` in, float32 logits `(-1, classes)` out, any batch size; the class names
+    in the model's metadata.
+    """
+    import cloudpickle
+    import numpy as np
+    import torch
+    from mlflow.models import ModelSignature
+    from mlflow.types import Schema, TensorSpec
+
+    from pipeline import config as config_module
+    from pipeline import model as model_module
+
+    model.eval()  # BatchNorm must use its running stats
+    signature = ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, 3, 32, 32))]),
+        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, len(classes) or 10))]),
+    )
+    metadata = {
+        "input": "uint8 RGB images, N x 3 x 32 x 32 (NCHW), values 0-255",
+        "output": "class logits, N x classes; argmax is the predicted class",
+        "classes": list(classes),
+    }
     # Naming the requirements skips MLflow's inference, which spends ~10 s in a subprocess.
     requirements = [f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}"]
-    info = mlflow.pytorch.log_model(
-        model,
-        name=MODEL_ARTIFACT,
-        input_example=input_example,
-        pip_requirements=requirements,
-    )
+    modules = (model_module, config_module)
+    for module in modules:
+        cloudpickle.register_pickle_by_value(module)
+    try:
+        info = mlflow.pytorch.log_model(
+            model,
+            name=MODEL_ARTIFACT,
+            input_example=input_example,
+            signature=signature,
+            metadata=metadata,
+            serialization_format="pickle",
+            pip_requirements=requirements,
+        )
+    finally:
+        for module in modules:
+            cloudpickle.unregister_pickle_by_value(module)
     return info.model_uri
 
 
@@ -370,8 +425,18 @@ def run_params(run_id: str) -> dict[str, str]:
 # --------------------------------------------------------------------------- registry
 
 
-def register_model(model_uri: str, *, name: str, run_id: str, tags: dict[str, str]) -> str:
-    """Register `model_uri` as a new version of `name` and return the version number.
+def register_model(
+    model_uri: str,
+    *,
+    name: str,
+    run_id: str,
+    tags: dict[str, str],
+    model_description: str = "",
+    version_description: str = "",
+) -> str:
+    """Register `model_uri` as a new version of `name` and return the version number; the
+    registered model's description (what every version of it is) and the version's (its own
+    accuracy and run) are set when given.
 
     The version is created only after the model is fully logged, so the registry never
     holds a version without its files.
@@ -382,7 +447,16 @@ def register_model(model_uri: str, *, name: str, run_id: str, tags: dict[str, st
         raise TrackingError(f"cannot register model {name!r}: {error.message}") from None
     client = MlflowClient()
     client.set_model_version_tag(name, version.version, "run_id", run_id)
+    if version_description:
+        client.update_model_version(name, version.version, description=version_description)
+    if model_description:
+        client.update_registered_model(name, description=model_description)
     return str(version.version)
+
+
+def describe_run(description: str) -> None:
+    """The active run's description (the MLflow UI's *Description*, tag mlflow.note.content)."""
+    mlflow.set_tag("mlflow.note.content", description)
 
 
 def _version_score(version) -> tuple[float, float]:
@@ -562,6 +636,12 @@ def _concat(first, second):
 
     frames = [frame for frame in (first, second) if len(frame)]
     return pd.concat(frames, ignore_index=True) if frames else first
+
+
+def log_table(frame, artifact_file: str, *, run_id: str) -> None:
+    """A DataFrame as an MLflow table (`mlflow.log_table`): the run's artifact `artifact_file`
+    (.json), shown as a table in the UI's artifact view and comparable across runs."""
+    mlflow.log_table(data=frame, artifact_file=artifact_file, run_id=run_id)
 
 
 def log_artifacts(local_dir: str | Path, artifact_path: str, *, run_id: str) -> None:

@@ -10,4 +10,7 @@ PYTHON="${PYTHON:-python3}"
 export MLFLOW_TRACKING_URI="${MLFLOW_TRACKING_URI:-sqlite:///mlflow.db}"
 # Create the store before any step runs: parallel first writers race on a new schema.
 "$PYTHON" -c "from mlflow.tracking import MlflowClient; MlflowClient().search_experiments()"
+# The study's runs go to one named experiment (MLFLOW_EXPERIMENT_NAME, or an --experiment-name
+# among the options, overrides it).
+export MLFLOW_EXPERIMENT_NAME="${MLFLOW_EXPERIMENT_NAME:-cifar10-normalization}"
 exec "$PYTHON" -m mlflow run . --env-manager local "$@"

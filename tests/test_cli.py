@@ -10,7 +10,7 @@ from conftest import VAL_SIZE, mlflow_run, run_cli, run_in_process
 from mlflow.tracking import MlflowClient
 
 from pipeline import cli
-from pipeline.config import ConfigError, EvalConfig
+from pipeline.config import DEFAULT_EXPERIMENT, ConfigError, EvalConfig
 from pipeline.engine import EpochMetrics
 
 EPOCH_METRICS = [name for name in EpochMetrics.__dataclass_fields__ if name != "epoch"]
@@ -216,6 +216,30 @@ def test_a_training_run_samples_system_metrics_unless_switched_off(
     assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= system
     samples = client.get_metric_history(run.info.run_id, "system/cpu_utilization_percentage")
     assert len(samples) >= 2
+
+
+def test_runs_go_to_the_named_experiment_and_the_registry_describes_each_model(
+    tracking_store, image_folder, monkeypatch
+):
+    arguments = ["train", "--epochs=1", "--batch-size=32", f"--val-size={VAL_SIZE}"]
+    cli.cli.main([*arguments, f"--data={image_folder}"], standalone_mode=False)
+    client = MlflowClient()
+    (run,) = _runs(client)
+    assert client.get_experiment(run.info.experiment_id).name == DEFAULT_EXPERIMENT
+    model = client.get_registered_model("cifar10-batch")
+    assert model.description.startswith("CIFAR-10 classifier with batch normalization")
+    assert "uint8 RGB images N x 3 x 32 x 32" in model.description
+    version = client.get_model_version("cifar10-batch", "1")
+    assert version.description.startswith("Accuracy after its 1 epochs: validation ")
+    assert run.info.run_id in version.description
+    # MLFLOW_EXPERIMENT_NAME, as MLflow's own programs take it, names another one (in a new
+    # process: set_experiment exported the first command's MLFLOW_EXPERIMENT_ID to its children).
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "elsewhere")
+    arguments.append("--registered-model=")
+    cli.cli.main([*arguments, f"--data={image_folder}"], standalone_mode=False)
+    elsewhere = client.get_experiment_by_name("elsewhere")
+    assert len(client.search_runs([elsewhere.experiment_id])) == 1
 
 
 def test_evaluate_checks_its_tta_before_touching_the_store():

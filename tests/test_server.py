@@ -27,6 +27,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from pipeline import cli
+from pipeline.config import DEFAULT_EXPERIMENT
 from pipeline.engine import EpochMetrics
 
 # Starts PostgreSQL and MLflow servers: part of the full suite, not the fast loop.
@@ -190,7 +191,7 @@ def test_four_trainings_at_once_then_evaluate_the_champion_through_the_server(
     for process, (_, stderr) in zip(processes, outputs, strict=True):
         assert process.returncode == 0, stderr[-3000:]
 
-    runs = client.search_runs([client.get_experiment_by_name("Default").experiment_id])
+    runs = client.search_runs([client.get_experiment_by_name(DEFAULT_EXPERIMENT).experiment_id])
     trained = [r for r in runs if r.data.tags.get("step") == "train"]
     assert len(trained) == 4 and {r.info.status for r in trained} == {"FINISHED"}
     rows = _metric_rows(server)
@@ -216,7 +217,7 @@ def test_four_trainings_at_once_then_evaluate_the_champion_through_the_server(
     )
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
     (evaluation,) = client.search_runs(
-        [client.get_experiment_by_name("Default").experiment_id], "tags.step = 'evaluate'"
+        [client.get_experiment_by_name(DEFAULT_EXPERIMENT).experiment_id], "tags.step = 'evaluate'"
     )
     assert evaluation.info.status == "FINISHED"
     assert evaluation.data.tags["source_run_id"] == champion.run_id

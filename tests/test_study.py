@@ -116,6 +116,9 @@ def test_main_is_the_default_entry_point_and_nests_every_step(store):
     assert len(parents) == 2
     assert set(parents["status"]) == {"FINISHED"}
     assert parents.loc[0, "params.norm"] == "batch,layer"
+    description = parents.loc[0, "tags.mlflow.note.content"]  # the UI's run description
+    assert description.startswith("The study: batch, layer norm x seeds 1..1")
+    assert "Command: `python -m pipeline main --norm batch,layer" in description
     children = _children(parents.loc[0, "run_id"])
     assert set(children.index) == EXPECTED_STEPS
     assert set(children["status"]) == {"FINISHED"}
@@ -152,6 +155,11 @@ def test_compare_report_has_every_artifact_and_the_childrens_numbers(store):
         "plots/per_class_accuracy.png",
     ):
         assert (directory / name).is_file(), name
+    # The tables as MLflow tables too, which the UI shows as tables.
+    norms = mlflow.load_table("comparison/tables/norms.json", run_ids=[parent_id])
+    assert list(norms["norm"]) == list(NORMS) and "final_val_acc_mean" in norms
+    runs = mlflow.load_table("comparison/tables/runs.json", run_ids=[parent_id])
+    assert len(runs) == len(NORMS)
     report = (directory / "report.md").read_text()
     links = re.findall(r"\]\(([^)]+)\)", report)
     assert "plots/misclassified.png" in links

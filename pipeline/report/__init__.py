@@ -16,6 +16,7 @@ from pipeline.report.tables import (
     percent,
     readable_lever_table,
     readable_norm_table,
+    run_summary,
     tta_table,
 )
 
@@ -32,6 +33,7 @@ __all__ = [
     "percent",
     "readable_lever_table",
     "readable_norm_table",
+    "run_summary",
     "step_runs",
     "tta_table",
     "write_report",
