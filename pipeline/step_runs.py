@@ -1,5 +1,6 @@
-"""The runs of a workflow's steps: child runs created as `mlflow run` creates them, and the
-finished runs a step can reuse instead of running again.
+"""The runs of a workflow's steps: child runs created as `mlflow run` creates them (with
+MLflow's public API: MlflowClient and the MLproject file read as YAML), and the finished runs a
+step can reuse instead of running again.
 
 This is the tracking side of the workflow (it talks to MLflow, as tracking.py does): the driver
 owns every run, and an executor only runs a step's command with that run's `MLFLOW_*`
@@ -10,10 +11,13 @@ create a step's run, end it.
 from __future__ import annotations
 
 import shlex
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
+import yaml
+from mlflow.entities import Param
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
@@ -83,8 +87,6 @@ class StepRuns:
     def record_reused(self, *, original_run_id: str, run_name: str) -> str:
         """A FINISHED child that points at a reused run (tag `reused_run_id`), so the study
         still shows every step as one group in the UI; returns the pointer's id."""
-        from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
-
         client = MlflowClient()
         original = client.get_run(original_run_id)
         copied = {
@@ -95,8 +97,8 @@ class StepRuns:
             run_name=run_name,
             tags={
                 **copied,
-                MLFLOW_PARENT_RUN_ID: self.parent_run_id,
-                MLFLOW_RUN_NAME: run_name,
+                "mlflow.parentRunId": self.parent_run_id,
+                "mlflow.runName": run_name,
                 REUSED_TAG: original_run_id,
                 "mlflow.note.content": f"Reused finished run {original_run_id} (same "
                 "parameters and code version); its metrics and artifacts live there.",
@@ -115,46 +117,59 @@ class StepRuns:
     ) -> ProjectStep:
         """Create the run of one MLproject entry point as a child of the parent run.
 
-        The run gets what `mlflow.projects.run` gives it (source, entry point and git tags, the
-        parameters with their defaults); an executor runs `command` with `env`, which lets the
-        workflow read each step's output and run several steps at once, then `end` ends it.
+        With public APIs only (MlflowClient, the MLproject file read as YAML), the run gets
+        what `mlflow run` gives one: the project source, entry point and git commit tags, the
+        entry point's parameters with their defaults; `command` is the entry point's command
+        with the values shell-quoted, as `mlflow run` fills it in. An executor runs it with
+        `env`, which lets the workflow read each step's output and run several steps at once,
+        then `end` ends it.
         """
-        from mlflow.exceptions import ExecutionException
-        from mlflow.projects import utils as projects
-        from mlflow.utils.mlflow_tags import (
-            MLFLOW_PARENT_RUN_ID,
-            MLFLOW_PROJECT_BACKEND,
-            MLFLOW_PROJECT_ENV,
-            MLFLOW_RUN_NAME,
+        entry = project_entry_point(self.project_dir, entry_point, run_name=run_name)
+        declared = entry.get("parameters") or {}
+        values: dict[str, str] = {}
+        for name, spec in declared.items():
+            default = spec.get("default") if isinstance(spec, dict) else None
+            if name in parameters:
+                values[name] = str(parameters[name])
+            elif default is not None:
+                values[name] = str(default)
+            else:
+                raise TrackingError(f"step {run_name}: no value for parameter {name!r}")
+        extra = {name: str(value) for name, value in parameters.items() if name not in declared}
+        command = str(entry["command"]).format(
+            **{name: shlex.quote(value) for name, value in values.items()}
         )
-
-        uri = str(self.project_dir)
-        try:
-            work_dir = projects.fetch_and_validate_project(uri, None, entry_point, parameters)
-            project = projects.load_project(work_dir)
-            created = projects.get_or_create_run(
-                None, uri, self.experiment_id, work_dir, None, entry_point, parameters
-            )
-            (command,) = projects.get_entry_point_command(project, entry_point, parameters, None)
-        except (ExecutionException, MlflowException) as error:
-            message = str(error.message).splitlines()[0]
-            raise TrackingError(f"step {run_name}: {message}") from None
-        run_id = created.info.run_id
-        tags = {
-            MLFLOW_PARENT_RUN_ID: self.parent_run_id,
-            MLFLOW_RUN_NAME: run_name,
-            MLFLOW_PROJECT_BACKEND: "local",
-            MLFLOW_PROJECT_ENV: "local",
+        command = " ".join(
+            [command, *(f"--{shlex.quote(k)} {shlex.quote(v)}" for k, v in extra.items())]
+        )
+        run_tags = {
+            "mlflow.source.name": str(self.project_dir),
+            "mlflow.source.type": "PROJECT",
+            "mlflow.project.entryPoint": entry_point,
+            "mlflow.project.backend": "local",
+            "mlflow.project.env": "local",
+            "mlflow.parentRunId": self.parent_run_id,
+            "mlflow.runName": run_name,
+            **_git_tags(self.project_dir),
             **(tags or {}),
         }
         client = MlflowClient()
-        for key, value in tags.items():
-            client.set_tag(run_id, key, value)
+        try:
+            created = client.create_run(self.experiment_id, run_name=run_name, tags=run_tags)
+            run_id = created.info.run_id
+            client.log_batch(run_id, params=[Param(k, v) for k, v in {**values, **extra}.items()])
+        except MlflowException as error:
+            message = str(error.message).splitlines()[0]
+            raise TrackingError(f"step {run_name}: {message}") from None
         return ProjectStep(
             run_id=run_id,
             command=command,
-            work_dir=work_dir,
-            env=projects.get_run_env_vars(run_id, self.experiment_id),
+            work_dir=str(self.project_dir),
+            env={
+                "MLFLOW_RUN_ID": run_id,
+                "MLFLOW_TRACKING_URI": mlflow.get_tracking_uri(),
+                "MLFLOW_EXPERIMENT_ID": self.experiment_id,
+            },
         )
 
     def set_tags(self, run_id: str, tags: dict[str, str]) -> None:
@@ -177,6 +192,36 @@ class StepRuns:
         if status == "FINISHED" and succeeded:
             client.set_tag(run_id, CODE_VERSION_TAG, self.code_version)
         return status
+
+
+def project_entry_point(project_dir: Path, entry_point: str, *, run_name: str = "") -> dict:
+    """The entry point's section of the project's MLproject file: `parameters`, `command`."""
+    try:
+        project = yaml.safe_load((project_dir / "MLproject").read_text())
+        return project["entry_points"][entry_point]
+    except (OSError, yaml.YAMLError, KeyError, TypeError) as error:
+        what = f"step {run_name}: " if run_name else ""
+        raise TrackingError(
+            f"{what}no entry point {entry_point!r} in {project_dir / 'MLproject'} ({error})"
+        ) from None
+
+
+def _git_tags(project_dir: Path) -> dict[str, str]:
+    """The commit (and remote) of the project's git checkout, as `mlflow run` tags them."""
+    tags = {}
+    for key, command in (
+        ("mlflow.source.git.commit", ["git", "rev-parse", "HEAD"]),
+        ("mlflow.source.git.repoURL", ["git", "config", "--get", "remote.origin.url"]),
+    ):
+        try:
+            found = subprocess.run(
+                command, cwd=project_dir, capture_output=True, text=True, timeout=10
+            )
+        except (OSError, subprocess.TimeoutExpired):
+            continue
+        if found.returncode == 0 and found.stdout.strip():
+            tags[key] = found.stdout.strip()
+    return tags
 
 
 def _same_param(logged: str | None, value: str) -> bool:

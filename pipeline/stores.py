@@ -1,16 +1,12 @@
-"""SQLite tracking stores whose first schema creation is serialised among processes.
+"""The project's inter-process locks: one per SQLite store's first opening, one per registry
+alias update.
 
 MLflow creates and migrates a new SQLite store's schema in whichever process opens it first,
 without a lock: several processes opening one fresh store at once crash with `duplicate column
-name: step` or an alembic `Online migration expected to match one row` error (three of four, in
-this project's test). `schema_lock` holds an inter-process file lock around that first opening;
-`tracking.check_store` uses it for every `python -m pipeline` command.
-
-`tracking_store` and `registry_store` are MLflow store plugins (entry point groups
-`mlflow.tracking_store` and `mlflow.model_registry_store`, scheme `sqlite`) that build MLflow's
-own SQLite stores under the same lock, so that `mlflow run` processes, which open the store
-before any of the project's code runs, are serialised too. MLflow imports this module while it
-imports itself: keep it free of heavy imports and of MLflow imports at module level.
+name: step` or an alembic `Online migration expected to match one row` error. Every
+`python -m pipeline` command opens its store in `tracking.check_store`, under `schema_lock`,
+before anything else touches it, and `scripts/run.sh` does the same before `mlflow run`
+starts any process: MLflow's own stores are used as they are, with no plugin.
 """
 
 from __future__ import annotations
@@ -57,19 +53,3 @@ def schema_lock(uri: str) -> Iterator[None]:
         return
     with file_lock("sqlite-schema", str(path)):
         yield
-
-
-def tracking_store(store_uri: str, artifact_uri: str | None = None):
-    """MLflow's SQLite tracking store, built under `schema_lock` (an MLflow store plugin)."""
-    from mlflow.tracking._tracking_service import utils  # noqa: TID251 (an MLflow plugin)
-
-    with schema_lock(store_uri):
-        return utils._get_sqlalchemy_store(store_uri, artifact_uri)
-
-
-def registry_store(store_uri: str, tracking_uri: str | None = None):
-    """MLflow's SQLite model registry store, built under `schema_lock` (an MLflow plugin)."""
-    from mlflow.tracking._model_registry import utils  # noqa: TID251 (an MLflow plugin)
-
-    with schema_lock(store_uri):
-        return utils._get_sqlalchemy_store(store_uri)

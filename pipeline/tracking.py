@@ -165,13 +165,13 @@ def run(
         if mlflow.active_run() is not None:
             mlflow.end_run(RunStatus.to_string(RunStatus.FAILED))
         raise
-        if attached:
-            attached_tags = dict(tags or {})
-            # A workflow's step keeps the name its parent gave it (a sweep's trial names its
-            # overrides); a run that `mlflow run` created alone gets this command's name.
-            if run_name and "mlflow.parentRunId" not in active.data.tags:
-                attached_tags["mlflow.runName"] = run_name
-            mlflow.set_tags(attached_tags)
+    if attached and not resume_run_id:
+        attached_tags = dict(tags or {})
+        # A workflow's step keeps the name its parent gave it (a sweep's trial names its
+        # overrides); a run that `mlflow run` created alone gets this command's name.
+        if run_name and "mlflow.parentRunId" not in active.data.tags:
+            attached_tags["mlflow.runName"] = run_name
+        mlflow.set_tags(attached_tags)
     status = RunStatus.FAILED
     try:
         yield active.info.run_id

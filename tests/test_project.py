@@ -55,3 +55,61 @@ def test_conda_environment_lists_what_the_package_needs():
 def test_mlproject_declares_the_entry_points_and_environment():
     assert {"prepare-stats", "train", "evaluate"} <= set(ENTRY_POINTS)
     assert MLPROJECT["conda_env"] == "conda.yaml"
+
+
+def _private_mlflow_uses(path) -> list[str]:
+    """Imports and attribute chains that reach into MLflow's insides: a module or name with a
+    leading underscore under `mlflow`, or `mlflow.projects.utils`."""
+    import ast
+
+    found = []
+
+    def private(dotted: str) -> bool:
+        parts = dotted.split(".")
+        hidden = [part for part in parts if part.startswith("_") and not part.endswith("__")]
+        return parts[0] == "mlflow" and (bool(hidden) or dotted.startswith("mlflow.projects.utils"))
+
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            found += [alias.name for alias in node.names if private(alias.name)]
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names = [f"{node.module}.{alias.name}" for alias in node.names]
+            found += [name for name in names if private(name)]
+        elif isinstance(node, ast.Attribute):
+            chain, value = [node.attr], node.value
+            while isinstance(value, ast.Attribute):
+                chain.append(value.attr)
+                value = value.value
+            if isinstance(value, ast.Name):
+                dotted = ".".join([value.id, *reversed(chain)])
+                if private(dotted):
+                    found.append(dotted)
+    return [f"{path.relative_to(REPO)}: {use}" for use in found]
+
+
+def test_the_project_uses_mlflow_through_its_public_api_only():
+    files = [
+        *REPO.glob("pipeline/**/*.py"),
+        *REPO.glob("scripts/**/*.py"),
+        *REPO.glob("tests/*.py"),
+    ]
+    uses = [use for path in sorted(files) for use in _private_mlflow_uses(path)]
+    assert uses == []
+    # and the rule itself catches what it must
+    probe = REPO / "tests" / "__probe_private_mlflow__.py"
+    try:
+        probe.write_text(
+            "from mlflow.tracking._tracking_service import utils\n"
+            "import mlflow.projects.utils\n"
+            "mlflow.data.dataset_source_registry._x\n"
+        )
+        assert len(_private_mlflow_uses(probe)) == 3
+    finally:
+        probe.unlink()
+
+
+def test_no_mlflow_plugin_is_registered_by_this_package():
+    """Installing the package changes nothing in how other MLflow programs open their stores."""
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    groups = project.get("entry-points", {})
+    assert not [group for group in groups if group.startswith("mlflow.")]

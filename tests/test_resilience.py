@@ -3,7 +3,6 @@ store, and the `parallel` option of `main`."""
 
 from __future__ import annotations
 
-import importlib.metadata
 import os
 import signal
 import sqlite3
@@ -144,64 +143,59 @@ def _metric_rows(database: str) -> dict[str, dict[str, int]]:
     return counts
 
 
-def test_sqlite_store_plugin_is_registered_with_mlflow():
-    """`mlflow run` opens the store before any of our code runs: only the plugin can
-    serialise a fresh store's schema creation there."""
-    plugins = {
-        (point.group, point.name): point.value
-        for group in ("mlflow.tracking_store", "mlflow.model_registry_store")
-        for point in importlib.metadata.entry_points(group=group)
-    }
-    assert plugins.get(("mlflow.tracking_store", "sqlite")) == "pipeline.stores:tracking_store", (
-        "register pipeline.stores in pyproject.toml [project.entry-points] and reinstall"
-    )
-    assert (
-        plugins.get(("mlflow.model_registry_store", "sqlite")) == "pipeline.stores:registry_store"
-    )
-
-
-@pytest.mark.slow
-def test_four_mlflow_runs_at_once_on_a_fresh_sqlite_store_all_finish(
-    isolated_environment, image_folder
-):
-    database = isolated_environment / "fresh.db"
-    assert not database.exists()
-    uri = f"sqlite:///{database}"
-    epochs = 2
-    command = [sys.executable, "-m", "mlflow", "run", str(REPO), "--env-manager", "local"]
-    env = {**os.environ, "PYTHONPATH": PYTHONPATH, "MLFLOW_TRACKING_URI": uri}
-    processes = []
-    for seed in range(1, 5):
-        parameters = dict(
-            epochs=epochs, batch_size=32, seed=seed, data=image_folder, val_size=VAL_SIZE
+def _train_at_once(commands: list[list[str]], env: dict[str, str]) -> None:
+    processes = [
+        subprocess.Popen(
+            command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
         )
-        options = [f"-P{key}={value}" for key, value in parameters.items()]
-        processes.append(
-            subprocess.Popen(
-                [*command, "-e", "train", *options],
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
-                env=env,
-            )
-        )
+        for command in commands
+    ]
     outputs = [process.communicate(timeout=600) for process in processes]
     for process, (_, stderr) in zip(processes, outputs, strict=True):
         assert process.returncode == 0, stderr[-3000:]
 
+
+@pytest.mark.slow
+def test_trainings_at_once_on_a_fresh_sqlite_store_all_finish(isolated_environment, image_folder):
+    """Four `python -m pipeline train` at once on a store nobody opened: check_store's lock
+    lets one create the schema (no MLflow store plugin). Then two `mlflow run` at once on it,
+    as `scripts/run.sh` starts them once it has opened the store the same way."""
+    database = isolated_environment / "fresh.db"
+    assert not database.exists()
+    uri = f"sqlite:///{database}"
+    epochs = 2
+    env = {**os.environ, "PYTHONPATH": PYTHONPATH, "MLFLOW_TRACKING_URI": uri}
+    options = {"epochs": epochs, "batch_size": 32, "data": image_folder, "val_size": VAL_SIZE}
+    cli = [sys.executable, "-m", "pipeline", "train"]
+    _train_at_once(
+        [
+            [*cli, *(f"--{k.replace('_', '-')}={v}" for k, v in options.items()), f"--seed={seed}"]
+            for seed in range(1, 5)
+        ],
+        env,
+    )
+    project = [sys.executable, "-m", "mlflow", "run", str(REPO), "--env-manager", "local"]
+    _train_at_once(
+        [
+            [*project, "-e", "train", *(f"-P{k}={v}" for k, v in {**options, "seed": seed}.items())]
+            for seed in range(5, 7)
+        ],
+        env,
+    )
+
     client = MlflowClient(tracking_uri=uri)
     runs = _all_runs(client)
-    assert len(runs) == 4
+    assert len(runs) == 6
     assert {run.info.status for run in runs} == {"FINISHED"}
-    assert {run.data.params["seed"] for run in runs} == {"1", "2", "3", "4"}
+    assert {run.data.params["seed"] for run in runs} == {"1", "2", "3", "4", "5", "6"}
     rows = _metric_rows(str(database))
     for run in runs:
         counts = rows[run.info.run_id]
         # every epoch metric once per epoch, train_seconds once: nothing lost, nothing doubled
         assert counts == {**dict.fromkeys(EPOCH_METRICS, epochs), "train_seconds": 1}, counts
     versions = client.search_model_versions("name = 'cifar10-batch'")
-    assert sorted(int(v.version) for v in versions) == [1, 2, 3, 4]
-    best = max(versions, key=lambda v: (float(v.tags["test_acc"]), -int(v.version)))
+    assert sorted(int(v.version) for v in versions) == [1, 2, 3, 4, 5, 6]
+    best = max(versions, key=lambda v: (float(v.tags["val_acc"]), -int(v.version)))
     champion = client.get_model_version_by_alias("cifar10-batch", "champion")
     assert champion.version == best.version
 
