@@ -358,12 +358,22 @@ def test_a_sweep_on_a_two_node_cluster_reruns_the_trial_of_a_lost_node(
         env={**os.environ, "PYTHONPATH": PYTHONPATH, "MLFLOW_EXPERIMENT_NAME": CLUSTER_EXPERIMENT},
         cwd=tmp_path,
     )  # fmt: skip
-    # Once node b has finished a trial and started the next, it goes away mid-trial.
+
+    # Once node b has finished a trial, it goes away mid-trial: when two trials run at once
+    # (one CPU per node: one of them is on b) and both have logged epoch 1 of their 3. Events,
+    # not a sleep; what is left to timing is that b's trial does not finish its last two
+    # epochs between the poll that sees this (every 0.2 s) and the removal.
+    def b_is_mid_trial() -> bool:
+        runs = _train_runs(on_server)
+        if not any(run.data.tags.get("node") == node_b for run in runs):
+            return False
+        running = [run for run in runs if run.info.status == "RUNNING"]
+        return len(running) == 2 and all("test_acc" in run.data.metrics for run in running)
+
     deadline = time.monotonic() + 600
-    while not any(run.data.tags.get("node") == node_b for run in _train_runs(on_server)):
+    while not b_is_mid_trial():
         assert sweep.poll() is None and time.monotonic() < deadline, sweep.stdout.read()
-        time.sleep(1)
-    time.sleep(4)
+        time.sleep(0.2)
     two_node_cluster.cluster.remove_node(two_node_cluster.nodes[1])
     output, _ = sweep.communicate(timeout=900)
     assert sweep.returncode == 0, output[-4000:]

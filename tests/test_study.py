@@ -3,6 +3,7 @@ the champion alias and registry lookups."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import multiprocessing
@@ -13,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -430,88 +432,161 @@ def test_champion_is_chosen_on_validation_never_on_test(tracking_store):
     assert tracking.update_champion("cifar10-legacy") == "2"
 
 
-def _register_and_update(name: str, accuracy: float, index: int, barrier) -> None:
-    client = MlflowClient()
-    barrier.wait()
-    _register(client, name, accuracy, index)
-    tracking.update_champion(name)
+def _staged_writer(name, accuracy, index, turns, all_read, reads, lock_dir) -> None:
+    """A trial on its own machine (no lock shared with the others: its own TMPDIR) that
+    registers its version, then updates `champion` with its first read of the registry staged
+    so that the race is certain, not left to the scheduler: writer i registers after writer
+    i-1 has read (so it sees versions 1..i+1 only), and no writer writes before every one has
+    read. Each then writes its stale best; `update_champion` must still settle on the best of
+    all. `reads` collects each writer's first read."""
+    os.environ["TMPDIR"] = lock_dir
+    original = tracking._best_version
+    first = [True]
+
+    def staged(client, model_name):
+        best = original(client, model_name)
+        if first[0]:
+            first[0] = False
+            reads.put(best)
+            if index + 1 < len(turns):
+                turns[index + 1].set()
+            all_read.wait()
+        return best
+
+    tracking._best_version = staged
+    try:
+        turns[index].wait()
+        _register(MlflowClient(), name, accuracy, index)
+        tracking.update_champion(name)
+    finally:
+        tracking._best_version = original
 
 
-ACCURACIES = (0.61, 0.74, 0.55, 0.70)
+@contextlib.contextmanager
+def _watched_registry_lock(arrived, inside, peak) -> Iterator[None]:
+    """While active: each writer counts itself in `arrived` as it reaches the registry lock;
+    the first to hold it reads only once every writer has arrived (so all of them contend),
+    and `peak` records how many ever read the registry at once."""
+    original_lock, original_best = tracking.stores.file_lock, tracking._best_version
+
+    class Announced:
+        def __init__(self, lock) -> None:
+            self.lock = lock
+
+        def __enter__(self):
+            with arrived.get_lock():
+                arrived.value += 1
+            self.lock.acquire()
+            return self
+
+        def __exit__(self, *_):
+            self.lock.release()
+
+    def counted(client, model_name):
+        with inside.get_lock():
+            inside.value += 1
+            peak.value = max(peak.value, inside.value)
+        deadline = time.monotonic() + 60
+        while arrived.value < len(ACCURACIES) and time.monotonic() < deadline:
+            time.sleep(0.01)  # waits for an event (every writer at the lock), not for time
+        try:
+            return original_best(client, model_name)
+        finally:
+            with inside.get_lock():
+                inside.value -= 1
+
+    tracking.stores.file_lock = lambda *a, **k: Announced(original_lock(*a, **k))
+    tracking._best_version = counted
+    try:
+        yield
+    finally:
+        tracking.stores.file_lock, tracking._best_version = original_lock, original_best
 
 
-def test_champion_is_the_best_when_threads_finish_together(tracking_store):
-    client = MlflowClient()
-    client.create_registered_model("cifar10-threads")
-    barrier = threading.Barrier(len(ACCURACIES))
-    threads = [
-        threading.Thread(target=_register_and_update, args=("cifar10-threads", a, i, barrier))
-        for i, a in enumerate(ACCURACIES)
-    ]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=120)
-    best = max(
-        client.search_model_versions("name = 'cifar10-threads'"),
-        key=lambda v: float(v.tags["val_acc"]),
-    )
-    assert best.tags["val_acc"] == "0.7400"
-    assert _champion(client, "cifar10-threads") == str(best.version)
+def _locked_writer(name, accuracy, index, barrier, watched=None) -> None:
+    """A trial on the same machine as the others: registers at the barrier, then updates
+    `champion`; in a process of its own, with the registry lock watched (`watched`)."""
+    with _watched_registry_lock(*watched) if watched else contextlib.nullcontext():
+        barrier.wait()
+        _register(MlflowClient(), name, accuracy, index)
+        tracking.update_champion(name)
 
 
-@pytest.mark.slow
-def test_champion_is_the_best_when_processes_finish_together(tracking_store):
-    client = MlflowClient()
-    client.create_registered_model("cifar10-processes")
-    context = multiprocessing.get_context("spawn")
-    barrier = context.Barrier(3)
-    workers = [
-        context.Process(target=_register_and_update, args=("cifar10-processes", a, i, barrier))
-        for i, a in enumerate(ACCURACIES[:3])
-    ]
-    for worker in workers:
-        worker.start()
+ACCURACIES = (0.61, 0.74, 0.55, 0.70)  # versions 1..4: the partial bests are 1, 2, 2, 2
+CONTEXT = multiprocessing.get_context("spawn")  # its primitives serve threads and processes
+
+
+def _start(target, args, *, processes: bool):
+    worker = (CONTEXT.Process if processes else threading.Thread)(target=target, args=args)
+    worker.start()
+    return worker
+
+
+def _join(workers) -> None:
     for worker in workers:
         worker.join(timeout=180)
-        assert worker.exitcode == 0
-    versions = client.search_model_versions("name = 'cifar10-processes'")
-    assert len(versions) == 3
-    best = max(versions, key=lambda v: float(v.tags["val_acc"]))
-    assert best.tags["val_acc"] == "0.7400"
-    assert _champion(client, "cifar10-processes") == str(best.version)
+        assert getattr(worker, "exitcode", 0) == 0
 
 
-def _register_and_update_alone(name: str, accuracy: float, index: int, barrier, tmp: str):
-    """As _register_and_update, in a process whose lock directory no other process shares
-    (a trial on another machine)."""
-    os.environ["TMPDIR"] = tmp
-    _register_and_update(name, accuracy, index, barrier)
-
-
-@pytest.mark.slow
-def test_champion_is_the_best_when_processes_share_no_lock(tracking_store, tmp_path):
-    client = MlflowClient()
-    client.create_registered_model("cifar10-hosts")
-    context = multiprocessing.get_context("spawn")
-    barrier = context.Barrier(len(ACCURACIES))
-    workers = []
-    for index, accuracy in enumerate(ACCURACIES):
-        tmp = tmp_path / f"host{index}"
-        tmp.mkdir()
-        arguments = ("cifar10-hosts", accuracy, index, barrier, str(tmp))
-        workers.append(context.Process(target=_register_and_update_alone, args=arguments))
-    for worker in workers:
-        worker.start()
-    for worker in workers:
-        worker.join(timeout=180)
-        assert worker.exitcode == 0
-    for index in range(len(ACCURACIES)):  # each took its own lock file
-        assert list((tmp_path / f"host{index}").glob("cifar10-pipeline-registry-*.lock"))
-    versions = client.search_model_versions("name = 'cifar10-hosts'")
+def _champion_is_the_best(client, name: str) -> None:
+    versions = client.search_model_versions(f"name = '{name}'")
     assert len(versions) == len(ACCURACIES)
     best = max(versions, key=lambda v: float(v.tags["val_acc"]))
-    assert _champion(client, "cifar10-hosts") == str(best.version)
+    assert best.tags["val_acc"] == "0.7400"
+    assert _champion(client, name) == str(best.version)
+
+
+@pytest.mark.parametrize("processes", [False, pytest.param(True, marks=pytest.mark.slow)])
+def test_writers_on_one_machine_contend_for_the_registry_lock_and_read_one_at_a_time(
+    tracking_store, processes
+):
+    client = MlflowClient()
+    name = f"cifar10-{'processes' if processes else 'threads'}"
+    client.create_registered_model(name)
+    watched = tuple(CONTEXT.Value("i", 0) for _ in range(3))  # arrived, inside, peak
+    arrived, _, peak = watched
+    barrier = CONTEXT.Barrier(len(ACCURACIES))
+    # Threads share this process's patch; each process patches its own module.
+    with contextlib.nullcontext() if processes else _watched_registry_lock(*watched):
+        _join(
+            [
+                _start(
+                    _locked_writer,
+                    (name, accuracy, index, barrier, watched if processes else None),
+                    processes=processes,
+                )
+                for index, accuracy in enumerate(ACCURACIES)
+            ]
+        )
+    assert arrived.value >= len(ACCURACIES) and peak.value == 1
+    _champion_is_the_best(client, name)
+
+
+@pytest.mark.slow
+def test_champion_is_the_best_when_writers_sharing_no_lock_race(tracking_store, tmp_path):
+    client = MlflowClient()
+    client.create_registered_model("cifar10-hosts")
+    turns = [CONTEXT.Event() for _ in ACCURACIES]
+    turns[0].set()
+    all_read, reads = CONTEXT.Barrier(len(ACCURACIES)), CONTEXT.Queue()
+    lock_dirs = []
+    for index in range(len(ACCURACIES)):
+        (tmp_path / f"host{index}").mkdir()
+        lock_dirs.append(str(tmp_path / f"host{index}"))
+    _join(
+        [
+            _start(
+                _staged_writer,
+                ("cifar10-hosts", accuracy, index, turns, all_read, reads, lock_dirs[index]),
+                processes=True,
+            )
+            for index, accuracy in enumerate(ACCURACIES)
+        ]
+    )
+    assert sorted(reads.get(timeout=10) for _ in ACCURACIES) == ["1", "2", "2", "2"]
+    for directory in lock_dirs:  # each took its own lock file
+        assert list(Path(directory).glob("cifar10-pipeline-registry-*.lock"))
+    _champion_is_the_best(client, "cifar10-hosts")
 
 
 def test_a_stale_champion_writer_corrects_itself(tracking_store, monkeypatch):
