@@ -226,3 +226,16 @@ def test_parent_run_report_html_renders_its_tables_and_figures(ui, page, tmp_pat
     image = mlflow_ui.wait_for_image(report)  # a Frame has the Page's locator and wait calls
     assert image["width"] >= 1000 and image["shown"] > 0, image  # 12 inches at 110 dpi
     _screenshot(page, tmp_path, "report_html")
+
+
+def test_the_comparison_tables_show_as_mlflow_tables(ui, page, tmp_path):
+    """`mlflow.log_table`'s JSON is shown by the artifact view as a table, not as text."""
+    mlflow_ui.open_artifact(
+        page, ui.url, ui.study, ui.study.parent_run_id, "comparison/tables/norms.json"
+    )
+    table = page.get_by_role("table").first
+    expect(table).to_be_visible()
+    expect(table.get_by_text("final_val_acc_mean", exact=True).first).to_be_visible()
+    for norm in NORMS:
+        expect(table.get_by_text(norm, exact=True).first).to_be_visible()
+    _screenshot(page, tmp_path, "tables")
