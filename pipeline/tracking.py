@@ -81,22 +81,23 @@ def check_store() -> None:
 def use_default_experiment() -> None:
     """Runs go to the experiment `DEFAULT_EXPERIMENT`, created if missing, unless the
     environment names one (MLFLOW_EXPERIMENT_NAME or _ID) or `mlflow run` created the run
-    (MLFLOW_RUN_ID: its experiment is the one `--experiment-name` chose)."""
-    if os.environ.get("MLFLOW_RUN_ID"):
+    (MLFLOW_RUN_ID: its experiment is the one `--experiment-name` chose).
+
+    The choice is made the way a user makes it, through MLFLOW_EXPERIMENT_NAME (which the
+    steps a study starts inherit), not through `mlflow.set_experiment`, whose choice would
+    outlive this command in a process that runs several (the tests)."""
+    if any(os.environ.get(key) for key in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID")):
         return
-    experiment_id = os.environ.get("MLFLOW_EXPERIMENT_ID")
     name = os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT
-    for attempt in range(3):
+    client = MlflowClient()
+    if client.get_experiment_by_name(name) is None:
         try:
-            if experiment_id:
-                mlflow.set_experiment(experiment_id=experiment_id)
-            else:
-                mlflow.set_experiment(name)
-            return
+            client.create_experiment(name)
         except MlflowException:
-            # Another process created it between our lookup and our create: look again.
-            if attempt == 2:
+            # Another process created it between our lookup and our create.
+            if client.get_experiment_by_name(name) is None:
                 raise
+    os.environ["MLFLOW_EXPERIMENT_NAME"] = name
 
 
 # MLflow's own switch for system metrics (CPU, memory, disk, network; the GPU with nvidia-ml-py):
