@@ -394,17 +394,18 @@ def findings(table: pd.DataFrame) -> list[str]:
             "existed): they are ranked on the test split, which then chose."
         )
 
-    def both(row) -> str:
+    def both(row, *, inside: bool = False) -> str:
+        """ "80.79% (test 82.20%)", or within parentheses "80.79%, test 82.20%"."""
         if not on_val:
             return f"{percent(row['final_test_acc_mean'])}%"
-        return (
-            f"{percent(row['final_val_acc_mean'])}% (test {percent(row['final_test_acc_mean'])}%)"
-        )
+        test = f"test {percent(row['final_test_acc_mean'])}%"
+        val = f"{percent(row['final_val_acc_mean'])}%"
+        return f"{val}, {test}" if inside else f"{val} ({test})"
 
     leader = ranked.iloc[0]
     if len(ranked) == 1:
         notes.append(
-            f"Only **{leader['norm']}** norm was run ({both(leader)} final {split} "
+            f"Only **{leader['norm']}** norm was run ({both(leader, inside=True)} final {split} "
             "accuracy); there is nothing to compare it with."
         )
     else:
@@ -412,9 +413,9 @@ def findings(table: pd.DataFrame) -> list[str]:
         margin = 100 * (leader[f"{key}_mean"] - runner[f"{key}_mean"])
         notes.append(
             f"**{leader['norm']}** norm leads on final {split} accuracy with {both(leader)}, "
-            f"{margin:.2f} points ahead of {runner['norm']} ({both(runner)})"
+            f"{margin:.2f} points ahead of {runner['norm']} ({both(runner, inside=True)})"
             + (
-                f"; {ranked.iloc[-1]['norm']} is last ({both(ranked.iloc[-1])})."
+                f"; {ranked.iloc[-1]['norm']} is last ({both(ranked.iloc[-1], inside=True)})."
                 if len(ranked) > 2
                 else "."
             )
