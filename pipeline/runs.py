@@ -64,6 +64,17 @@ def _precision_name(autocast_dtype: torch.dtype | None) -> str:
     return str(autocast_dtype).removeprefix("torch.") if autocast_dtype else "fp32"
 
 
+def _log_training_data(dataset: datasets.ArrayDataset) -> None:
+    tracking.log_dataset(
+        name=dataset.name,
+        source=dataset.source,
+        digest=dataset.digest,
+        context="train",
+        images=dataset.train_images,
+        labels=dataset.train_labels,
+    )
+
+
 def prepare_stats(data: str, *, echo: Echo = log.info) -> None:
     """Compute per-channel mean/std of the training split; log and cache them."""
     tracking.check_store()
@@ -79,14 +90,7 @@ def prepare_stats(data: str, *, echo: Echo = log.info) -> None:
                 "test_images": str(len(dataset.test_labels)),
             }
         )
-        tracking.log_dataset(
-            name=dataset.name,
-            source=dataset.source,
-            digest=dataset.digest,
-            context="train",
-            images=dataset.train_images,
-            labels=dataset.train_labels,
-        )
+        _log_training_data(dataset)
         tracking.log_text(stats.to_json(), "stats.json")
         tracking.log_figure(
             plots.class_samples(dataset.train_images, dataset.train_labels, dataset.classes),
@@ -133,14 +137,7 @@ def train_model(config: TrainConfig, *, echo: Echo = log.info) -> str:
                 "train_images": str(len(setup.train_split)),
             }
         )
-        tracking.log_dataset(
-            name=dataset.name,
-            source=dataset.source,
-            digest=dataset.digest,
-            context="train",
-            images=dataset.train_images,
-            labels=dataset.train_labels,
-        )
+        _log_training_data(dataset)
         tracking.log_text(summary(model), "model_summary.txt")
         tracking.log_dict(
             {row.layer: dataclasses.asdict(row) for row in fields}, "receptive_field.json"

@@ -301,26 +301,35 @@ def test_the_learning_rate_lives_on_the_device_and_follows_the_schedule():
     assert seen == pytest.approx([0.4 * (s + 1) / 6 for s in range(5)] + [0.4])
 
 
-def test_a_checkpoint_with_float_learning_rates_resumes_bit_for_bit():
-    """Checkpoints written before the rate moved to the device hold floats; they still resume."""
-    torch.manual_seed(8)
-    full_model = build_model(norm="layer", groups=4)
+def _resumes_bit_for_bit(norm: str, *, seed: int, edit=lambda checkpoint: None, **options):
+    """Two epochs straight through, and the same from epoch 1's checkpoint (after `edit`):
+    the same weights to the last bit."""
+    torch.manual_seed(seed)
+    full_model = build_model(norm=norm, groups=4)
     start = copy.deepcopy(full_model.state_dict())
     checkpoints = {}
 
     def keep(record, state):
         checkpoints[record.epoch] = copy.deepcopy(state.state_dict())
 
-    _fit(full_model, epochs=2, seed=8, on_epoch_end=keep, count=96)
-    old_style = checkpoints[1]
-    for group in old_style["optimizer"]["param_groups"]:
-        group["lr"] = float(group["lr"])
-    torch.manual_seed(8)
-    resumed = build_model(norm="layer", groups=4)
+    options = dict(epochs=2, seed=seed, count=96, **options)
+    _fit(full_model, on_epoch_end=keep, **options)
+    edit(checkpoints[1])
+    resumed = build_model(norm=norm, groups=4)
     resumed.load_state_dict(start)
-    _fit(resumed, epochs=2, seed=8, resume_from=old_style, count=96)
+    _fit(resumed, resume_from=checkpoints[1], **options)
     for name, tensor in full_model.state_dict().items():
         assert torch.equal(tensor, resumed.state_dict()[name]), name
+
+
+def test_a_checkpoint_with_float_learning_rates_resumes_bit_for_bit():
+    """Checkpoints written before the rate moved to the device hold floats; they still resume."""
+
+    def as_written_before(checkpoint):
+        for group in checkpoint["optimizer"]["param_groups"]:
+            group["lr"] = float(group["lr"])
+
+    _resumes_bit_for_bit("layer", seed=8, edit=as_written_before)
 
 
 # --------------------------------------------------------------------------- Muon
@@ -392,19 +401,4 @@ def test_muon_renormalizes_each_filter_tensor_to_the_root_of_its_outputs():
 
 
 def test_resuming_a_muon_run_reaches_the_same_weights_bit_for_bit():
-    torch.manual_seed(6)
-    full_model = build_model(norm="group", groups=4)
-    start = copy.deepcopy(full_model.state_dict())
-    checkpoints = {}
-
-    def keep(record, state):
-        checkpoints[record.epoch] = copy.deepcopy(state.state_dict())
-
-    options = dict(epochs=2, seed=6, count=96, optimizer="muon", muon_momentum=0.85)
-    _fit(full_model, on_epoch_end=keep, **options)
-    torch.manual_seed(6)
-    resumed = build_model(norm="group", groups=4)
-    resumed.load_state_dict(start)
-    _fit(resumed, resume_from=checkpoints[1], **options)
-    for name, tensor in full_model.state_dict().items():
-        assert torch.equal(tensor, resumed.state_dict()[name]), name
+    _resumes_bit_for_bit("group", seed=6, optimizer="muon", muon_momentum=0.85)
