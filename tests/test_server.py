@@ -337,6 +337,13 @@ def _train_runs(client: MlflowClient) -> list:
     return client.search_runs([experiment.experiment_id], "tags.step = 'train'")
 
 
+def _step_runs(client: MlflowClient, prefix: str) -> list:
+    """The sweep's step runs named `prefix`..., tagged by their training or not yet."""
+    experiment = client.get_experiment_by_name(CLUSTER_EXPERIMENT)
+    runs = client.search_runs([experiment.experiment_id], f"attributes.run_name LIKE '{prefix}%'")
+    return [run for run in runs if run.info.run_name.startswith(prefix)]
+
+
 def test_a_sweep_on_a_two_node_cluster_reruns_the_trial_of_a_lost_node(
     on_server, two_node_cluster, image_folder, tmp_path
 ):
@@ -359,20 +366,42 @@ def test_a_sweep_on_a_two_node_cluster_reruns_the_trial_of_a_lost_node(
         cwd=tmp_path,
     )  # fmt: skip
 
-    # Once node b has finished a trial, it goes away mid-trial: when two trials run at once
-    # (one CPU per node: one of them is on b) and both have logged epoch 1 of their 3. Events,
-    # not a sleep; what is left to timing is that b's trial does not finish its last two
-    # epochs between the poll that sees this (every 0.2 s) and the removal.
+    # Once node b has finished a trial, it goes away in the middle of its next one. Which
+    # running trial is b's follows from the order of events, not from timing: each node has
+    # one CPU, so while two trials run, the one that started before b's last trial ended holds
+    # node a, and the one started after that end holds b. That trial is remembered, and b is
+    # removed once it has logged epoch 1 of its 3 (its final epochs, evaluation and model still
+    # ahead of it). Should it finish between two polls, the next trial on b is the one.
+    on_b: dict[str, str] = {}
+
     def b_is_mid_trial() -> bool:
-        runs = _train_runs(on_server)
-        if not any(run.data.tags.get("node") == node_b for run in runs):
+        runs = _step_runs(on_server, "train-")
+        running = {run.info.run_id: run for run in runs if run.info.status == "RUNNING"}
+        if on_b.get("run_id") in running:
+            return "test_acc" in running[on_b["run_id"]].data.metrics
+        ends_on_b = [
+            run.info.end_time
+            for run in runs
+            if run.data.tags.get("node") == node_b and run.info.status == "FINISHED"
+        ]
+        if not ends_on_b or len(running) != 2:
             return False
-        running = [run for run in runs if run.info.status == "RUNNING"]
-        return len(running) == 2 and all("test_acc" in run.data.metrics for run in running)
+        b_free_since = max(ends_on_b)
+        before = [run for run in running.values() if run.info.start_time < b_free_since]
+        after = [run for run in running.values() if run.info.start_time >= b_free_since]
+        if len(before) == 1 and len(after) == 1:
+            on_b["run_id"] = after[0].info.run_id
+        return False
 
     deadline = time.monotonic() + 600
     while not b_is_mid_trial():
-        assert sweep.poll() is None and time.monotonic() < deadline, sweep.stdout.read()
+        if sweep.poll() is not None or time.monotonic() > deadline:
+            seen = [
+                (r.info.run_name, r.info.status, r.data.tags.get("node", "")[:8], r.info.start_time,
+                 r.info.end_time) for r in _step_runs(on_server, "train-")
+            ]  # fmt: skip
+            pytest.fail(f"node b never seen mid-trial; b={node_b[:8]} runs={seen}\n"
+                        f"{sweep.stdout.read()[-3000:]}")  # fmt: skip
         time.sleep(0.2)
     two_node_cluster.cluster.remove_node(two_node_cluster.nodes[1])
     output, _ = sweep.communicate(timeout=900)

@@ -157,10 +157,13 @@ def test_compare_report_has_every_artifact_and_the_childrens_numbers(store):
         "plots/per_class_accuracy.png",
     ):
         assert (directory / name).is_file(), name
-    # The tables as MLflow tables too, which the UI shows as tables.
-    norms = mlflow.load_table("comparison/tables/norms.json", run_ids=[parent_id])
+    # The tables as MLflow tables too, which the UI shows as tables. (`mlflow.load_table`
+    # would look in the active experiment, whichever that is in this process: name the run's.)
+    client = MlflowClient()
+    experiment_id = client.get_run(parent_id).info.experiment_id
+    norms = client.load_table(experiment_id, "comparison/tables/norms.json", run_ids=[parent_id])
     assert list(norms["norm"]) == list(NORMS) and "final_val_acc_mean" in norms
-    runs = mlflow.load_table("comparison/tables/runs.json", run_ids=[parent_id])
+    runs = client.load_table(experiment_id, "comparison/tables/runs.json", run_ids=[parent_id])
     assert len(runs) == len(NORMS)
     report = (directory / "report.md").read_text()
     links = re.findall(r"\]\(([^)]+)\)", report)
