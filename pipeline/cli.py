@@ -21,6 +21,7 @@ from pipeline import sweep as sweeps
 from pipeline.config import (
     ACTIVATIONS,
     COMPILE_MODES,
+    CUDA_GRAPHS,
     MAX_EPOCHS,
     MAX_MEASUREMENT_EPOCHS,
     NORMS,
@@ -332,6 +333,14 @@ def model_summary(**options) -> None:
     type=click.Choice(COMPILE_MODES),
     default=_DEFAULTS.compile,
     help="torch.compile the model: faster steps after a warm-up of a minute or more per run.",
+)
+@click.option(
+    "--cuda-graphs",
+    "cuda_graphs",
+    type=click.Choice(CUDA_GRAPHS),
+    default=_DEFAULTS.cuda_graphs,
+    help="Replay the training step and the evaluation's forward passes as CUDA graphs; "
+    "auto: on for a CUDA device (not with compile on), off elsewhere.",
 )
 @click.option(
     "--registered-model",

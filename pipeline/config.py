@@ -13,6 +13,8 @@ NORMS = ("batch", "group", "layer")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 PRECISIONS = ("auto", "fp32", "bf16")
 COMPILE_MODES = ("off", "on")  # torch.compile of the model: its warm-up must pay (docs/speed.md)
+# The training step and the evaluation's forward passes as CUDA graphs; auto: on for CUDA.
+CUDA_GRAPHS = ("auto", "on", "off")
 ORDERS = ("norm-act", "act-norm")  # conv -> norm -> ReLU, or conv -> ReLU -> norm
 ACTIVATIONS = ("relu", "silu", "gelu", "mish")  # the non-linearity of every conv block
 POOLS = ("max", "avg")  # P1 and P2
@@ -92,6 +94,7 @@ class TrainConfig:
     device: str = "auto"
     precision: str = "auto"
     compile: str = "off"
+    cuda_graphs: str = "auto"
     registered_model: str = REGISTERED_MODEL
     resume: str = ""
 
@@ -134,6 +137,7 @@ class TrainConfig:
         check_choice("device", self.device, DEVICES)
         check_choice("precision", self.precision, PRECISIONS)
         check_choice("compile", self.compile, COMPILE_MODES)
+        check_choice("cuda_graphs", self.cuda_graphs, CUDA_GRAPHS)
         if not str(self.data).strip():
             raise ConfigError(
                 "data must be a CIFAR-10 directory, an image-folder tree or a .tar.gz"

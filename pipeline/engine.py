@@ -15,7 +15,14 @@ from torch.optim.sgd import sgd
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
-from pipeline.config import DEFAULT_TTA, OPTIMIZERS, TTA_MODES, check_choice
+from pipeline.config import (
+    CUDA_GRAPHS,
+    DEFAULT_TTA,
+    OPTIMIZERS,
+    TTA_MODES,
+    ConfigError,
+    check_choice,
+)
 from pipeline.data import DeviceSplit, Normalizer, eval_batches, train_batches
 
 log = logging.getLogger(__name__)
@@ -122,6 +129,26 @@ def resolve_precision(
     if precision == "auto" and device.type == "cpu" and norm in BF16_NORMS:
         return torch.bfloat16 if cpu_has_native_bf16() else None
     return None
+
+
+def resolve_cuda_graphs(
+    mode: str, device: torch.device, *, compile: str = "off"
+) -> tuple[bool, str]:
+    """Whether `cuda_graphs=mode` replays the steps as CUDA graphs on `device`, and why not.
+
+    `auto` is on for CUDA; `on` without CUDA is an error; a torch.compile'd model (its own
+    compiled code, not captured here) runs eagerly, with the reason returned for the run's log.
+    """
+    check_choice("cuda_graphs", mode, CUDA_GRAPHS)
+    if mode == "off":
+        return False, "cuda_graphs=off"
+    if device.type != "cuda":
+        if mode == "on":
+            raise ConfigError(f"cuda_graphs=on needs a CUDA device (got {device.type})")
+        return False, f"no CUDA device (device {device.type})"
+    if compile == "on":
+        return False, "compile=on: a torch.compile'd model is not captured; it runs eagerly"
+    return True, ""
 
 
 def eval_batch_size_for(device: torch.device) -> int:
@@ -313,7 +340,8 @@ def learning_rate_on_device(optimizer: torch.optim.Optimizer) -> None:
     """Make each param group's learning rate a 0-dim tensor on its parameters' device.
 
     The scheduler then writes the rate in place (`fill_`) and the optimizer reads it there: a
-    step never reads it from the host (on CUDA the fused SGD kernel takes it as a pointer).
+    step never reads it from the host (on CUDA the fused SGD kernel takes it as a pointer), and
+    a CUDA graph of the step follows the schedule.
     Call it after the scheduler is built (its base rates stay floats) and after loading a
     checkpoint. float64 on the CPU, so the update is bit for bit that of a float rate; float32
     on CUDA, the fused kernel's type. Other devices keep a float (their fused kernels untried).
@@ -344,6 +372,11 @@ def make_scheduler(
 # --------------------------------------------------------------------------- loops
 
 
+# Eager steps before a CUDA graph is captured: cuDNN picks its kernels, the optimizer and the
+# weight average make their state, the allocator settles (PyTorch's CUDA graph recipe).
+GRAPH_WARMUP_STEPS = 3
+
+
 @torch.no_grad()
 def update_average(average: AveragedModel, model: nn.Module, *, first: bool) -> None:
     """`average.update_parameters(model)` for a weight average over parameters and buffers,
@@ -367,9 +400,13 @@ def update_average(average: AveragedModel, model: nn.Module, *, first: bool) -> 
 
 class TrainStep:
     """One training step on a batch: forward, loss, backward, SGD step, the weight average's
-    update and the epoch's loss and accuracy sums, all on the device with no host sync: the
-    learning rate is a device tensor (`learning_rate_on_device`), the sums are read once an
-    epoch (`sums`), and nothing in the step branches on a tensor's value.
+    update and the epoch's loss and accuracy sums, all on the device with no host sync.
+
+    With `cuda_graph`, the first `GRAPH_WARMUP_STEPS` run eagerly on a side stream, then the
+    whole step is captured once into one CUDA graph with static input buffers and replayed:
+    a launch per step instead of hundreds. The learning rate must be a device tensor
+    (`learning_rate_on_device`) and the batch shape fixed (`train_batches` drops the last
+    partial batch).
     """
 
     def __init__(
@@ -380,6 +417,7 @@ class TrainStep:
         loss_fn: nn.Module,
         autocast_dtype: torch.dtype | None,
         average: AveragedModel | None = None,
+        cuda_graph: bool = False,
     ) -> None:
         self.model = model
         self.optimizer = optimizer
@@ -389,9 +427,20 @@ class TrainStep:
         # One host read, before any step: a resumed average has been started already.
         self.average_started = average is not None and int(average.n_averaged) > 0
         self.device = next(model.parameters()).device
+        self.cuda_graph = cuda_graph
+        if cuda_graph and self.device.type != "cuda":
+            raise ValueError(f"a CUDA graph needs a model on a CUDA device (got {self.device})")
+        if cuda_graph and average is not None:
+            # AveragedModel keeps its update counter where it was made, the CPU unless told:
+            # a CPU tensor's update is not captured, so replays would not count.
+            average.n_averaged = average.n_averaged.to(self.device)
         self.loss_sum = torch.zeros((), device=self.device)
         self.correct = torch.zeros((), device=self.device, dtype=torch.long)
         self.seen = 0
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.eager_steps = 0
+        self.static_images: torch.Tensor | None = None
+        self.static_labels: torch.Tensor | None = None
 
     def reset_sums(self) -> None:
         self.loss_sum.zero_()
@@ -406,8 +455,34 @@ class TrainStep:
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> None:
         self.seen += len(labels)
+        if not self.cuda_graph:
+            self._step(images, labels)
+        elif self.graph is not None:
+            self.static_images.copy_(images)
+            self.static_labels.copy_(labels)
+            self.graph.replay()
+        elif self.eager_steps < GRAPH_WARMUP_STEPS:
+            self.eager_steps += 1
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):
+                self._step(images, labels)
+            torch.cuda.current_stream(self.device).wait_stream(side)
+        else:
+            self.static_images, self.static_labels = images.clone(), labels.clone()
+            self.graph = torch.cuda.CUDAGraph()
+            # zero_grad(set_to_none) inside the capture: backward allocates the gradients
+            # from the graph's pool, and every replay writes them anew.
+            with torch.cuda.graph(self.graph):
+                self._step(self.static_images, self.static_labels)
+            self.graph.replay()  # the capture ran nothing: this is the step
+
+    def _step(self, images: torch.Tensor, labels: torch.Tensor) -> None:
         with torch.autocast(
-            self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None
+            self.device.type,
+            dtype=self.autocast_dtype,
+            enabled=self.autocast_dtype is not None,
+            cache_enabled=False if self.cuda_graph else None,  # a graph cannot use the cache
         ):
             logits = self.model(images)
             loss = self.loss_fn(logits.float(), labels)
@@ -419,6 +494,68 @@ class TrainStep:
             self.average_started = True
         self.loss_sum += loss.detach() * len(labels)
         self.correct += (logits.argmax(dim=1) == labels).sum()
+
+
+class GraphedForward:
+    """`tta_logits(model, images, tta)` at one batch size as a CUDA graph, captured on the
+    first call after eager warm-up passes; a smaller batch is padded into the static input
+    (every norm evaluates each image on its own, so the padding changes no real logit).
+    The model must already be in eval mode; its weights are read in place at every replay."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        batch_size: int,
+        tta: str,
+        autocast_dtype: torch.dtype | None,
+    ) -> None:
+        self.model = model
+        self.batch_size = batch_size
+        self.tta = tta
+        self.autocast_dtype = autocast_dtype
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.static_images: torch.Tensor | None = None
+        self.static_logits: torch.Tensor | None = None
+
+    def _logits(self, images: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(
+            images.device.type,
+            dtype=self.autocast_dtype,
+            enabled=self.autocast_dtype is not None,
+            cache_enabled=False,
+        ):
+            return tta_logits(self.model, images, self.tta)
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        count = len(images)
+        if count > self.batch_size:
+            raise ValueError(f"a batch of {count} images exceeds the graph's {self.batch_size}")
+        if self.graph is None:
+            self.static_images = torch.zeros(
+                (self.batch_size, *images.shape[1:]), dtype=images.dtype, device=images.device
+            ).contiguous(memory_format=_memory_format_of(images))
+            self.static_images[:count].copy_(images)
+            side = torch.cuda.Stream(images.device)
+            side.wait_stream(torch.cuda.current_stream(images.device))
+            with torch.cuda.stream(side):
+                for _ in range(2):
+                    self._logits(self.static_images)
+            torch.cuda.current_stream(images.device).wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.static_logits = self._logits(self.static_images)
+        else:
+            self.static_images[:count].copy_(images)
+        self.graph.replay()
+        return self.static_logits[:count]
+
+
+def _memory_format_of(images: torch.Tensor) -> torch.memory_format:
+    if images.dim() == 4 and images.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
 
 
 def train_one_epoch(
@@ -451,10 +588,17 @@ def evaluate(
     batch_size: int | None = None,
     autocast_dtype: torch.dtype | None = None,
     tta: str = DEFAULT_TTA,
+    graphed: GraphedForward | None = None,
 ) -> Evaluation:
     """Loss and accuracy on `split`, with test-time augmentation `tta` (see `tta_logits`), in
-    batches of `batch_size` (default: `eval_batch_size_for` the split's device)."""
+    batches of `batch_size` (default: `eval_batch_size_for` the split's device). `graphed`, a
+    `GraphedForward` of `model` with the same `tta`, replays the forward passes as a CUDA
+    graph (its batch size is then the evaluation's)."""
     check_choice("tta", tta, TTA_MODES)
+    if graphed is not None:
+        if graphed.model is not model or graphed.tta != tta:
+            raise ValueError("graphed must be a GraphedForward of this model and tta")
+        batch_size = graphed.batch_size
     batch_size = batch_size or eval_batch_size_for(split.images.device)
     if isinstance(model, nn.Module) and hasattr(model, "eval") and not _is_graph_module(model):
         model.eval()
@@ -462,8 +606,13 @@ def evaluate(
     loss_sum = torch.zeros((), device=device)
     predictions = []
     for images, labels in eval_batches(split, batch_size=batch_size, normalize=normalize):
-        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            logits = tta_logits(model, images, tta)
+        if graphed is not None:
+            logits = graphed(images)
+        else:
+            with torch.autocast(
+                device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None
+            ):
+                logits = tta_logits(model, images, tta)
         loss_sum += nn.functional.cross_entropy(logits, labels, reduction="sum")
         predictions.append(logits.argmax(dim=1))
     predicted = torch.cat(predictions).cpu()
@@ -563,6 +712,7 @@ def fit(
     muon_lr: float = 0.03,
     muon_momentum: float = 0.9,
     muon_renormalize: bool = True,
+    cuda_graphs: bool = False,
     resume_from: dict | None = None,
     on_epoch_end: Callable[[EpochMetrics, TrainingState], None] | None = None,
 ) -> list[EpochMetrics]:
@@ -576,7 +726,10 @@ def fit(
     `cutout` > 0 blanks a `cutout`-pixel square of every training image; `translate` is the
     largest random shift (pixels) of the training images; `tta` is how each epoch evaluates.
     `optimizer` and the `muon_*` options are `make_optimizer`'s.
+    `cuda_graphs` (CUDA only) replays the training step and the evaluation's forward passes
+    as CUDA graphs (`TrainStep`, `GraphedForward`): the same arithmetic, one launch a step.
     """
+    device = train_split.images.device
     steps = len(train_split) // batch_size
     if steps == 0:
         raise ValueError(
@@ -610,8 +763,17 @@ def fit(
         loss_fn=nn.CrossEntropyLoss(label_smoothing=label_smoothing),
         autocast_dtype=autocast_dtype,
         average=average,
+        cuda_graph=cuda_graphs,
     )
     evaluated = model if average is None else average.module
+    graphed = None
+    if cuda_graphs:
+        graphed = GraphedForward(
+            evaluated,
+            batch_size=eval_batch_size or eval_batch_size_for(device),
+            tta=tta,
+            autocast_dtype=autocast_dtype,
+        )
     records = []
     for epoch in range(state.epoch + 1, epochs + 1):
         started = time.perf_counter()
@@ -639,6 +801,7 @@ def fit(
                 batch_size=eval_batch_size,
                 autocast_dtype=autocast_dtype,
                 tta=tta,
+                graphed=graphed,  # the same forward graph serves both splits
             )
         result = evaluate(
             evaluated,
@@ -647,6 +810,7 @@ def fit(
             batch_size=eval_batch_size,
             autocast_dtype=autocast_dtype,
             tta=tta,
+            graphed=graphed,
         )
         if not math.isfinite(train_loss):
             raise FloatingPointError(

@@ -101,7 +101,9 @@ def prepare_stats(data: str, *, echo: Echo = log.info) -> None:
 
 def train_model(config: TrainConfig, *, echo: Echo = log.info) -> str:
     """Train, log and register one model; returns the run id."""
-    engine.resolve_device(config.device)  # a missing device fails before the store is touched
+    # A missing device, or cuda_graphs=on without CUDA, fails before the store is touched.
+    device = engine.resolve_device(config.device)
+    engine.resolve_cuda_graphs(config.cuda_graphs, device, compile=config.compile)
     tracking.check_store()
     setup = training.prepare_training(config, load_stats=load_stats)
     resume_state = tracking.load_checkpoint(config.resume) if config.resume else None
@@ -110,6 +112,8 @@ def train_model(config: TrainConfig, *, echo: Echo = log.info) -> str:
     run_name = f"train-{config.norm}-seed{config.seed}"
     norm_tags = _norm_tags(config.norm, str(config.groups))
     tags = {"step": "train", **norm_tags}
+    if setup.cuda_graphs_note and setup.device.type == "cuda":
+        tags["cuda_graphs_note"] = setup.cuda_graphs_note  # why this run on CUDA is not graphed
     if config.beyond_budget:
         tags["beyond_budget"] = "true"
         echo(
@@ -130,6 +134,7 @@ def train_model(config: TrainConfig, *, echo: Echo = log.info) -> str:
                 "receptive_field": str(fields[-3].receptive_field),  # after C9, before GAP
                 "device": str(setup.device),
                 "autocast": _precision_name(setup.autocast_dtype),
+                "cuda_graphs_used": str(setup.cuda_graphs).lower(),
                 "cpu_capability": engine.cpu_capability(),
                 # Which training images validate: runs on other splits are never paired.
                 "val_seed": str(setup.validation.seed) if setup.validation else "",
@@ -145,7 +150,10 @@ def train_model(config: TrainConfig, *, echo: Echo = log.info) -> str:
         tracking.log_text(setup.stats.to_json(), "stats.json")
         echo(
             f"run {run_id}: {config.norm} norm, {setup.parameters:,} parameters, on {setup.device}"
+            + (", CUDA graphs" if setup.cuda_graphs else "")
         )
+        if "cuda_graphs_note" in tags:
+            echo(f"not graphed: {setup.cuda_graphs_note}")
 
         def on_epoch_end(record: engine.EpochMetrics, state: engine.TrainingState) -> None:
             # An epoch's metrics and its checkpoint are logged together or not at all: Ctrl-C
@@ -257,6 +265,9 @@ def evaluate_model(config: EvalConfig, *, echo: Echo = log.info) -> str:
     test_split = datasets.to_device(dataset.test_images, dataset.test_labels, device=device)
     label = f"{source.name}-v{source.version}" if source.version else source.run_id[:8]
     tags = {"step": "evaluate", "source_run_id": source.run_id, "model_uri": config.model_uri}
+    if device.type == "cuda":
+        # torch.export's program is run as loaded; only train's own model is captured.
+        tags["cuda_graphs_note"] = "an exported model is not captured; it runs eagerly"
     if source.version:
         tags.update({"model_name": source.name or "", "model_version": source.version})
     source_params = tracking.run_params(source.run_id)

@@ -37,6 +37,8 @@ class TrainingSetup:
     test_split: datasets.DeviceSplit
     val_split: datasets.DeviceSplit | None = None
     validation: datasets.ValidationSplit | None = None  # which training images it holds
+    cuda_graphs: bool = False  # the steps replay as CUDA graphs
+    cuda_graphs_note: str = ""  # why they do not, when they do not
 
 
 def load_local_stats(spec: str, dataset: datasets.ArrayDataset) -> DatasetStats:
@@ -94,6 +96,9 @@ def prepare_training(
         model.init_whitening(normalize(train_split.images[:WHITENING_IMAGES]))
     if config.compile == "on":
         model.compile()  # in place: the same module, parameters and state-dict keys
+    cuda_graphs, cuda_graphs_note = engine.resolve_cuda_graphs(
+        config.cuda_graphs, device, compile=config.compile
+    )
     return TrainingSetup(
         model=model,
         parameters=parameters,
@@ -106,6 +111,8 @@ def prepare_training(
         test_split=datasets.to_device(dataset.test_images, dataset.test_labels, device=device),
         val_split=val_split,
         validation=validation,
+        cuda_graphs=cuda_graphs,
+        cuda_graphs_note=cuda_graphs_note,
     )
 
 
@@ -140,6 +147,7 @@ def fit(
         muon_lr=config.muon_lr,
         muon_momentum=config.muon_momentum,
         muon_renormalize=config.muon_renormalize,
+        cuda_graphs=setup.cuda_graphs,
         resume_from=resume_from,
         on_epoch_end=on_epoch_end,
     )

@@ -51,6 +51,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchmarks import (  # noqa: E402
     compiled,
     evaluation,
+    graphs,
     layouts,
     norm_kernels,
     throughput,
@@ -178,6 +179,13 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
         "per norm on a CPU); default off",
     )
     parser.add_argument(
+        "--graphs",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="time the training step and the evaluation eager vs as CUDA graphs, each norm at "
+        "its recipe batch (CUDA only); default on for a CUDA device",
+    )
+    parser.add_argument(
         "--layout-steps",
         type=int,
         help=f"timed steps per layout; default {FULL_SETTINGS['layout_steps']}, "
@@ -232,6 +240,10 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
         arguments.device = engine.resolve_device(arguments.device)
     except ValueError as error:  # ConfigError and an absent device
         parser.error(str(error))
+    if arguments.graphs is None:
+        arguments.graphs = arguments.device.type == "cuda"
+    elif arguments.graphs and arguments.device.type != "cuda":
+        parser.error(f"--graphs needs a CUDA device (got {arguments.device.type})")
     return arguments
 
 
@@ -301,6 +313,20 @@ def run_benchmark(arguments: argparse.Namespace, *, command: str) -> str:
             warmup_steps=arguments.warmup_steps,
             seed=arguments.seed,
         )
+    graph_speeds: list[graphs.GraphSpeed] = []
+    if arguments.graphs:
+        test_split = datasets.to_device(dataset.test_images, dataset.test_labels, device=device)
+        graph_speeds = graphs.measure(
+            train_split,
+            test_split,
+            stats,
+            norms=arguments.norms,
+            device=device,
+            steps=arguments.steps,
+            warmup_steps=arguments.warmup_steps,
+            seed=arguments.seed,
+        )
+        del test_split
     del train_split  # free the device copy before the tracked runs load their own
     evaluation_costs: list[evaluation.EvaluationCost] = []
     if arguments.tta:
@@ -343,6 +369,10 @@ def run_benchmark(arguments: argparse.Namespace, *, command: str) -> str:
         ),
         *tracking_overhead.report(overhead),
     ]
+    if graph_speeds:
+        lines += graphs.report(
+            graph_speeds, steps=arguments.steps, warmup_steps=arguments.warmup_steps
+        )
     if evaluation_costs:
         lines += evaluation.report(
             evaluation_costs,

@@ -402,3 +402,27 @@ def test_muon_renormalizes_each_filter_tensor_to_the_root_of_its_outputs():
 
 def test_resuming_a_muon_run_reaches_the_same_weights_bit_for_bit():
     _resumes_bit_for_bit("group", seed=6, optimizer="muon", muon_momentum=0.85)
+
+
+def test_cuda_graphs_resolve_to_on_for_cuda_only():
+    cuda = torch.device("cuda")
+    assert engine.resolve_cuda_graphs("auto", cuda) == (True, "")
+    assert engine.resolve_cuda_graphs("on", cuda) == (True, "")
+    used, why = engine.resolve_cuda_graphs("auto", CPU)
+    assert not used and "no CUDA device" in why
+    used, why = engine.resolve_cuda_graphs("auto", cuda, compile="on")
+    assert not used and "compile=on" in why
+    assert engine.resolve_cuda_graphs("off", cuda)[0] is False
+    with pytest.raises(ConfigError, match="cuda_graphs=on needs a CUDA device"):
+        engine.resolve_cuda_graphs("on", CPU)
+    with pytest.raises(ValueError, match="a CUDA graph needs a model on a CUDA device"):
+        optimizer = engine.make_optimizer(
+            build_model(norm="batch", groups=4), learning_rate=0.1, momentum=0, weight_decay=0
+        )
+        engine.TrainStep(
+            build_model(norm="batch", groups=4),
+            optimizer=optimizer,
+            loss_fn=torch.nn.CrossEntropyLoss(),
+            autocast_dtype=None,
+            cuda_graph=True,
+        )

@@ -165,9 +165,12 @@ def measure_training(
     warmup_steps: int,
     seed: int,
     compile_model: bool = False,
+    cuda_graph: bool = False,
 ) -> Measurement:
     """`engine.train_one_epoch` as `train` sets it up; `path="ceiling"` repeats one fixed batch;
-    `compile_model` compiles the model first, as `train --compile on` does."""
+    `compile_model` compiles the model first, as `train --compile on` does; `cuda_graph`
+    replays the step as one CUDA graph, as `train --cuda-graphs on` does (its eager warm-up
+    and capture are among the untimed steps)."""
     device = train_split.images.device
     torch.manual_seed(seed)
     model = build_model(norm=norm, groups=DEFAULTS.groups, dropout=DEFAULTS.dropout)
@@ -194,7 +197,10 @@ def measure_training(
         optimizer=optimizer,
         loss_fn=nn.CrossEntropyLoss(label_smoothing=DEFAULTS.label_smoothing),
         autocast_dtype=autocast_dtype,
+        cuda_graph=cuda_graph,
     )
+    if cuda_graph:
+        warmup_steps = max(warmup_steps, engine.GRAPH_WARMUP_STEPS + 1)
 
     def epoch_batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         return datasets.train_batches(
