@@ -280,8 +280,10 @@ def test_batch_size_zero_is_the_norms_recipe_and_runs_log_the_value_they_train_w
         TrainConfig(batch_size=1)
 
 
-def test_a_sweep_over_batch_size_keeps_each_norms_default_once():
-    """layer's default is batch 128, so the grid's 128 for layer norm is its default trial."""
+def test_a_sweep_over_batch_size_keeps_each_norms_default_once(monkeypatch):
+    """With batch norm's recipe at batch 256 and layer norm's at 128, the grid's 128 is a lever
+    for batch norm and layer norm's default trial."""
+    monkeypatch.setitem(config.RECIPES, "batch", {"batch_size": 256})
     found, _ = trials("batch_size=128", norms=("batch", "layer"), seeds=1, mode="one-at-a-time")
     names = [trial.name for trial in found]
     assert names == ["train-batch-seed1", "train-batch-seed1-batch_size=128", "train-layer-seed1"]
@@ -291,6 +293,6 @@ def test_a_sweep_over_batch_size_keeps_each_norms_default_once():
 def test_train_help_names_each_norms_batch_size():
     result = CliRunner().invoke(cli, ["train", "--help"], terminal_width=200)
     assert result.exit_code == 0
-    assert "0: the norm's recipe (batch 256, group 128, layer 128)." in " ".join(
+    assert "0: the norm's recipe (batch 128, group 128, layer 128)." in " ".join(
         result.output.split()
     )
