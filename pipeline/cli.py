@@ -20,6 +20,7 @@ from pipeline import runs, tracking, training, workflow
 from pipeline import sweep as sweeps
 from pipeline.config import (
     ACTIVATIONS,
+    BATCH_STATISTICS_NORMS,
     COMPILE_MODES,
     CUDA_GRAPHS,
     MAX_EPOCHS,
@@ -32,6 +33,7 @@ from pipeline.config import (
     PRECISIONS,
     REGISTERED_MODEL,
     STANDARDIZE,
+    STUDY_NORMS,
     TTA_MODES,
     ConfigError,
     EvalConfig,
@@ -43,6 +45,7 @@ from pipeline.data import DataError
 from pipeline.engine import BF16_NORMS
 from pipeline.executors import EXECUTORS, ExecutorSettings
 from pipeline.model import summary
+from pipeline.norms import REGISTRY
 
 log = logging.getLogger("pipeline")
 
@@ -67,7 +70,8 @@ def _on_sigterm(signum, frame) -> None:
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @click.option("--verbose", is_flag=True, help="Debug logging.")
 def cli(verbose: bool) -> None:
-    """CIFAR-10 normalization study (batch / group / layer) tracked in MLflow."""
+    """CIFAR-10 normalization study (batch / group / layer, and more norms opt-in) tracked in
+    MLflow."""
     _setup_logging(verbose)
     signal.signal(signal.SIGTERM, _on_sigterm)
 
@@ -102,6 +106,25 @@ def _fail(message: str, *, code: int, status: str = "FAILED") -> None:
 # --------------------------------------------------------------------------- shared options
 
 _DEFAULTS = TrainConfig()
+# Every registered norm (pipeline/norms.py) with what its statistics are taken over.
+NORM_HELP = "; ".join(f"{name}: {entry.description}" for name, entry in REGISTRY.items()) + "."
+STUDY_NORM_HELP = (
+    f"One norm or a comma-separated list of them: {', '.join(NORMS)} (the default study: "
+    f"{', '.join(STUDY_NORMS)})."
+)
+
+
+def norm_batch_option(function):
+    return click.option(
+        "--norm-batch",
+        "norm_batch",
+        type=int,
+        default=_DEFAULTS.norm_batch,
+        help="Images per batch-statistics group (ghost batches): each group of a training batch "
+        "normalized by its own statistics, as per-GPU batch norm; 0: the whole batch. Must "
+        "divide batch_size; only for a norm with batch statistics "
+        f"({', '.join(BATCH_STATISTICS_NORMS)}).",
+    )(function)
 
 
 def tta_option(default: str, what: str):
@@ -150,8 +173,9 @@ def prepare_stats(data: str) -> None:
 
 
 @cli.command("summary")
-@click.option("--norm", default=_DEFAULTS.norm, help="batch, group or layer.")
+@click.option("--norm", default=_DEFAULTS.norm, help=NORM_HELP)
 @click.option("--groups", type=int, default=_DEFAULTS.groups, help="Groups for norm=group.")
+@norm_batch_option
 @click.option("--widths", default=_DEFAULTS.widths, help="As train's, e.g. C2=32,C7=24.")
 @click.option("--order", type=click.Choice(ORDERS), default=_DEFAULTS.order)
 @click.option(
@@ -175,7 +199,7 @@ def model_summary(**options) -> None:
 
 
 @cli.command()
-@click.option("--norm", default=_DEFAULTS.norm, help="batch, group or layer.")
+@click.option("--norm", default=_DEFAULTS.norm, help=NORM_HELP)
 @click.option("--groups", type=int, default=_DEFAULTS.groups, help="Groups for norm=group.")
 @click.option(
     "--epochs",
@@ -192,6 +216,7 @@ def model_summary(**options) -> None:
     help=f"Images per training step; {recipe_help('batch_size')}",
     show_default=True,
 )
+@norm_batch_option
 @click.option(
     "--learning-rate",
     "learning_rate",
@@ -251,7 +276,9 @@ def model_summary(**options) -> None:
     "--standardize",
     type=click.Choice(STANDARDIZE, case_sensitive=False),
     default=_DEFAULTS.standardize,
-    help="Weight standardization of the convs; auto: on for group and layer norm.",
+    help="Weight standardization of the convs; auto: the norm's default, on for "
+    + ", ".join(name for name, entry in REGISTRY.items() if entry.standardize)
+    + ".",
 )
 @click.option(
     "--residual",
@@ -449,7 +476,7 @@ _NOT_STUDY_OPTIONS = ("norm", "seed", "resume")
 
 
 @cli.command("main")
-@click.option("--norm", default=",".join(NORMS), help="One norm or a comma-separated list of them.")
+@click.option("--norm", default=",".join(STUDY_NORMS), help=STUDY_NORM_HELP)
 @click.option(
     "--seeds",
     type=int,
@@ -532,7 +559,7 @@ study.params.extend(option for option in train.params if option.name not in _NOT
     default="grid",
     help="grid: every combination; one-at-a-time: the defaults and each value alone.",
 )
-@click.option("--norm", default=",".join(NORMS), help="One norm or a comma-separated list of them.")
+@click.option("--norm", default=",".join(STUDY_NORMS), help=STUDY_NORM_HELP)
 @click.option("--seeds", type=int, default=1, help="Train seeds 1..SEEDS of every trial.")
 @executor_options
 @click.option(

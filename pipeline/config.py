@@ -9,7 +9,13 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-NORMS = ("batch", "group", "layer")
+from pipeline.norms import REGISTRY
+
+# Every registered norm (pipeline/norms.py), and those the default study trains.
+NORMS = tuple(REGISTRY)
+STUDY_NORMS = tuple(name for name, entry in REGISTRY.items() if entry.in_default_study)
+# The norms with batch statistics, whose statistics `norm_batch` can take over groups.
+BATCH_STATISTICS_NORMS = tuple(n for n, entry in REGISTRY.items() if entry.batch_statistics)
 DEVICES = ("auto", "cpu", "cuda", "mps")
 PRECISIONS = ("auto", "fp32", "bf16")
 COMPILE_MODES = ("off", "on")  # torch.compile of the model: its warm-up must pay (docs/speed.md)
@@ -21,7 +27,8 @@ POOLS = ("max", "avg")  # P1 and P2
 # sgd: SGD with Nesterov momentum for every parameter; muon: Muon for the conv filters but the
 # c10 head (engine.MuonSGD), the recipe's SGD for norms, biases and the head.
 OPTIMIZERS = ("sgd", "muon")
-# Weight standardization of the convs: auto = on for group and layer norm, off for batch norm.
+# Weight standardization of the convs: auto = the norm's default (pipeline/norms.py): on for
+# group and layer norm, off for batch norm.
 STANDARDIZE = ("auto", "true", "false")
 # Test-time augmentation: the image alone, with its mirror, or mirror x two 1-pixel translations.
 TTA_MODES = ("none", "flip", "flip-translate")
@@ -40,12 +47,8 @@ DEFAULT_DATA = "~/.cache/cifar10"  # where torchvision downloads CIFAR-10 when i
 # by `sweep` + `compare`'s lever table over 3 seeds, adopted where its paired gain over the
 # alternative exceeded twice its standard error: batch 128 for every norm
 # (docs/results.md#the-recipe-re-decided-on-validation). The resolved value is what a run logs
-# as its param.
-RECIPES: dict[str, dict[str, int]] = {
-    "batch": {"batch_size": 128},
-    "group": {"batch_size": 128},
-    "layer": {"batch_size": 128},
-}
+# as its param. Each norm's entry in pipeline/norms.py holds its recipe.
+RECIPES: dict[str, dict[str, int]] = {name: dict(e.recipe) for name, e in REGISTRY.items()}
 # The validation split: images held out of the training split, per class, with a seed of its
 # own (not the training seed), so every run of a dataset holds out the same ones. Choices (a
 # recipe, a lever, the champion) are made on it; the test split is only reported.
@@ -53,6 +56,7 @@ DEFAULT_VAL_SIZE = 5000
 VAL_SEED = 0
 PER_NORM = 0  # the value of a RECIPES parameter that asks for the norm's recipe
 PER_NORM_CHOICE = f"{PER_NORM} (the norm's recipe)"  # how errors name it
+NORM_BATCH_CHOICE = "0 (the whole batch)"
 
 
 class ConfigError(ValueError):
@@ -67,6 +71,8 @@ class TrainConfig:
     groups: int = 4
     epochs: int = MAX_EPOCHS
     batch_size: int = PER_NORM  # 0: the norm's recipe (RECIPES)
+    # Images per batch-statistics group ("ghost" batches); 0: the whole batch.
+    norm_batch: int = 0
     learning_rate: float = 0.2
     momentum: float = 0.9
     weight_decay: float = 5e-4
@@ -109,6 +115,7 @@ class TrainConfig:
             if type(given) is int and given == PER_NORM:
                 object.__setattr__(self, name, value)
         check_int_range("batch_size", self.batch_size, low=2, high=8192, also=PER_NORM_CHOICE)
+        check_norm_batch(self.norm_batch, norm=self.norm, batch_size=self.batch_size)
         check_float_range("learning_rate", self.learning_rate, low=0.0, high=10.0, open_low=True)
         check_float_range("momentum", self.momentum, low=0.0, high=1.0, open_high=True)
         check_float_range("weight_decay", self.weight_decay, low=0.0, high=1.0)
@@ -128,6 +135,11 @@ class TrainConfig:
         check_bool("residual", self.residual)
         check_int_range("conv_groups", self.conv_groups, low=1, high=64)
         check_choice("activation", self.activation, ACTIVATIONS)
+        if not REGISTRY[self.norm].activation and self.activation != "relu":
+            raise ConfigError(
+                f"activation does not apply to norm={self.norm}, which brings its own "
+                f"(got activation={self.activation}; leave it at relu)"
+            )
         check_choice("pool", self.pool, POOLS)
         check_choice("optimizer", self.optimizer, OPTIMIZERS)
         check_float_range("muon_lr", self.muon_lr, low=0.0, high=10.0, open_low=True)
@@ -160,6 +172,7 @@ class TrainConfig:
         return {
             "norm": self.norm,
             "groups": self.groups,
+            "norm_batch": self.norm_batch,
             "dropout": self.dropout,
             "whiten": self.whiten,
             "widths": parse_widths(self.widths),
@@ -212,6 +225,23 @@ def check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
 def check_bool(name: str, value: bool) -> None:
     if not isinstance(value, bool):
         raise ConfigError(f"{name} must be true or false (got {value!r})")
+
+
+def check_norm_batch(norm_batch: int, *, norm: str, batch_size: int) -> None:
+    """`norm_batch`: 0 (the whole batch), or a divisor of `batch_size` for a norm with batch
+    statistics."""
+    if norm_batch == 0 and not isinstance(norm_batch, bool):
+        return
+    check_int_range("norm_batch", norm_batch, low=1, high=8192, also=NORM_BATCH_CHOICE)
+    if norm not in BATCH_STATISTICS_NORMS:
+        raise ConfigError(
+            f"norm_batch needs a norm with batch statistics ({', '.join(BATCH_STATISTICS_NORMS)}); "
+            f"got norm={norm}"
+        )
+    if batch_size % norm_batch:
+        raise ConfigError(
+            f"norm_batch must divide batch_size {batch_size} into equal groups (got {norm_batch})"
+        )
 
 
 def recipe_help(name: str) -> str:

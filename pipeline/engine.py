@@ -24,6 +24,7 @@ from pipeline.config import (
     check_choice,
 )
 from pipeline.data import DeviceSplit, Normalizer, eval_batches, train_batches
+from pipeline.norms import REGISTRY
 
 log = logging.getLogger(__name__)
 
@@ -89,8 +90,9 @@ def _mps_available() -> bool:
 # those where it is faster there *and* as accurate as fp32 over 3 seeds (paired by seed, the
 # mean difference within fp32's seed spread; docs/speed.md#does-bf16-hold-the-accuracy).
 # Layer norm: 1.71x, -0.17 points (fp32 spread 0.65); group norm (FloatGroupNorm): 1.19x, +0.38
-# (spread 0.66). Not batch norm: 1.84x, but -0.39 points where fp32's spread is 0.03.
-BF16_NORMS: tuple[str, ...] = ("group", "layer")
+# (spread 0.66). Not batch norm: 1.84x, but -0.39 points where fp32's spread is 0.03. Each
+# norm's registry entry (pipeline/norms.py, `bf16`) holds the verdict; unmeasured norms are fp32.
+BF16_NORMS: tuple[str, ...] = tuple(name for name, entry in REGISTRY.items() if entry.bf16)
 
 
 # torch's checks for the CPU extensions that compute bf16 natively, by the name runs log.
@@ -160,8 +162,9 @@ def eval_batch_size_for(device: torch.device) -> int:
 def memory_format_for(norm: str, device: torch.device) -> torch.memory_format:
     """The faster layout measured for `norm` on `device` (docs/speed.md, layouts table):
     channels_last on the CPU for every norm; on CUDA channels_last for batch norm, NCHW for
-    group and layer norm, whose CUDA kernels want it."""
-    if device.type == "cuda" and norm != "batch":
+    group and layer norm, whose CUDA kernels want it (the registry's `cuda_channels_last`;
+    NCHW for a norm not measured)."""
+    if device.type == "cuda" and not REGISTRY[norm].cuda_channels_last:
         return torch.contiguous_format
     return torch.channels_last
 

@@ -9,7 +9,16 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from pipeline.config import ACTIVATIONS, NORMS, ORDERS, POOLS, ConfigError, check_choice
+from pipeline.config import (
+    ACTIVATIONS,
+    BATCH_STATISTICS_NORMS,
+    NORMS,
+    ORDERS,
+    POOLS,
+    ConfigError,
+    check_choice,
+)
+from pipeline.norms import get as norm_entry
 
 # C = 3x3 conv, c = 1x1 conv, P = 2x2 pool (max by default), GAP = global average pool; each
 # used once.
@@ -88,16 +97,92 @@ def make_pool(pool: str) -> nn.Module:
     return nn.MaxPool2d(kernel_size=2, stride=2)
 
 
-def make_norm(norm: str, channels: int, *, groups: int) -> nn.Module:
-    """The normalization layer for `channels` feature maps ("layer" is GroupNorm with one group,
-    whose bf16 kernel is fast). `groups` must divide `channels` (`check_groups` checks every
-    layer of a model at once)."""
+class GhostBatchNorm2d(nn.BatchNorm2d):
+    """Batch norm whose training statistics are taken over groups of `norm_batch` images.
+
+    The batch `(B, C, H, W)` splits into B / norm_batch consecutive groups; each group is
+    normalized by its own per-channel mean and (biased) variance, as each of Wu & He's 8 GPUs
+    normalized its own images (Group Normalization, 2018). The running statistics move, with
+    BatchNorm2d's momentum, towards the mean over the groups of each group's mean and of each
+    group's unbiased variance (n = norm_batch * H * W), so evaluation, which uses them exactly
+    as BatchNorm2d does, sees the within-group scale the training normalized with. A batch of
+    one group is BatchNorm2d itself.
+    """
+
+    def __init__(self, num_features: int, *, norm_batch: int, **options) -> None:
+        super().__init__(num_features, **options)
+        if norm_batch < 1:
+            raise ConfigError(f"norm_batch must be >= 1 for ghost batches (got {norm_batch})")
+        self.norm_batch = norm_batch
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch = x.shape[0]
+        if not self.training or batch == self.norm_batch:
+            return super().forward(x)
+        if batch % self.norm_batch:
+            raise ConfigError(
+                f"a batch of {batch} images does not split into groups of "
+                f"norm_batch={self.norm_batch}"
+            )
+        channels, height, width = x.shape[1:]
+        groups = x.float().reshape(batch // self.norm_batch, self.norm_batch, *x.shape[1:])
+        var, mean = torch.var_mean(groups, dim=(1, 3, 4), unbiased=False)  # (G, C) each
+        scale = torch.rsqrt(var + self.eps)
+        out = (groups - mean[:, None, :, None, None]) * scale[:, None, :, None, None]
+        out = out.reshape(x.shape)
+        if self.affine:
+            out = out * self.weight[:, None, None] + self.bias[:, None, None]
+        if self.track_running_stats:
+            with torch.no_grad():
+                count = self.norm_batch * height * width
+                unbiased = var * (count / max(count - 1, 1))
+                self.num_batches_tracked.add_(1)
+                momentum = self.momentum
+                if momentum is None:  # a cumulative average, as BatchNorm2d's
+                    momentum = 1.0 / float(self.num_batches_tracked)
+                self.running_mean.lerp_(mean.mean(dim=0), momentum)
+                self.running_var.lerp_(unbiased.mean(dim=0), momentum)
+        return out.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, norm_batch={self.norm_batch}"
+
+
+class FilterResponseNorm2d(nn.Module):
+    """Filter Response Normalization with its Thresholded Linear Unit (Singh & Krishnan, 2020).
+
+    Per image and channel, no mean subtracted and no batch statistics:
+    nu2 = mean over (H, W) of x^2;  y = gamma * x / sqrt(nu2 + eps) + beta;  z = max(y, tau).
+    gamma, beta and tau are learned per channel (ones, zeros, zeros at the start); eps is the
+    paper's 1e-6. The TLU is the block's activation (norms.Norm.activation is False).
+    """
+
+    def __init__(self, channels: int, *, eps: float = 1e-6) -> None:
+        super().__init__()
+        # (C,) tensors, like every norm's: weight decay and Muon leave 1-d parameters alone.
+        self.weight = nn.Parameter(torch.ones(channels))  # gamma
+        self.bias = nn.Parameter(torch.zeros(channels))  # beta
+        self.tau = nn.Parameter(torch.zeros(channels))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.float()  # the mean of squares in fp32, also under bf16 autocast
+        nu2 = x.square().mean(dim=(2, 3), keepdim=True)  # (B, C, 1, 1)
+        y = x * torch.rsqrt(nu2 + self.eps)
+        y = y * self.weight[:, None, None] + self.bias[:, None, None]
+        return torch.maximum(y, self.tau[:, None, None])
+
+    def extra_repr(self) -> str:
+        return f"{len(self.weight)}, eps={self.eps}"
+
+
+def make_norm(norm: str, channels: int, *, groups: int, norm_batch: int = 0) -> nn.Module:
+    """The normalization layer for `channels` feature maps, built by the norm's registry entry
+    (pipeline/norms.py). `groups` must divide `channels` for group norm (`check_groups` checks
+    every layer of a model at once); `norm_batch` > 0 takes batch statistics over groups of
+    that many images."""
     check_choice("norm", norm, NORMS)
-    if norm == "batch":
-        return nn.BatchNorm2d(channels)
-    if norm == "layer":
-        return nn.GroupNorm(1, channels)
-    return FloatGroupNorm(groups, channels)
+    return norm_entry(norm).build(channels, groups=groups, norm_batch=norm_batch)
 
 
 def allowed_groups(widths: dict[str, int]) -> list[int]:
@@ -137,7 +222,9 @@ def check_conv_groups(conv_groups: int, widths: dict[str, int]) -> None:
 class ConvBlock(nn.Sequential):
     """conv -> norm -> activation (-> dropout), or conv -> activation -> norm with
     order="act-norm"; with `residual`, its input is added to its output (the channels must
-    match). The activation module is named after its function (`relu`, `silu`, ...)."""
+    match). The activation module is named after its function (`relu`, `silu`, ...); a norm
+    that brings its own (frn's TLU) takes its place. The norm's registry entry says whether the
+    conv needs a bias (no norm shift follows it) and how it starts (He init without a norm)."""
 
     def __init__(
         self,
@@ -153,26 +240,30 @@ class ConvBlock(nn.Sequential):
         residual: bool = False,
         conv_groups: int = 1,
         activation: str = "relu",
+        norm_batch: int = 0,
     ) -> None:
         check_choice("order", order, ORDERS)
+        entry = norm_entry(norm)
         conv_type = WSConv2d if standardize else nn.Conv2d
+        conv = conv_type(
+            in_channels,
+            out_channels,
+            kernel_size,
+            padding=kernel_size // 2,
+            groups=conv_groups,
+            bias=not entry.shift,  # a norm's shift makes a conv bias redundant
+        )
+        if entry.he_init:
+            nn.init.kaiming_normal_(conv.weight, nonlinearity="relu")
+            nn.init.zeros_(conv.bias)
         layers: list[tuple[str, nn.Module]] = [
-            (
-                "conv",
-                conv_type(
-                    in_channels,
-                    out_channels,
-                    kernel_size,
-                    padding=kernel_size // 2,
-                    groups=conv_groups,
-                    bias=False,  # the norm's shift makes a conv bias redundant
-                ),
-            ),
-            ("norm", make_norm(norm, out_channels, groups=groups)),
-            (activation, make_activation(activation)),
+            ("conv", conv),
+            ("norm", make_norm(norm, out_channels, groups=groups, norm_batch=norm_batch)),
         ]
-        if order == "act-norm":
-            layers[1], layers[2] = layers[2], layers[1]
+        if entry.activation:
+            layers.append((activation, make_activation(activation)))
+            if order == "act-norm":
+                layers[1], layers[2] = layers[2], layers[1]
         if dropout > 0:
             layers.append(("dropout", nn.Dropout(dropout)))
         super().__init__(OrderedDict(layers))
@@ -204,7 +295,14 @@ class Net(nn.Sequential):
         conv_groups: int = 1,
         activation: str = "relu",
         pool: str = "max",
+        norm_batch: int = 0,
     ) -> None:
+        check_choice("norm", norm, NORMS)
+        if norm_batch and norm not in BATCH_STATISTICS_NORMS:
+            raise ConfigError(
+                f"norm_batch needs a norm with batch statistics "
+                f"({', '.join(BATCH_STATISTICS_NORMS)}); got norm={norm}"
+            )
         unknown = sorted(set(widths or {}) - (set(WIDTHS) - {"c10"}))
         if unknown:
             layers = ", ".join(name for name in WIDTHS if name != "c10")
@@ -213,11 +311,12 @@ class Net(nn.Sequential):
                 f"({layers})"
             )
         widths = {**WIDTHS, **(widths or {})}
-        if norm == "group":
+        entry = norm_entry(norm)
+        if entry.groups:
             check_groups(groups, widths)
         check_conv_groups(conv_groups, widths)
         if standardize is None:
-            standardize = norm != "batch"
+            standardize = entry.standardize
         layers: list[tuple[str, nn.Module]] = []
         channels = 3
         for name in LAYER_PLAN:
@@ -249,6 +348,7 @@ class Net(nn.Sequential):
                             residual=residual and grouped and channels == widths[name],
                             conv_groups=conv_groups if grouped else 1,
                             activation=activation,
+                            norm_batch=norm_batch,
                         ),
                     )
                 )

@@ -17,6 +17,7 @@ from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from pipeline.engine import EpochMetrics  # noqa: E402
+from pipeline.norms import REGISTRY  # noqa: E402
 
 
 def image_grid(
@@ -168,7 +169,7 @@ def per_class_accuracy(matrix: np.ndarray) -> np.ndarray:
 # The compare report's figures: a study's epoch histories (one row per run and epoch: norm,
 # epoch, train_acc, test_acc, test_loss, ...) and per-norm images, one colour per norm.
 
-NORM_COLORS = {"batch": "tab:blue", "group": "tab:orange", "layer": "tab:green"}
+NORM_COLORS = {name: entry.color for name, entry in REGISTRY.items()}  # pipeline/norms.py
 
 
 def _band_by_norm(history: pd.DataFrame, metric: str) -> dict[str, pd.DataFrame]:
@@ -257,5 +258,43 @@ def per_class_figure(table: pd.DataFrame) -> Figure:
     axis.set_ylim(0, 105)
     axis.grid(alpha=0.3, axis="y")
     axis.legend(title="norm")
+    figure.tight_layout()
+    return figure
+
+
+def batch_dependence_figure(points: pd.DataFrame, references: pd.DataFrame) -> Figure:
+    """Final test accuracy against images per statistics group, the figure of Wu & He's Group
+    Normalization (2018) for this model.
+
+    `points`: one row per norm with batch statistics, batch size and images per group: mean,
+    min and max of the final test accuracy over its runs (a line with its min-max band).
+    `references`: one row per norm without batch statistics: the same over its runs, drawn flat
+    (their statistics do not depend on the batch).
+    """
+    figure, axis = plt.subplots(figsize=(8, 5))
+    sizes = sorted({int(size) for size in points["images_per_group"]})
+    labelled_batch = points["batch_size"].nunique() > 1
+    for (norm, batch_size), rows in points.groupby(["norm", "batch_size"], sort=False):
+        rows = rows.sort_values("images_per_group")
+        label = f"{norm} (batch {batch_size})" if labelled_batch else norm
+        color = NORM_COLORS.get(norm)
+        axis.plot(rows["images_per_group"], 100 * rows["mean"], "o-", color=color, label=label)
+        axis.fill_between(
+            rows["images_per_group"], 100 * rows["min"], 100 * rows["max"], color=color, alpha=0.2
+        )
+    for row in references.itertuples(index=False):
+        color = NORM_COLORS.get(row.norm)
+        axis.axhline(100 * row.mean, linestyle="--", color=color, label=f"{row.norm} (no batch)")
+        axis.axhspan(100 * row.min, 100 * row.max, color=color, alpha=0.1)
+    axis.set_xscale("log", base=2)
+    axis.set_xticks(sizes, [str(size) for size in sizes])
+    axis.minorticks_off()
+    axis.set(
+        xlabel="images per batch-statistics group (norm_batch; the whole batch at the right)",
+        ylabel="final test accuracy (%)",
+        title="Batch-size dependence of the normalization",
+    )
+    axis.grid(alpha=0.3)
+    axis.legend(title="norm (band: run min-max)")
     figure.tight_layout()
     return figure

@@ -24,6 +24,7 @@ from pipeline import report as comparison
 from pipeline.config import MAX_EPOCHS, TTA_BEFORE_PARAM, EvalConfig, TrainConfig
 from pipeline.data import DatasetStats
 from pipeline.model import RawImageClassifier, receptive_fields, summary
+from pipeline.norms import REGISTRY
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +56,7 @@ def _norm_tags(norm: str, groups: str) -> dict[str, str]:
     """Run and registry tags naming the norm; `groups` only means something for group norm,
     so only there is it tagged (the param is always logged)."""
     tags = {"norm": norm}
-    if norm == "group" and groups:
+    if norm in REGISTRY and REGISTRY[norm].groups and groups:
         tags["groups"] = groups
     return tags
 
@@ -164,7 +165,14 @@ def train_model(config: TrainConfig, *, echo: Echo = log.info) -> str:
             echo(record.describe(config.epochs))
 
         started = time.perf_counter()
-        records = training.fit(setup, config, resume_from=resume_state, on_epoch_end=on_epoch_end)
+        try:
+            records = training.fit(
+                setup, config, resume_from=resume_state, on_epoch_end=on_epoch_end
+            )
+        except FloatingPointError as error:
+            # compare reads FAILED runs with this tag, so the report says which diverged.
+            tracking.set_tags({tracking.DIVERGED_TAG: str(error)})
+            raise
         if records:
             tracking.log_metrics({"train_seconds": time.perf_counter() - started})
         history = tracking.metric_history(run_id)
@@ -228,7 +236,7 @@ def _model_description(config: TrainConfig, setup: training.TrainingSetup) -> st
     classes = ", ".join(setup.dataset.classes)
     return (
         f"CIFAR-10 classifier with {config.norm} normalization"
-        + (f" ({config.groups} groups)" if config.norm == "group" else "")
+        + (f" ({config.groups} groups)" if REGISTRY[config.norm].groups else "")
         + f": the layer plan C1 C2 c3 P1 C3 C4 C5 c6 P2 C7 C8 C9 GAP c10, "
         f"{setup.parameters:,} parameters. Recipe: {config.epochs} epochs, batch "
         f"{config.batch_size}, one-cycle learning rate peaking at {config.learning_rate} "
@@ -378,7 +386,11 @@ def compare_runs(
         )
         study_data = _load_study(runs, source=source, group_by=keys)
         if study_data.train.empty:
-            raise tracking.TrackingError(f"no finished train runs to compare in {source}")
+            diverged = len(study_data.diverged)
+            raise tracking.TrackingError(
+                f"no finished train runs to compare in {source}"
+                + (f" ({diverged} diverged)" if diverged else "")
+            )
         target = parent_run_id or run_id
         with tempfile.TemporaryDirectory() as directory:
             comparison.write_report(study_data, Path(directory))
@@ -401,7 +413,7 @@ def compare_runs(
             f"{comparison.percent(row.final_test_acc_mean, row.final_test_acc_se)}% "
             "(mean ± SE)"
         )
-    for note in comparison.findings(table):
+    for note in [*comparison.findings(table), *comparison.divergence_notes(study_data)]:
         echo(f"- {note}")
     if keys:
         levers = comparison.readable_lever_table(comparison.lever_table(study_data), keys)

@@ -313,7 +313,7 @@ def _active_run_id() -> str:
 def log_model(model, *, input_example, classes: tuple[str, ...] = ()) -> str:
     """Log `model` (a `model.RawImageClassifier`, in eval mode) and return its model URI.
 
-    Pickled with its classes by value (pipeline.model and pipeline.config go into the pickle),
+    Pickled with its classes by value (pipeline.model, .config and .norms go into the pickle),
     so loading it needs torch and MLflow, not this package. An explicit signature: uint8
     `(-1, 3, 32, 32)` in, float32 logits `(-1, classes)` out, any batch size; the class names
     in the model's metadata.
@@ -326,6 +326,7 @@ def log_model(model, *, input_example, classes: tuple[str, ...] = ()) -> str:
 
     from pipeline import config as config_module
     from pipeline import model as model_module
+    from pipeline import norms as norms_module
 
     model.eval()  # BatchNorm must use its running stats
     signature = ModelSignature(
@@ -339,7 +340,7 @@ def log_model(model, *, input_example, classes: tuple[str, ...] = ()) -> str:
     }
     # Naming the requirements skips MLflow's inference, which spends ~10 s in a subprocess.
     requirements = [f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}"]
-    modules = (model_module, config_module)
+    modules = (model_module, config_module, norms_module)
     for module in modules:
         cloudpickle.register_pickle_by_value(module)
     try:
@@ -582,7 +583,8 @@ def registered_model_uri(run_id: str, name: str) -> str:
 
 
 def study_runs(*, parent_run_id: str = "", experiment_name: str = "", filter_string: str = ""):
-    """FINISHED runs of a study as a pandas DataFrame (`mlflow.search_runs` columns).
+    """FINISHED runs of a study as a pandas DataFrame (`mlflow.search_runs` columns), and the
+    FAILED train runs that diverged (tagged `diverged`), which the report names.
 
     Either the children of `parent_run_id` (reused-step pointers replaced by the runs they
     point at) or the runs of `experiment_name` matching `filter_string`.
@@ -614,8 +616,15 @@ def study_runs(*, parent_run_id: str = "", experiment_name: str = "", filter_str
             runs = runs[runs[REUSED_TAG_COLUMN].fillna("") == ""]
             runs = runs.drop(columns=[REUSED_TAG_COLUMN])
             runs = _concat(runs, originals)
-    runs = runs[runs["status"] == "FINISHED"].drop_duplicates("run_id")
+    finished = runs["status"] == "FINISHED"
+    if DIVERGED_COLUMN in runs.columns:  # a diverged training is reported, never averaged
+        finished |= (runs["status"] == "FAILED") & runs[DIVERGED_COLUMN].fillna("").ne("")
+    runs = runs[finished].drop_duplicates("run_id")
     return runs.reset_index(drop=True)
+
+
+DIVERGED_TAG = "diverged"  # on a train run that stopped on a non-finite loss: the error
+DIVERGED_COLUMN = f"tags.{DIVERGED_TAG}"
 
 
 REUSED_TAG = "reused_run_id"  # set on a study's pointer to a finished run it reused

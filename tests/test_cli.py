@@ -154,7 +154,10 @@ def test_train_compiled_from_cifar_pickles_without_registration(tracking_store, 
 
 
 BAD_TRAIN = [
-    (["--norm=instance"], "norm must be one of batch, group, layer (got 'instance')"),
+    (["--norm=weight"], "norm must be one of batch, group, layer, instance, none, frn (got 'we"),
+    (["--norm-batch=-1"], "norm_batch must be 0 (the whole batch) or between 1 and 8192 (got -1)"),
+    (["--norm-batch=48"], "norm_batch must divide batch_size 128 into equal groups (got 48)"),
+    (["--norm=layer", "--norm-batch=4"], "norm_batch needs a norm with batch statistics (batch)"),
     (["--norm=group", "--groups=5"], "groups must divide the channels"),
     (["--norm=group", "--groups=0"], "groups must be >= 1 (got 0)"),
     (["--epochs=abc"], "'abc' is not a valid integer"),
@@ -277,3 +280,34 @@ def test_unreachable_tracking_server_fails_fast_naming_it(image_folder):
     )
     assert result.returncode != 0
     assert "cannot reach the MLflow tracking store at http://127.0.0.1:9" in result.stderr
+
+
+def test_a_diverged_training_is_one_line_tagged_and_named_by_compare(
+    tracking_store, image_folder, monkeypatch, capsys
+):
+    from pipeline import training
+
+    def diverge(*_args, **_options):
+        raise FloatingPointError("training diverged at epoch 1 (loss nan); lower learning_rate")
+
+    monkeypatch.setattr(training, "fit", diverge)
+    code, stderr = run_in_process(
+        monkeypatch,
+        capsys,
+        "train",
+        "--norm=none",
+        "--epochs=1",
+        f"--data={image_folder}",
+        f"--val-size={VAL_SIZE}",
+    )
+    assert code == 1 and stderr.strip().splitlines()[-1] == (
+        "error: training diverged at epoch 1 (loss nan); lower learning_rate"
+    )
+    [run] = _runs(MlflowClient())
+    assert run.info.status == "FAILED"
+    assert run.data.tags["diverged"].startswith("training diverged at epoch 1")
+    code, stderr = run_in_process(
+        monkeypatch, capsys, "compare", f"--experiment-name={DEFAULT_EXPERIMENT}"
+    )
+    assert code == 1 and "no finished train runs to compare" in stderr
+    assert "(1 diverged)" in stderr

@@ -3,7 +3,7 @@ import torch
 from conftest import VAL_SIZE
 from torch import nn
 
-from pipeline.config import MAX_EPOCHS, ConfigError, TrainConfig
+from pipeline.config import MAX_EPOCHS, NORMS, ConfigError, TrainConfig
 from pipeline.model import (
     LAYER_PLAN,
     MAX_PARAMETERS,
@@ -15,7 +15,44 @@ from pipeline.model import (
     whitening_filters,
 )
 
-VARIANTS = [("batch", 4), ("group", 2), ("group", 4), ("group", 8), ("layer", 1)]
+VARIANTS = [
+    ("batch", 4),
+    ("group", 2),
+    ("group", 4),
+    ("group", 8),
+    ("layer", 1),
+    ("instance", 4),
+    ("none", 4),
+    ("frn", 4),
+]
+
+
+def test_the_variants_cover_every_registered_norm():
+    assert {norm for norm, _ in VARIANTS} == set(NORMS)
+
+
+@pytest.mark.parametrize("norm", NORMS)
+def test_every_option_combination_of_every_norm_stays_within_the_budget(norm):
+    """Every combination of the options that build the model at their default widths (the
+    activation and the pool cost no parameter: tested below); `norm_batch` for batch norm."""
+    counts = set()
+    for order in ("norm-act", "act-norm"):
+        for standardize in (None, True, False):
+            for residual in (False, True):
+                for conv_groups in (1, 2, 4):
+                    for whiten in (False, True):
+                        for norm_batch in (0, 4) if norm == "batch" else (0,):
+                            model = Net(
+                                norm=norm,
+                                order=order,
+                                standardize=standardize,
+                                residual=residual,
+                                conv_groups=conv_groups,
+                                whiten=whiten,
+                                norm_batch=norm_batch,
+                            )
+                            counts.add(count_parameters(model))
+    assert max(counts) <= MAX_PARAMETERS
 
 
 @pytest.mark.parametrize(("norm", "groups"), VARIANTS)
@@ -36,7 +73,8 @@ def test_every_activation_and_pool_costs_no_parameter_and_keeps_the_plan(
     model = Net(norm=norm, groups=groups, activation=activation, pool=pool)
     assert count_parameters(model) == count_parameters(build_model(norm=norm, groups=groups))
     assert count_parameters(model) <= MAX_PARAMETERS
-    assert list(dict(model.C2.named_children())) == ["conv", "norm", activation]
+    own = ["conv", "norm"] if norm == "frn" else ["conv", "norm", activation]  # frn: its TLU
+    assert list(dict(model.C2.named_children())) == own
     pools = (model.P1, model.P2)
     assert all(type(p) is (nn.AvgPool2d if pool == "avg" else nn.MaxPool2d) for p in pools)
     assert (
@@ -123,8 +161,8 @@ def test_groups_that_do_not_divide_a_layer_are_rejected_naming_it():
         build_model(norm="group", groups=5)
     with pytest.raises(ConfigError, match="groups=0"):
         build_model(norm="group", groups=0)
-    with pytest.raises(ConfigError, match="norm must be one of batch, group, layer"):
-        build_model(norm="instance", groups=1)
+    with pytest.raises(ConfigError, match="norm must be one of batch, group, layer, instance"):
+        build_model(norm="weight", groups=1)
 
 
 def test_summary_lists_each_layer_and_the_total():
@@ -143,7 +181,7 @@ def test_relu_before_norm_swaps_only_the_order():
         Net(norm="batch", order="sideways")
 
 
-@pytest.mark.parametrize("norm", ["batch", "group", "layer"])
+@pytest.mark.parametrize("norm", NORMS)
 def test_whitening_c1_decorrelates_patches_without_changing_the_budget(norm):
     torch.manual_seed(0)
     # Neighbouring pixels correlated, as in natural images.

@@ -311,3 +311,86 @@ def test_tta_table_compares_evaluations_of_the_same_models(tmp_path):
     report = comparison.write_report(study, tmp_path / "out").read_text()
     assert "## Test-time augmentation" in report and "-0.75 ± 0.25 (2 models)" in report
     assert "## Levers" not in report  # no group_by given
+
+
+def _runs_with(rows_spec: list[dict]) -> tuple[pd.DataFrame, dict]:
+    """Train rows (norm, seed, final test accuracy, params) with one-epoch histories."""
+    rows, histories = [], {}
+    for spec in rows_spec:
+        run_id = f"{spec['norm']}-{spec.get('norm_batch', 0)}-{spec['seed']}"
+        rows.append(
+            {
+                "run_id": run_id,
+                "status": spec.get("status", "FINISHED"),
+                "tags.step": "train",
+                "tags.mlflow.runName": f"train-{spec['norm']}-seed{spec['seed']}",
+                "tags.diverged": spec.get("diverged"),
+                "params.norm": spec["norm"],
+                "params.seed": str(spec["seed"]),
+                "params.batch_size": "128",
+                "params.norm_batch": str(spec.get("norm_batch", 0)),
+                "params.val_digest": "d1",
+            }
+        )
+        if not spec.get("diverged"):
+            accuracy, loss = spec["acc"], spec.get("loss", 1.0)
+            histories[run_id] = [
+                EpochMetrics(1, loss, accuracy, loss, accuracy, 0.1, 1.0, 1.0, accuracy)
+            ]
+    return pd.DataFrame(rows), histories
+
+
+def test_the_report_draws_the_batch_dependence_when_statistics_groups_vary(tmp_path):
+    specs = [
+        {"norm": "batch", "norm_batch": size, "seed": seed, "acc": acc + 0.01 * seed}
+        for size, acc in ((2, 0.60), (8, 0.70), (0, 0.75))
+        for seed in (1, 2, 3)
+    ]
+    specs += [{"norm": "group", "seed": seed, "acc": 0.72} for seed in (1, 2)]
+    runs, histories = _runs_with(specs)
+    study = comparison.build_study(runs, histories, source="test")
+    points, references = comparison.batch_dependence(study)
+    assert list(points["images_per_group"]) == [2, 8, 128]  # 0: the whole batch of 128
+    assert list(points["runs"]) == [3, 3, 3]
+    assert points["mean"].tolist() == pytest.approx([0.62, 0.72, 0.77])
+    assert points["min"].tolist() == pytest.approx([0.61, 0.71, 0.76])
+    assert list(references["norm"]) == ["group"] and references["mean"][0] == pytest.approx(0.72)
+    report = comparison.write_report(study, tmp_path / "out")
+    text = report.read_text()
+    assert "## Batch-size dependence" in text
+    assert "![final test accuracy against images per statistics group]" in text
+    assert (report.parent / "plots" / "batch_dependence.png").stat().st_size > 10_000
+    assert "| batch | 128 (whole batch) | 128 | 3 | 1,2,3 | 77.00 ± 0.58 |" in text
+    # Without a run grouping its statistics there is no such figure.
+    plain = [spec for spec in specs if spec.get("norm_batch", 0) == 0]
+    runs, histories = _runs_with(plain)
+    study = comparison.build_study(runs, histories, source="test")
+    assert comparison.batch_dependence(study) is None
+    assert "Batch-size dependence" not in comparison.write_report(study, tmp_path / "p").read_text()
+
+
+def test_a_diverged_run_is_named_by_the_findings_and_counted_in_no_mean(tmp_path):
+    runs, histories = _runs_with(
+        [
+            {"norm": "none", "seed": 1, "acc": 0.50},
+            {
+                "norm": "none",
+                "seed": 2,
+                "status": "FAILED",
+                "diverged": "training diverged at epoch 3 (loss nan); lower learning_rate",
+            },
+            {"norm": "none", "seed": 3, "acc": 0.10, "loss": math.nan},
+            {"norm": "batch", "seed": 1, "acc": 0.70},
+        ]
+    )
+    study = comparison.build_study(runs, histories, source="test")
+    assert list(study.diverged["run_name"]) == ["train-none-seed2"]
+    table = comparison.norm_table(study).set_index("norm")
+    assert table.loc["none", "runs"] == 2  # the diverged one is in no mean
+    notes = comparison.divergence_notes(study)
+    assert notes[0].startswith("none diverged (loss NaN): run `train-none-seed2` (seed 2)")
+    assert "epoch 3" in notes[0]
+    assert notes[1].startswith("none diverged (loss NaN): run `train-none-seed3` (seed 3) ended")
+    assert len(notes) == 2
+    text = comparison.write_report(study, tmp_path / "out").read_text()
+    assert "- none diverged (loss NaN): run `train-none-seed2`" in text

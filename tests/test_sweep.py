@@ -89,6 +89,8 @@ SWEEP_FILES = {
     "levers.yaml": {"widths", "order", "standardize", "groups", "learning_rate"},
     "round2.yaml": {"residual", "conv_groups", "widths", "groups", "learning_rate", "ema"},
     "round3.yaml": {"optimizer", "muon_lr", "muon_momentum", "activation", "pool"},
+    "batch-dependence.yaml": {"norm_batch"},
+    "none-recipe.yaml": {"learning_rate"},
 }
 
 
@@ -293,6 +295,24 @@ def test_a_sweep_over_batch_size_keeps_each_norms_default_once(monkeypatch):
 def test_train_help_names_each_norms_batch_size():
     result = CliRunner().invoke(cli, ["train", "--help"], terminal_width=200)
     assert result.exit_code == 0
-    assert "0: the norm's recipe (batch 128, group 128, layer 128)." in " ".join(
-        result.output.split()
+    recipes = ", ".join(f"{norm} {recipe['batch_size']}" for norm, recipe in config.RECIPES.items())
+    assert recipes.startswith("batch 128, group 128, layer 128, instance 128")
+    assert f"0: the norm's recipe ({recipes})." in " ".join(result.output.split())
+
+
+def test_the_batch_dependence_sweep_varies_batch_norms_statistics_only():
+    found, swept = trials(
+        str(REPO / "sweeps" / "batch-dependence.yaml"),
+        norms=("batch", "group", "layer"),
+        seeds=3,
     )
+    assert swept == ["norm_batch"] and len(found) == 6 * 3 + 3 + 3
+    batch = [trial.config for trial in found if trial.config.norm == "batch"]
+    assert sorted({c.norm_batch for c in batch}) == [0, 2, 4, 8, 16, 32]
+    # The optimizer batch, the schedule and the steps stay the recipe's.
+    assert {(c.batch_size, c.epochs, c.learning_rate) for c in batch} == {(128, 20, 0.2)}
+    others = [trial for trial in found if trial.config.norm != "batch"]
+    assert {t.name for t in others} == {
+        f"train-{norm}-seed{seed}" for norm in ("group", "layer") for seed in (1, 2, 3)
+    }
+    assert all(t.config.norm_batch == 0 for t in others)

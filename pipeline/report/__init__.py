@@ -7,6 +7,8 @@ from pipeline.report.frame import Study, build_study, step_runs
 from pipeline.report.render import write_report
 from pipeline.report.tables import (
     PairedGain,
+    batch_dependence,
+    divergence_notes,
     findings,
     lever_table,
     markdown_table,
@@ -23,6 +25,8 @@ from pipeline.report.tables import (
 __all__ = [
     "PairedGain",
     "Study",
+    "batch_dependence",
+    "divergence_notes",
     "build_study",
     "findings",
     "lever_table",

@@ -18,12 +18,15 @@ import pandas as pd
 from pipeline.config import NORMS, TTA_BEFORE_PARAM, TrainConfig
 from pipeline.engine import EpochMetrics
 
+# The tag tracking.DIVERGED_TAG as mlflow.search_runs names its column.
+DIVERGED_COLUMN = "tags.diverged"
 # Parameters shown per norm; a value that differs between a norm's runs is shown as "a/b".
 TABLE_PARAMS = (
     "num_params",
     "groups",
     "epochs",
     "batch_size",
+    "norm_batch",
     "learning_rate",
     "momentum",
     "weight_decay",
@@ -38,7 +41,7 @@ TABLE_PARAMS = (
 class Study:
     """A study's runs as tables: one row per train run, per epoch, and per evaluated class."""
 
-    train: pd.DataFrame  # run_id, run_name, norm, seed, TABLE_PARAMS..., val_digest
+    train: pd.DataFrame  # run_id, run_name, norm, seed, TABLE_PARAMS..., val_digest, diverged
     history: pd.DataFrame  # run_id, norm, seed, epoch, train_loss, ..., epoch_seconds
     per_class: pd.DataFrame  # run_id, norm, seed, class, accuracy (from evaluation.json)
     misclassified: dict[str, Path]  # norm -> plots/misclassified.png of its first seed
@@ -47,6 +50,9 @@ class Study:
     group_by: tuple[str, ...] = ()
     # One row per evaluate run: run_id, norm, seed, source_run_id, tta, test_acc.
     evaluated: pd.DataFrame = dataclasses.field(default_factory=pd.DataFrame)
+    # Train runs that stopped on a non-finite loss (FAILED, tagged `diverged`), as `train`'s
+    # rows with the error in `diverged`: named by the findings, counted in no mean.
+    diverged: pd.DataFrame = dataclasses.field(default_factory=pd.DataFrame)
 
     @property
     def norms(self) -> list[str]:
@@ -54,7 +60,8 @@ class Study:
 
 
 def ordered_norms(names) -> list[str]:
-    """The distinct norms in `names`: batch, group, layer first, anything else after, sorted."""
+    """The distinct norms in `names`: the registered ones in the registry's order (batch,
+    group, layer, ...), anything else after, sorted."""
     present = set(names)
     return [n for n in NORMS if n in present] + sorted(present - set(NORMS))
 
@@ -73,7 +80,10 @@ def build_study(
     """
     group_by = tuple(group_by)
     runs = runs.reset_index(drop=True)  # rows are looked up by index below
-    train = train_runs(runs, extra_params=group_by)
+    trained = train_runs(runs, extra_params=group_by)
+    is_diverged = trained["diverged"] != ""
+    train = trained[~is_diverged].reset_index(drop=True)
+    diverged = trained[is_diverged].reset_index(drop=True)
     rows = []
     for run in train.itertuples(index=False):
         for record in histories.get(run.run_id, ()):
@@ -123,6 +133,7 @@ def build_study(
         source=source,
         group_by=group_by,
         evaluated=evaluated.reset_index(drop=True),
+        diverged=diverged,
     )
 
 
@@ -153,6 +164,8 @@ def train_runs(runs: pd.DataFrame, *, extra_params: Sequence[str] = ()) -> pd.Da
     # Which training images validated: only runs on the same split are ever paired. Runs from
     # before the split existed, or with val_size 0, have none ("").
     rows["val_digest"] = _column(runs.loc[rows.index], "params.val_digest").fillna("")
+    # The error of a training stopped on a non-finite loss; "" for every other run.
+    rows["diverged"] = _column(runs.loc[rows.index], DIVERGED_COLUMN).fillna("")
     started = pd.to_datetime(_column(runs.loc[rows.index], "start_time"), utc=True)
     ended = pd.to_datetime(_column(runs.loc[rows.index], "end_time"), utc=True)
     rows["run_minutes"] = (ended - started).dt.total_seconds() / 60

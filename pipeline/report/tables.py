@@ -16,7 +16,8 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-from pipeline.config import NORMS, TTA_MODES, TrainConfig
+from pipeline.config import BATCH_STATISTICS_NORMS, NORMS, TTA_MODES, TrainConfig
+from pipeline.norms import REGISTRY
 from pipeline.report.frame import TABLE_PARAMS, Study, ordered_norms
 
 # A final train accuracy this far above test accuracy (percentage points) is called over-fitting.
@@ -355,7 +356,12 @@ def readable_norm_table(table: pd.DataFrame) -> pd.DataFrame:
     validation accuracy (what choices are made on) first, the test accuracy beside it."""
     out = table[["norm", "runs", "seeds", *TABLE_PARAMS]].copy()
     out["groups"] = [
-        g if n == "group" else "" for n, g in zip(out["norm"], out["groups"], strict=True)
+        g if n in REGISTRY and REGISTRY[n].groups else ""
+        for n, g in zip(out["norm"], out["groups"], strict=True)
+    ]
+    out["norm_batch"] = [
+        b if n in BATCH_STATISTICS_NORMS else ""
+        for n, b in zip(out["norm"], out["norm_batch"], strict=True)
     ]
     for label, prefix in (
         ("final val acc %", "final_val_acc"),
@@ -375,7 +381,136 @@ def readable_norm_table(table: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
+# --------------------------------------------------------------------------- batch dependence
+
+
+def images_per_group(norm_batch, batch_size) -> float:
+    """Images a batch-statistics group holds: `norm_batch`, or the whole batch where it is 0
+    or was not logged (runs from before the parameter)."""
+    groups = pd.to_numeric(pd.Series([norm_batch]), errors="coerce").fillna(0).iloc[0]
+    return float(groups) if groups > 0 else float(pd.to_numeric(batch_size, errors="coerce"))
+
+
+def batch_dependence(study: Study) -> tuple[pd.DataFrame, pd.DataFrame] | None:
+    """The points of the batch-dependence figure, or None where no run took its batch
+    statistics over groups (no `norm_batch` > 0).
+
+    Returns (points, references): per norm with batch statistics, batch size and images per
+    statistics group, and per norm without batch statistics (whose accuracy does not depend on
+    it): runs, seeds and the final test accuracy's mean, min, max and standard error over them.
+    Test accuracy after the last epoch, as in Wu & He's figure: reported, not chosen on.
+    """
+    summary = run_summary(study).merge(
+        study.train[["run_id", "batch_size", "norm_batch"]], on="run_id"
+    )
+    if summary.empty:
+        return None
+    summary["images_per_group"] = [
+        images_per_group(n, b)
+        for n, b in zip(summary["norm_batch"], summary["batch_size"], strict=True)
+    ]
+    grouped = pd.to_numeric(summary["norm_batch"], errors="coerce").fillna(0) > 0
+    if not grouped.any():
+        return None
+    summary["batch_size"] = pd.to_numeric(summary["batch_size"], errors="coerce")
+
+    def aggregate(rows: pd.DataFrame) -> dict[str, object]:
+        accuracy = rows["final_test_acc"].dropna()
+        return {
+            "runs": len(rows),
+            "seeds": ",".join(str(s) for s in sorted(rows["seed"].dropna().astype(int))),
+            "mean": _mean(accuracy),
+            "min": float(accuracy.min()) if len(accuracy) else math.nan,
+            "max": float(accuracy.max()) if len(accuracy) else math.nan,
+            "se": standard_error(accuracy),
+        }
+
+    batched = summary[summary["norm"].isin(BATCH_STATISTICS_NORMS)]
+    points = [
+        {"norm": norm, "batch_size": int(size), "images_per_group": int(per), **aggregate(rows)}
+        for (norm, size, per), rows in batched.groupby(
+            ["norm", "batch_size", "images_per_group"], sort=True
+        )
+    ]
+    others = summary[~summary["norm"].isin(BATCH_STATISTICS_NORMS)]
+    references = [
+        {"norm": norm, **aggregate(others[others["norm"] == norm])}
+        for norm in ordered_norms(others["norm"])
+    ]
+    points_frame = pd.DataFrame(
+        points,
+        columns=["norm", "batch_size", "images_per_group", "runs", "seeds", "mean", "min", "max"]
+        + ["se"],
+    )
+    order = {n: i for i, n in enumerate(NORMS)}
+    points_frame = points_frame.sort_values(
+        ["norm", "batch_size", "images_per_group"],
+        key=lambda c: c.map(lambda n: order.get(n, len(order))) if c.name == "norm" else c,
+    ).reset_index(drop=True)
+    return points_frame, pd.DataFrame(
+        references, columns=["norm", "runs", "seeds", "mean", "min", "max", "se"]
+    )
+
+
+def readable_batch_dependence(points: pd.DataFrame, references: pd.DataFrame) -> pd.DataFrame:
+    """One row per point of the figure, the flat references after the batch-statistics norm."""
+    rows = [
+        {
+            "norm": row.norm,
+            "images per statistics group": str(row.images_per_group)
+            + (" (whole batch)" if row.images_per_group == row.batch_size else ""),
+            "batch size": str(row.batch_size),
+            "runs": row.runs,
+            "seeds": row.seeds,
+            "final test acc % (mean ± SE)": percent(row.mean, row.se),
+            "min-max %": f"{100 * row.min:.2f}-{100 * row.max:.2f}",
+        }
+        for row in points.itertuples(index=False)
+    ]
+    rows += [
+        {
+            "norm": row.norm,
+            "images per statistics group": "(per image: no batch statistics)",
+            "batch size": "",
+            "runs": row.runs,
+            "seeds": row.seeds,
+            "final test acc % (mean ± SE)": percent(row.mean, row.se),
+            "min-max %": f"{100 * row.min:.2f}-{100 * row.max:.2f}",
+        }
+        for row in references.itertuples(index=False)
+    ]
+    return pd.DataFrame(rows)
+
+
 # --------------------------------------------------------------------------- findings
+
+
+def divergence_notes(study: Study) -> list[str]:
+    """One line per train run that diverged: stopped on a non-finite loss (FAILED, tagged
+    `diverged`), or finished with a non-finite final loss. Such runs are in no mean."""
+    notes = []
+    for run in study.diverged.itertuples(index=False):
+        notes.append(
+            f"{run.norm} diverged (loss NaN): run `{run.run_name}` (seed {run.seed}) stopped: "
+            f"{run.diverged}. It is counted in no table."
+        )
+    finals = study.history.sort_values("epoch").groupby("run_id", sort=False).last()
+    for run in study.train.itertuples(index=False):
+        if run.run_id not in finals.index:
+            continue
+        last = finals.loc[run.run_id]
+        losses = {"train": last["train_loss"], "test": last["test_loss"]}
+        bad = [f"{split} loss {value}" for split, value in losses.items() if not _finite(value)]
+        if bad:
+            notes.append(
+                f"{run.norm} diverged (loss NaN): run `{run.run_name}` (seed {run.seed}) ended "
+                f"epoch {int(last['epoch'])} with {' and '.join(bad)}."
+            )
+    return notes
+
+
+def _finite(value) -> bool:
+    return value is not None and not pd.isna(value) and math.isfinite(float(value))
 
 
 def findings(table: pd.DataFrame) -> list[str]:

@@ -1,0 +1,148 @@
+"""The normalizations: one registry entry per norm, and everything else reads it.
+
+An entry names the norm, builds its layer, and says what the rest of the pipeline needs to know
+about it: whether the convs before it are weight-standardized by default, its recipe (the
+values `config.RECIPES` resolves a "per norm" parameter to), whether bf16 autocast holds its
+accuracy (`engine.BF16_NORMS`), its colour in the report's figures (`plots.NORM_COLORS`), and
+whether it has batch statistics (`norm_batch` applies). `--help`, validation, the report and
+the plots read this table, so a new norm is one entry here plus its tests
+(docs/normalizations.md).
+
+This module does not import torch, so `config` can read it: the factories import the layers
+(`pipeline.model`) when a model is built.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from torch import nn
+
+# (channels, *, groups, norm_batch) -> the layer normalizing `channels` feature maps.
+Factory = Callable[..., "nn.Module"]
+
+
+@dataclass(frozen=True)
+class Norm:
+    """One normalization and what the pipeline needs to know about it."""
+
+    name: str
+    build: Factory
+    description: str  # one line, for --help and docs: what the statistics are taken over
+    color: str  # matplotlib colour of its lines and bars in the report
+    standardize: bool = True  # weight-standardized convs unless `standardize` says otherwise
+    recipe: dict[str, int] = field(default_factory=lambda: {"batch_size": 128})
+    bf16: bool = False  # bf16 autocast measured to hold its accuracy (precision=auto)
+    batch_statistics: bool = False  # normalizes with statistics over images of the batch
+    groups: bool = False  # the `groups` parameter means something for it
+    shift: bool = True  # has a learned per-channel shift, so the convs before it need no bias
+    he_init: bool = False  # convs start from He (Kaiming) normal weights instead of torch's
+    activation: bool = True  # the block adds `activation` after it; False: it has its own
+    cuda_channels_last: bool = False  # channels_last measured faster on CUDA (else NCHW)
+    in_default_study: bool = False  # trained by `main` and `sweep` unless `norm` says otherwise
+
+
+# The factories import the layers only when a model is built (see the module docstring).
+
+
+def _batch(channels: int, *, groups: int, norm_batch: int) -> nn.Module:
+    from torch import nn
+
+    from pipeline.model import GhostBatchNorm2d
+
+    if norm_batch == 0:  # the whole batch: plain BatchNorm2d, the module runs logged before
+        return nn.BatchNorm2d(channels)
+    return GhostBatchNorm2d(channels, norm_batch=norm_batch)
+
+
+def _group(channels: int, *, groups: int, norm_batch: int) -> nn.Module:
+    from pipeline.model import FloatGroupNorm
+
+    return FloatGroupNorm(groups, channels)
+
+
+def _layer(channels: int, *, groups: int, norm_batch: int) -> nn.Module:
+    from torch import nn
+
+    return nn.GroupNorm(1, channels)  # one group: its bf16 kernel is fast
+
+
+def _instance(channels: int, *, groups: int, norm_batch: int) -> nn.Module:
+    from pipeline.model import FloatGroupNorm
+
+    return FloatGroupNorm(channels, channels)  # one channel per group, affine per channel
+
+
+def _none(channels: int, *, groups: int, norm_batch: int) -> nn.Module:
+    from torch import nn
+
+    return nn.Identity()
+
+
+def _frn(channels: int, *, groups: int, norm_batch: int) -> nn.Module:
+    from pipeline.model import FilterResponseNorm2d
+
+    return FilterResponseNorm2d(channels)
+
+
+ENTRIES = (
+    Norm(
+        "batch",
+        _batch,
+        "statistics over the batch's images (or groups of norm_batch of them)",
+        "tab:blue",
+        standardize=False,
+        batch_statistics=True,
+        cuda_channels_last=True,
+        in_default_study=True,
+    ),
+    Norm(
+        "group",
+        _group,
+        "statistics per image over groups of channels",
+        "tab:orange",
+        bf16=True,
+        groups=True,
+        in_default_study=True,
+    ),
+    Norm(
+        "layer",
+        _layer,
+        "statistics per image over all channels",
+        "tab:green",
+        bf16=True,
+        in_default_study=True,
+    ),
+    Norm("instance", _instance, "statistics per image and channel", "tab:red"),
+    # No recipe of its own yet: the shared defaults until a sweep on the validation split
+    # chooses one (docs/normalizations.md). He init keeps the activations' scale through ten
+    # un-normalized ReLU layers, where torch's default init shrinks it ~6x per layer.
+    Norm(
+        "none",
+        _none,
+        "no normalization (biased convs, He init)",
+        "tab:gray",
+        standardize=False,
+        shift=False,
+        he_init=True,
+    ),
+    # As published (Singh & Krishnan, 2020): FRN with its TLU in place of norm + ReLU, on
+    # plain convs.
+    Norm(
+        "frn",
+        _frn,
+        "filter response norm + TLU: per image and channel, no mean subtracted",
+        "tab:purple",
+        standardize=False,
+        activation=False,
+    ),
+)
+REGISTRY: dict[str, Norm] = {entry.name: entry for entry in ENTRIES}
+
+
+def get(name: str) -> Norm:
+    """The registry entry of `name` (config.check_choice has validated it)."""
+    return REGISTRY[name]
