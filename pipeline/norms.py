@@ -104,6 +104,9 @@ ENTRIES = (
         _group,
         "statistics per image over groups of channels",
         "tab:orange",
+        # Batch 128 did not clear the adoption rule over 256 on the validation split (+0.75 +-
+        # 0.52 points, 3 seeds): group norm keeps the shared batch.
+        recipe={"batch_size": 256},
         bf16=True,
         groups=True,
         in_default_study=True,

@@ -296,7 +296,7 @@ def test_train_help_names_each_norms_batch_size():
     result = CliRunner().invoke(cli, ["train", "--help"], terminal_width=200)
     assert result.exit_code == 0
     recipes = ", ".join(f"{norm} {recipe['batch_size']}" for norm, recipe in config.RECIPES.items())
-    assert recipes.startswith("batch 128, group 128, layer 128, instance 128")
+    assert recipes.startswith("batch 128, group 256, layer 128, instance 128")
     assert f"0: the norm's recipe ({recipes})." in " ".join(result.output.split())
 
 

@@ -260,7 +260,8 @@ def measure(
                         TrainConfig(
                             norm=norms[0],
                             data=str(warmup_subset),
-                            **{**settings, "epochs": 1, "warmup_epochs": 0.0},
+                            # a batch of images, none to spare for validation
+                            **{**settings, "epochs": 1, "warmup_epochs": 0.0, "val_size": 0},
                         )
                     )
                 )
