@@ -266,9 +266,11 @@ def test_bad_model_uris_name_the_uri(tracking_store, image_folder, monkeypatch, 
 
 @pytest.mark.slow
 def test_failure_under_mlflow_run_ends_the_run_failed(tracking_store, image_folder):
-    result = mlflow_run("train", {"norm": "instance", "data": image_folder})
+    result = mlflow_run("train", {"norm": "weight", "data": image_folder})
     assert result.returncode != 0
-    assert "norm must be one of batch, group, layer (got 'instance')" in result.stderr
+    assert "norm must be one of batch, group, layer, instance, none, frn (got 'weight')" in (
+        result.stderr
+    )
     (run,) = _runs(MlflowClient())
     assert run.info.status == "FAILED"
 

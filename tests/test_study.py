@@ -369,9 +369,11 @@ def test_an_interrupt_before_a_step_ends_its_own_run_leaves_no_run_running(
 
 @pytest.mark.slow
 def test_main_rejects_bad_values_before_starting_a_step(tracking_store):
-    result = run_cli("main", "--norm", "batch,instance")
+    result = run_cli("main", "--norm", "batch,weight")
     assert result.returncode == 1
-    assert "norm must be one of batch, group, layer (got 'instance')" in result.stderr
+    assert "norm must be one of batch, group, layer, instance, none, frn (got 'weight')" in (
+        result.stderr
+    )
     result = run_cli("main", "--seeds", "0")
     assert result.returncode == 1
     assert "seeds must be between 1 and 100 (got 0)" in result.stderr
