@@ -442,10 +442,8 @@ def batch_dependence(study: Study) -> tuple[pd.DataFrame, pd.DataFrame] | None:
         columns=["norm", "batch_size", "images_per_group", "runs", "seeds", "mean", "min", "max"]
         + ["se"],
     )
-    order = {n: i for i, n in enumerate(NORMS)}
     points_frame = points_frame.sort_values(
-        ["norm", "batch_size", "images_per_group"],
-        key=lambda c: c.map(lambda n: order.get(n, len(order))) if c.name == "norm" else c,
+        ["norm", "batch_size", "images_per_group"], key=_norm_order_key
     ).reset_index(drop=True)
     return points_frame, pd.DataFrame(
         references, columns=["norm", "runs", "seeds", "mean", "min", "max", "se"]
@@ -454,35 +452,32 @@ def batch_dependence(study: Study) -> tuple[pd.DataFrame, pd.DataFrame] | None:
 
 def readable_batch_dependence(points: pd.DataFrame, references: pd.DataFrame) -> pd.DataFrame:
     """One row per point of the figure, the flat references after the batch-statistics norm."""
-    rows = [
-        {
-            "norm": row.norm,
-            "images per statistics group": str(row.images_per_group)
-            + (" (whole batch)" if row.images_per_group == row.batch_size else ""),
-            "batch size": str(row.batch_size),
-            "runs": row.runs,
-            "seeds": row.seeds,
-            "final test acc % (mean ± SE)": percent(row.mean, row.se),
-            "min-max %": f"{100 * row.min:.2f}-{100 * row.max:.2f}",
+
+    def row(entry, images_per_group: str, batch_size: str) -> dict[str, object]:
+        return {
+            "norm": entry.norm,
+            "images per statistics group": images_per_group,
+            "batch size": batch_size,
+            "runs": entry.runs,
+            "seeds": entry.seeds,
+            "final test acc % (mean ± SE)": percent(entry.mean, entry.se),
+            "min-max %": f"{100 * entry.min:.2f}-{100 * entry.max:.2f}",
         }
-        for row in points.itertuples(index=False)
+
+    rows = [
+        row(
+            point,
+            str(point.images_per_group)
+            + (" (whole batch)" if point.images_per_group == point.batch_size else ""),
+            str(point.batch_size),
+        )
+        for point in points.itertuples(index=False)
     ]
     rows += [
-        {
-            "norm": row.norm,
-            "images per statistics group": "(per image: no batch statistics)",
-            "batch size": "",
-            "runs": row.runs,
-            "seeds": row.seeds,
-            "final test acc % (mean ± SE)": percent(row.mean, row.se),
-            "min-max %": f"{100 * row.min:.2f}-{100 * row.max:.2f}",
-        }
-        for row in references.itertuples(index=False)
+        row(reference, "(per image: no batch statistics)", "")
+        for reference in references.itertuples(index=False)
     ]
     return pd.DataFrame(rows)
-
-
-# --------------------------------------------------------------------------- findings
 
 
 def divergence_notes(study: Study) -> list[str]:
