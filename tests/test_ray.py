@@ -155,3 +155,47 @@ def test_ray_steps_claim_distinct_cores_and_run_pinned_to_them(tmp_path, monkeyp
         assert (tmp_path / "seen").read_text().strip() == f"[{cores[0]}] 1"
     with contextlib.ExitStack() as again:  # released with their step
         assert ray_executor._claim_cores(len(cores), again) == set(cores)
+
+
+def test_a_cancelled_task_is_killed_whatever_ray_raises_and_a_dead_worker_is_lost():
+    """Ray's forced cancel surfaces as TaskCancelledError, WorkerCrashedError or a RayTaskError
+    wrapping the interrupt: after stop() each is a killed step (its run ends KILLED), never a
+    failure. Before stop() a dead worker is a lost step (rerun) and a task's own error is raised."""
+    import threading
+
+    import ray
+
+    from pipeline.executors import StepCommand, StepLost
+    from pipeline.executors import ray as ray_executor
+
+    class FakeRay:
+        exceptions = ray.exceptions
+
+        def __init__(self, error: Exception) -> None:
+            self.error = error
+
+        def get(self, reference):
+            raise self.error
+
+    def executor(error: Exception, *, stopping: bool) -> ray_executor.RayExecutor:
+        made = object.__new__(ray_executor.RayExecutor)
+        made._ray = FakeRay(error)
+        made._task = type(
+            "Task", (), {"options": lambda self, **_: self, "remote": lambda self, *_: object()}
+        )()
+        made._options, made._threads, made._cores = {}, "1", 1
+        made._running, made._lock, made._stopping = set(), threading.Lock(), threading.Event()
+        if stopping:
+            made._stopping.set()
+        return made
+
+    step = StepCommand("train-batch-seed1", "true", ".", {})
+    wrapped = ray.exceptions.RayTaskError("_run_command", "Traceback ...", KeyboardInterrupt())
+    crashed = ray.exceptions.WorkerCrashedError()
+    for error in (wrapped, crashed, ray.exceptions.TaskCancelledError()):
+        outcome = executor(error, stopping=True).run(step)
+        assert (outcome.exit_code, outcome.killed) == (130, True)
+    with pytest.raises(StepLost, match="its Ray node or worker died .WorkerCrashedError."):
+        executor(crashed, stopping=False).run(step)
+    with pytest.raises(ray.exceptions.RayTaskError):
+        executor(wrapped, stopping=False).run(step)

@@ -122,6 +122,17 @@ def _run_step(
     return code, error_line(tail)
 
 
+def _lost_errors(ray) -> tuple[type[Exception], ...]:
+    """What `ray.get` raises when a task's node or worker went away."""
+    return (
+        ray.exceptions.TaskCancelledError,
+        ray.exceptions.NodeDiedError,
+        ray.exceptions.WorkerCrashedError,
+        ray.exceptions.LocalRayletDiedError,
+        ray.exceptions.ObjectLostError,
+    )
+
+
 def _own_session_dying_with_parent() -> None:
     """In the step's process before it starts: its own session (a cancel stops the whole
     step), and on Linux killed with the task's worker, so a lost node leaves no step behind
@@ -200,15 +211,14 @@ class RayExecutor:
             self._running.add(reference)
         try:
             code, line, node = ray.get(reference)
-        except (
-            ray.exceptions.TaskCancelledError,
-            ray.exceptions.NodeDiedError,
-            ray.exceptions.WorkerCrashedError,
-            ray.exceptions.LocalRayletDiedError,
-            ray.exceptions.ObjectLostError,
-        ) as error:
-            if self._stopping.is_set():  # stop() killed its worker, and with it the step
+        except Exception as error:
+            if self._stopping.is_set():
+                # stop() cancelled the task, and a forced cancel surfaces as any of
+                # TaskCancelledError, WorkerCrashedError or a RayTaskError wrapping the
+                # interrupt: the step was killed either way.
                 return StepOutcome(130, "interrupted", killed=True)
+            if not isinstance(error, _lost_errors(ray)):
+                raise
             reason = f"its Ray node or worker died ({type(error).__name__})"
             raise StepLost(f"step {step.name}: {reason}") from None
         finally:
