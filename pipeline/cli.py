@@ -534,6 +534,7 @@ def _log_steps(results: list[workflow.StepResult]) -> None:
             "entry_point": result.step.entry_point,
             "run_id": result.run_id,
             "reused": result.reused,
+            **({"diverged": result.diverged} if result.diverged else {}),
         }
         for result in results
     ]
@@ -613,9 +614,11 @@ def sweep(grid: str, mode: str, norm: str, seeds: int, max_trials: int, **train_
         results = workflow.run_sweep(trials, swept=swept, executor=executor, echo=click.echo)
         _log_steps(results)
     reused = sum(result.reused for result in results)
+    diverged = sum(bool(result.diverged) for result in results)
     click.echo(
-        f"sweep {run_id}: {len(results)} steps ({reused} reused); "
-        "lever table: artifacts comparison/report.md"
+        f"sweep {run_id}: {len(results)} steps ({reused} reused"
+        + (f", {diverged} diverged" if diverged else "")
+        + "); lever table: artifacts comparison/report.md"
     )
 
 

@@ -172,6 +172,10 @@ class StepRuns:
             },
         )
 
+    def tag(self, run_id: str, key: str) -> str:
+        """The run's tag `key`, empty where it has none."""
+        return MlflowClient().get_run(run_id).data.tags.get(key, "")
+
     def set_tags(self, run_id: str, tags: dict[str, str]) -> None:
         client = MlflowClient()
         for key, value in tags.items():

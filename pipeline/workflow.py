@@ -65,6 +65,9 @@ class Step:
     entry_point: str
     parameters: dict[str, str]
     reuse: bool = True
+    # A sweep's trial: a training that diverged (its run FAILED, tagged `diverged`) is one of
+    # the sweep's results, which the report names; the other steps go on.
+    divergence_is_result: bool = False
 
 
 @dataclass(frozen=True)
@@ -72,6 +75,7 @@ class StepResult:
     step: Step
     run_id: str  # the run holding the results: the reused run when `reused`
     reused: bool
+    diverged: str = ""  # the run's `diverged` tag, where a trial diverged
 
 
 def study_configs(norms: Sequence[str], seeds: int, **train_options) -> list[TrainConfig]:
@@ -188,11 +192,17 @@ def run_sweep(
 ) -> list[StepResult]:
     """Run a sweep's steps as children of the active run: prepare-stats, a `train` step per
     trial, then `compare --group-by` the swept parameters (the lever table is the report).
-    Finished trials with the same parameters and code are reused, as a study's steps are."""
+    Finished trials with the same parameters and code are reused, as a study's steps are. A
+    trial that diverges is a result (the report names it), not the sweep's end."""
     with _runner(project_dir=project_dir, executor=executor, echo=echo) as runner:
         prepared, stats = _prepare_stats(runner, trials[0].config)
         steps = [
-            Step(trial.name, "train", dataclasses.replace(trial.config, stats=stats).as_params())
+            Step(
+                trial.name,
+                "train",
+                dataclasses.replace(trial.config, stats=stats).as_params(),
+                divergence_is_result=True,
+            )
             for trial in trials
         ]
         return [prepared, *runner.execute(steps), _compare(runner, group_by=swept)]
@@ -344,6 +354,10 @@ class StepRunner:
             created.run_id, succeeded=outcome.exit_code == 0, killed=outcome.killed
         )
         if outcome.exit_code != 0 or status != "FINISHED":
+            diverged = self.step_runs.tag(created.run_id, tracking.DIVERGED_TAG)
+            if status == "FAILED" and diverged and step.divergence_is_result:
+                self.echo(f"step {step.name}: run {created.run_id} diverged ({diverged})")
+                return StepResult(step, created.run_id, reused=False, diverged=diverged)
             reason = outcome.error_line or f"exit code {outcome.exit_code}, run {status}"
             raise StepFailed(f"step {step.name} failed: {reason}")
         self.echo(f"step {step.name}: finished run {created.run_id}")

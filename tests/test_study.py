@@ -367,6 +367,50 @@ def test_an_interrupt_before_a_step_ends_its_own_run_leaves_no_run_running(
     assert {run.info.status for run in children} == {"KILLED"}
 
 
+def test_a_diverged_trial_is_a_result_but_a_diverged_study_step_fails(tracking_store, tmp_path):
+    """A sweep's trial that diverges (its run FAILED, tagged `diverged`) is one of the sweep's
+    results and the other trials go on; the same failure in a study's step stops the study."""
+    from pipeline.executors.local import LocalExecutor
+    from pipeline.step_runs import StepRuns
+    from pipeline.workflow import Step, StepFailed, StepRunner
+
+    (tmp_path / "step.py").write_text(
+        "import os, sys\n"
+        "from mlflow import MlflowClient\n"
+        "if sys.argv[1] == 'nan':  # what train does on a non-finite loss\n"
+        "    run = os.environ['MLFLOW_RUN_ID']\n"
+        "    MlflowClient().set_tag(run, 'diverged', 'training diverged at epoch 1 (loss nan)')\n"
+        "    MlflowClient().set_terminated(run, 'FAILED')\n"
+        "    sys.exit('error: training diverged at epoch 1 (loss nan)')\n"
+    )
+    (tmp_path / "MLproject").write_text(
+        "name: trial\nentry_points:\n  trial:\n    parameters: {loss: string}\n"
+        f"    command: {sys.executable} step.py {{loss}}\n"
+    )
+
+    def trial(loss: str, *, divergence_is_result: bool) -> Step:
+        return Step(f"trial-{loss}", "trial", {"loss": loss}, False, divergence_is_result)
+
+    with mlflow.start_run(run_name="parent") as parent:
+        runner = StepRunner(
+            step_runs=StepRuns.of_active_run(project_dir=tmp_path, code_version="test"),
+            executor=LocalExecutor(parallel=1),
+            echo=lambda message: None,
+        )
+        diverged, finished = runner.execute(
+            [trial("nan", divergence_is_result=True), trial("ok", divergence_is_result=True)]
+        )
+        with pytest.raises(StepFailed, match="step trial-nan failed: training diverged at epoch 1"):
+            runner.execute([trial("nan", divergence_is_result=False)])
+    assert diverged.diverged == "training diverged at epoch 1 (loss nan)"
+    assert not finished.diverged
+    children = mlflow.search_runs(
+        filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'", output_format="list"
+    )
+    statuses = sorted((run.info.run_name, run.info.status) for run in children)
+    assert statuses == [("trial-nan", "FAILED"), ("trial-nan", "FAILED"), ("trial-ok", "FINISHED")]
+
+
 @pytest.mark.slow
 def test_main_rejects_bad_values_before_starting_a_step(tracking_store):
     result = run_cli("main", "--norm", "batch,weight")
