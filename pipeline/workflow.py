@@ -354,10 +354,11 @@ class StepRunner:
             created.run_id, succeeded=outcome.exit_code == 0, killed=outcome.killed
         )
         if outcome.exit_code != 0 or status != "FINISHED":
-            diverged = self.step_runs.tag(created.run_id, tracking.DIVERGED_TAG)
-            if status == "FAILED" and diverged and step.divergence_is_result:
-                self.echo(f"step {step.name}: run {created.run_id} diverged ({diverged})")
-                return StepResult(step, created.run_id, reused=False, diverged=diverged)
+            if step.divergence_is_result and status == "FAILED":
+                diverged = self.step_runs.tag(created.run_id, tracking.DIVERGED_TAG)
+                if diverged:
+                    self.echo(f"step {step.name}: run {created.run_id} diverged ({diverged})")
+                    return StepResult(step, created.run_id, reused=False, diverged=diverged)
             reason = outcome.error_line or f"exit code {outcome.exit_code}, run {status}"
             raise StepFailed(f"step {step.name} failed: {reason}")
         self.echo(f"step {step.name}: finished run {created.run_id}")
