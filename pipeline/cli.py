@@ -29,6 +29,7 @@ from pipeline.config import (
     OPTIMIZERS,
     ORDERS,
     PER_NORM,
+    PER_NORM_VALUES,
     POOLS,
     PRECISIONS,
     REGISTERED_MODEL,
@@ -308,10 +309,12 @@ def model_summary(**options) -> None:
 )
 @click.option(
     "--optimizer",
-    type=click.Choice(OPTIMIZERS),
-    default=_DEFAULTS.optimizer,
+    type=click.Choice((PER_NORM_VALUES["optimizer"], *OPTIMIZERS)),
+    default=PER_NORM_VALUES["optimizer"],  # _DEFAULTS holds batch norm's resolved value
     help="sgd: SGD with Nesterov momentum for everything; muon: Muon for the conv filters but "
-    "the c10 head (muon_lr, muon_momentum), the same SGD for norms, biases and the head.",
+    "the c10 head (muon_lr, muon_momentum), the same SGD for norms, biases and the head; "
+    f"{recipe_help('optimizer')}",
+    show_default=True,
 )
 @click.option(
     "--muon-lr",

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from pipeline.norms import REGISTRY
+from pipeline.norms import REGISTRY, SHARED_RECIPE
 
 # Every registered norm (pipeline/norms.py), and those the default study trains.
 NORMS = tuple(REGISTRY)
@@ -42,21 +42,26 @@ REGISTERED_MODEL = "cifar10-{norm}"  # "{norm}" is filled in; an empty name skip
 # Where runs go unless MLFLOW_EXPERIMENT_NAME (or _ID) or `mlflow run --experiment-name` says.
 DEFAULT_EXPERIMENT = "cifar10-normalization"
 DEFAULT_DATA = "~/.cache/cifar10"  # where torchvision downloads CIFAR-10 when it is missing
-# Per-norm defaults: what a parameter left at its "per norm" value (0) becomes for each norm, so a
-# norm can take a recipe of its own (each norm's entry in pipeline/norms.py holds it). The batch
-# sizes were chosen on the validation split by `sweep` + `compare`'s lever table over 3 seeds,
-# a value adopted over the shared 256 only where its paired gain exceeded twice its standard
-# error: 128 for batch and layer norm, 256 for group norm
-# (docs/results.md#the-recipe-re-decided-on-validation). New norms take 128 until a sweep of
-# their own says otherwise. The resolved value is what a run logs as its param.
-RECIPES: dict[str, dict[str, int]] = {name: dict(e.recipe) for name, e in REGISTRY.items()}
+# Per-norm defaults: what a parameter left at its "per norm" value (0, or "auto" for the
+# optimizer) becomes for each norm, so a norm can take a recipe of its own (each norm's entry in
+# pipeline/norms.py holds it, the rest is norms.SHARED_RECIPE). Each value was chosen on the
+# validation split by `sweep` + `compare`'s lever table over 3 seeds, adopted only where its
+# paired gain exceeded twice its standard error: batch 128 for batch and layer norm, 256 for
+# group norm (docs/results.md#the-recipe-re-decided-on-validation); Muon for batch and layer norm
+# (docs/results.md#third-round-muon-the-activation-and-the-pooling). The resolved value is what
+# a run logs as its param.
+RECIPES: dict[str, dict[str, int | str]] = {
+    name: {**SHARED_RECIPE, **entry.recipe} for name, entry in REGISTRY.items()
+}
 # The validation split: images held out of the training split, per class, with a seed of its
 # own (not the training seed), so every run of a dataset holds out the same ones. Choices (a
 # recipe, a lever, the champion) are made on it; the test split is only reported.
 DEFAULT_VAL_SIZE = 5000
 VAL_SEED = 0
-PER_NORM = 0  # the value of a RECIPES parameter that asks for the norm's recipe
+PER_NORM = 0  # the value of an integer RECIPES parameter that asks for the norm's recipe
 PER_NORM_CHOICE = f"{PER_NORM} (the norm's recipe)"  # how errors name it
+# Each RECIPES parameter's "per norm" value (the parameter's default): 0 or "auto".
+PER_NORM_VALUES: dict[str, int | str] = {"batch_size": PER_NORM, "optimizer": "auto"}
 NORM_BATCH_CHOICE = "0 (the whole batch)"
 
 
@@ -91,7 +96,7 @@ class TrainConfig:
     conv_groups: int = 1
     activation: str = "relu"
     pool: str = "max"
-    optimizer: str = "sgd"
+    optimizer: str = "auto"  # auto: the norm's recipe (RECIPES)
     muon_lr: float = 0.03  # optimizer=muon: the filters' peak learning rate (one-cycle too)
     muon_momentum: float = 0.9
     muon_renormalize: bool = True  # reset each filter tensor's norm to sqrt(out) every step
@@ -112,8 +117,8 @@ class TrainConfig:
         check_int_range("groups", self.groups, low=1)
         check_int_range("epochs", self.epochs, low=1, high=MAX_MEASUREMENT_EPOCHS)
         for name, value in RECIPES[self.norm].items():
-            given = getattr(self, name)
-            if type(given) is int and given == PER_NORM:
+            given, per_norm = getattr(self, name), PER_NORM_VALUES[name]
+            if type(given) is type(per_norm) and given == per_norm:
                 object.__setattr__(self, name, value)
         check_int_range("batch_size", self.batch_size, low=2, high=8192, also=PER_NORM_CHOICE)
         check_norm_batch(self.norm_batch, norm=self.norm, batch_size=self.batch_size)
@@ -248,7 +253,7 @@ def check_norm_batch(norm_batch: int, *, norm: str, batch_size: int) -> None:
 def recipe_help(name: str) -> str:
     """`0: the norm's recipe (batch 128, group 256, layer 128, ...)`, for a RECIPES parameter."""
     values = ", ".join(f"{norm} {recipe[name]}" for norm, recipe in RECIPES.items())
-    return f"{PER_NORM}: the norm's recipe ({values})."
+    return f"{PER_NORM_VALUES[name]}: the norm's recipe ({values})."
 
 
 def check_int_range(

@@ -254,7 +254,7 @@ def test_lever_table_never_pairs_runs_validated_on_different_splits():
 def test_lever_table_takes_each_norms_own_recipe_as_its_default(monkeypatch):
     """batch_size is per norm (config.RECIPES): with a recipe of batch 256 for batch norm, 256 is
     batch norm's default and a lever for layer norm, whose default is 128."""
-    monkeypatch.setitem(config.RECIPES, "batch", {"batch_size": 256})
+    monkeypatch.setitem(config.RECIPES, "batch", {**config.RECIPES["batch"], "batch_size": 256})
     runs, histories = _lever_runs(
         {
             ("batch", "256"): [0.80, 0.82],

@@ -282,10 +282,27 @@ def test_batch_size_zero_is_the_norms_recipe_and_runs_log_the_value_they_train_w
         TrainConfig(batch_size=1)
 
 
+def test_optimizer_auto_is_the_norms_recipe_and_runs_log_the_optimizer_they_train_with():
+    for norm, recipe in config.RECIPES.items():
+        trained = TrainConfig(norm=norm)
+        assert trained.optimizer == recipe["optimizer"] in config.OPTIMIZERS
+        assert trained.as_params()["optimizer"] == recipe["optimizer"]
+    assert TrainConfig(norm="batch").optimizer == "muon"  # chosen on the validation split
+    assert TrainConfig(norm="group").optimizer == "sgd"
+    assert TrainConfig(norm="batch", optimizer="sgd").optimizer == "sgd"  # explicit wins
+    found, _ = trials("optimizer=sgd", norms=("batch", "group"), seeds=1, mode="one-at-a-time")
+    # sgd is a lever for batch norm (its recipe is muon) and group norm's default trial
+    assert [(trial.name, trial.config.optimizer) for trial in found] == [
+        ("train-batch-seed1", "muon"),
+        ("train-batch-seed1-optimizer=sgd", "sgd"),
+        ("train-group-seed1", "sgd"),
+    ]
+
+
 def test_a_sweep_over_batch_size_keeps_each_norms_default_once(monkeypatch):
     """With batch norm's recipe at batch 256 and layer norm's at 128, the grid's 128 is a lever
     for batch norm and layer norm's default trial."""
-    monkeypatch.setitem(config.RECIPES, "batch", {"batch_size": 256})
+    monkeypatch.setitem(config.RECIPES, "batch", {**config.RECIPES["batch"], "batch_size": 256})
     found, _ = trials("batch_size=128", norms=("batch", "layer"), seeds=1, mode="one-at-a-time")
     names = [trial.name for trial in found]
     assert names == ["train-batch-seed1", "train-batch-seed1-batch_size=128", "train-layer-seed1"]
