@@ -480,6 +480,9 @@ def readable_batch_dependence(points: pd.DataFrame, references: pd.DataFrame) ->
     return pd.DataFrame(rows)
 
 
+# --------------------------------------------------------------------------- findings
+
+
 def divergence_notes(study: Study) -> list[str]:
     """One line per train run that diverged: stopped on a non-finite loss (FAILED, tagged
     `diverged`), or finished with a non-finite final loss. Such runs are in no mean."""
