@@ -222,8 +222,9 @@ def model_summary(**options) -> None:
     "--learning-rate",
     "learning_rate",
     type=float,
-    default=_DEFAULTS.learning_rate,
-    help="Peak of the one-cycle schedule.",
+    default=PER_NORM,  # _DEFAULTS holds batch norm's resolved value
+    help=f"Peak of the one-cycle schedule; {recipe_help('learning_rate')}",
+    show_default=True,
 )
 @click.option("--momentum", type=float, default=_DEFAULTS.momentum)
 @click.option(

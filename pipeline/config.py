@@ -50,7 +50,7 @@ DEFAULT_DATA = "~/.cache/cifar10"  # where torchvision downloads CIFAR-10 when i
 # group norm (docs/results.md#the-recipe-re-decided-on-validation); Muon for batch and layer norm
 # (docs/results.md#third-round-muon-the-activation-and-the-pooling). The resolved value is what
 # a run logs as its param.
-RECIPES: dict[str, dict[str, int | str]] = {
+RECIPES: dict[str, dict[str, int | float | str]] = {
     name: {**SHARED_RECIPE, **entry.recipe} for name, entry in REGISTRY.items()
 }
 # The validation split: images held out of the training split, per class, with a seed of its
@@ -58,10 +58,14 @@ RECIPES: dict[str, dict[str, int | str]] = {
 # recipe, a lever, the champion) are made on it; the test split is only reported.
 DEFAULT_VAL_SIZE = 5000
 VAL_SEED = 0
-PER_NORM = 0  # the value of an integer RECIPES parameter that asks for the norm's recipe
+PER_NORM = 0  # the value of a numeric RECIPES parameter that asks for the norm's recipe
 PER_NORM_CHOICE = f"{PER_NORM} (the norm's recipe)"  # how errors name it
 # Each RECIPES parameter's "per norm" value (the parameter's default): 0 or "auto".
-PER_NORM_VALUES: dict[str, int | str] = {"batch_size": PER_NORM, "optimizer": "auto"}
+PER_NORM_VALUES: dict[str, int | float | str] = {
+    "batch_size": PER_NORM,
+    "learning_rate": float(PER_NORM),
+    "optimizer": "auto",
+}
 NORM_BATCH_CHOICE = "0 (the whole batch)"
 
 
@@ -79,7 +83,7 @@ class TrainConfig:
     batch_size: int = PER_NORM  # 0: the norm's recipe (RECIPES)
     # Images per batch-statistics group ("ghost" batches); 0: the whole batch.
     norm_batch: int = 0
-    learning_rate: float = 0.2
+    learning_rate: float = float(PER_NORM)  # the one-cycle peak; 0: the norm's recipe (RECIPES)
     momentum: float = 0.9
     weight_decay: float = 5e-4
     dropout: float = 0.0
@@ -117,12 +121,18 @@ class TrainConfig:
         check_int_range("groups", self.groups, low=1)
         check_int_range("epochs", self.epochs, low=1, high=MAX_MEASUREMENT_EPOCHS)
         for name, value in RECIPES[self.norm].items():
-            given, per_norm = getattr(self, name), PER_NORM_VALUES[name]
-            if type(given) is type(per_norm) and given == per_norm:
+            if _asks_for_recipe(getattr(self, name), PER_NORM_VALUES[name]):
                 object.__setattr__(self, name, value)
         check_int_range("batch_size", self.batch_size, low=2, high=8192, also=PER_NORM_CHOICE)
         check_norm_batch(self.norm_batch, norm=self.norm, batch_size=self.batch_size)
-        check_float_range("learning_rate", self.learning_rate, low=0.0, high=10.0, open_low=True)
+        check_float_range(
+            "learning_rate",
+            self.learning_rate,
+            low=0.0,
+            high=10.0,
+            open_low=True,
+            also=PER_NORM_CHOICE,
+        )
         check_float_range("momentum", self.momentum, low=0.0, high=1.0, open_high=True)
         check_float_range("weight_decay", self.weight_decay, low=0.0, high=1.0)
         check_float_range("dropout", self.dropout, low=0.0, high=1.0, open_high=True)
@@ -252,8 +262,20 @@ def check_norm_batch(norm_batch: int, *, norm: str, batch_size: int) -> None:
 
 def recipe_help(name: str) -> str:
     """`0: the norm's recipe (batch 128, group 256, layer 128, ...)`, for a RECIPES parameter."""
-    values = ", ".join(f"{norm} {recipe[name]}" for norm, recipe in RECIPES.items())
-    return f"{PER_NORM_VALUES[name]}: the norm's recipe ({values})."
+    values = ", ".join(f"{norm} {_shown(recipe[name])}" for norm, recipe in RECIPES.items())
+    return f"{_shown(PER_NORM_VALUES[name])}: the norm's recipe ({values})."
+
+
+def _shown(value: int | float | str) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _asks_for_recipe(given: object, per_norm: int | float | str) -> bool:
+    """Whether a RECIPES parameter was left at its "per norm" value (0 or "auto"); a bool is
+    never a number here (True == 1)."""
+    if isinstance(per_norm, str):
+        return given == per_norm
+    return isinstance(given, int | float) and not isinstance(given, bool) and given == per_norm
 
 
 def check_int_range(
@@ -276,14 +298,17 @@ def check_float_range(
     high: float,
     open_low: bool = False,
     open_high: bool = False,
+    also: str = "",
 ) -> None:
+    """`also` names a value allowed besides the interval, e.g. `0 (the norm's recipe)`."""
+    either = f"{also} or " if also else ""
     if isinstance(value, bool) or not isinstance(value, int | float) or value != value:
         raise ConfigError(f"{name} must be a number (got {value!r})")
     too_low = value <= low if open_low else value < low
     too_high = value >= high if open_high else value > high
     if too_low or too_high:
         interval = f"{'(' if open_low else '['}{low:g}, {high:g}{')' if open_high else ']'}"
-        raise ConfigError(f"{name} must be in {interval} (got {value:g})")
+        raise ConfigError(f"{name} must be {either}in {interval} (got {value:g})")
 
 
 def parse_widths(text: str) -> dict[str, int]:

@@ -27,7 +27,11 @@ Factory = Callable[..., "nn.Module"]
 
 # What a norm trains with where its entry says nothing of a per-norm parameter: a new norm takes
 # these until a sweep of its own on the validation split says otherwise.
-SHARED_RECIPE: dict[str, int | str] = {"batch_size": 128, "optimizer": "sgd"}
+SHARED_RECIPE: dict[str, int | float | str] = {
+    "batch_size": 128,
+    "learning_rate": 0.2,
+    "optimizer": "sgd",
+}
 
 
 @dataclass(frozen=True)
@@ -40,7 +44,7 @@ class Norm:
     color: str  # matplotlib colour of its lines and bars in the report
     standardize: bool = True  # weight-standardized convs unless `standardize` says otherwise
     # Its own values of the per-norm parameters (config.RECIPES); the rest are SHARED_RECIPE's.
-    recipe: dict[str, int | str] = field(default_factory=dict)
+    recipe: dict[str, int | float | str] = field(default_factory=dict)
     bf16: bool = False  # bf16 autocast measured to hold its accuracy (precision=auto)
     batch_statistics: bool = False  # normalizes with statistics over images of the batch
     groups: bool = False  # the `groups` parameter means something for it

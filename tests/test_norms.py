@@ -66,7 +66,8 @@ def test_a_norm_registered_in_one_place_reaches_help_validation_and_the_report(t
         from pipeline import norms
 
         entry = norms.Norm("scaled", lambda channels, **_: nn.GroupNorm(channels, channels),
-                           "a throwaway entry", "tab:olive", recipe={{"batch_size": 64}})
+                           "a throwaway entry", "tab:olive",
+                           recipe={{"batch_size": 64, "learning_rate": 0.05}})
         norms.REGISTRY["scaled"] = entry
 
         import pandas as pd
@@ -95,6 +96,7 @@ def test_a_norm_registered_in_one_place_reaches_help_validation_and_the_report(t
             "main_help": " ".join(main_help.split()),
             "refused": refused,
             "batch_size": trained.batch_size,
+            "learning_rate": trained.learning_rate,
             "params": sum(p.numel() for p in Net(norm="scaled").parameters()),
             "norms": study.norms,
             "report": path.read_text(),
@@ -108,9 +110,11 @@ def test_a_norm_registered_in_one_place_reaches_help_validation_and_the_report(t
     found = json.loads(result.stdout.strip().splitlines()[-1])
     assert "scaled: a throwaway entry" in found["help"]
     assert "scaled 64" in found["help"]  # its recipe, in --batch-size's help
+    assert "frn 0.2, scaled 0.05)" in found["help"]  # and in --learning-rate's
     assert "frn, scaled (the default study: batch, group, layer)" in found["main_help"]
     assert found["refused"].endswith("none, frn, scaled (got 'bogus')")
-    assert found["batch_size"] == 64 and found["params"] <= MAX_PARAMETERS
+    assert found["batch_size"] == 64 and found["learning_rate"] == 0.05
+    assert found["params"] <= MAX_PARAMETERS
     assert found["norms"] == ["batch", "scaled"]  # registry order in the report
     assert "| scaled |" in found["report"] and found["color"] == "tab:olive"
 

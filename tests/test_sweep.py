@@ -118,7 +118,11 @@ BAD_GRIDS = [
     ("seed=1,2", "grid: 'seed' is not a train parameter"),
     ("learning_rate=", "grid entries are key=value,value,... (got 'learning_rate=')"),
     ("learning_rate=0.1,fast", "grid: learning_rate takes float values (got 'fast')"),
-    ("learning_rate=0.1,20", "grid: learning_rate=20: learning_rate must be in (0, 10] (got 20)"),
+    (
+        "learning_rate=0.1,20",
+        "grid: learning_rate=20: learning_rate must be 0 (the norm's recipe) or in (0, 10] "
+        "(got 20)",
+    ),
     ("order=sideways", "grid: order=sideways: order must be one of norm-act, act-norm"),
     ("whiten=maybe", "grid: whiten takes bool values (got 'maybe')"),
     ("widths=C2=64", "the model has 54,730 parameters; the limit is 50,000 (widths C2=64)"),
@@ -299,6 +303,27 @@ def test_optimizer_auto_is_the_norms_recipe_and_runs_log_the_optimizer_they_trai
     ]
 
 
+def test_learning_rate_zero_is_the_norms_recipe_and_a_sweep_pairs_against_it(monkeypatch):
+    """A norm whose recipe holds a peak learning rate trains with it when learning_rate is left
+    at 0; the grid's shared 0.2 is then a lever for it and the other norm's default trial."""
+    assert all(TrainConfig(norm=norm).learning_rate == 0.2 for norm in config.NORMS)
+    monkeypatch.setitem(config.RECIPES, "none", {**config.RECIPES["none"], "learning_rate": 0.05})
+    trained = TrainConfig(norm="none")
+    assert trained.learning_rate == 0.05 and trained.as_params()["learning_rate"] == "0.05"
+    assert TrainConfig(norm="none", learning_rate=0).learning_rate == 0.05  # 0 as an int too
+    assert TrainConfig(norm="none", learning_rate=0.1).learning_rate == 0.1  # explicit wins
+    found, _ = trials("learning_rate=0.2", norms=("none", "batch"), seeds=1, mode="one-at-a-time")
+    assert [(trial.name, trial.config.learning_rate) for trial in found] == [
+        ("train-none-seed1", 0.05),
+        ("train-none-seed1-learning_rate=0.2", 0.2),
+        ("train-batch-seed1", 0.2),
+    ]
+    with pytest.raises(ConfigError, match=r"^learning_rate must be 0 \(the norm's recipe\) or in"):
+        TrainConfig(learning_rate=-0.1)
+    with pytest.raises(ConfigError, match=r"^learning_rate must be a number \(got True\)$"):
+        TrainConfig(learning_rate=True)
+
+
 def test_a_sweep_over_batch_size_keeps_each_norms_default_once(monkeypatch):
     """With batch norm's recipe at batch 256 and layer norm's at 128, the grid's 128 is a lever
     for batch norm and layer norm's default trial."""
@@ -315,6 +340,8 @@ def test_train_help_names_each_norms_batch_size():
     recipes = ", ".join(f"{norm} {recipe['batch_size']}" for norm, recipe in config.RECIPES.items())
     assert recipes.startswith("batch 128, group 256, layer 128, instance 128")
     assert f"0: the norm's recipe ({recipes})." in " ".join(result.output.split())
+    rates = ", ".join(f"{norm} 0.2" for norm in config.RECIPES)  # and each norm's peak lr
+    assert f"schedule; 0: the norm's recipe ({rates})." in " ".join(result.output.split())
 
 
 def test_the_batch_dependence_sweep_varies_batch_norms_statistics_only():
