@@ -291,15 +291,16 @@ def test_optimizer_auto_is_the_norms_recipe_and_runs_log_the_optimizer_they_trai
         trained = TrainConfig(norm=norm)
         assert trained.optimizer == recipe["optimizer"] in config.OPTIMIZERS
         assert trained.as_params()["optimizer"] == recipe["optimizer"]
-    assert TrainConfig(norm="batch").optimizer == "muon"  # chosen on the validation split
-    assert TrainConfig(norm="group").optimizer == "sgd"
+    # chosen on the validation split; a norm without a sweep of its own takes the shared sgd
+    assert [TrainConfig(norm=norm).optimizer for norm in config.STUDY_NORMS] == ["muon"] * 3
+    assert TrainConfig(norm="instance").optimizer == "sgd"
     assert TrainConfig(norm="batch", optimizer="sgd").optimizer == "sgd"  # explicit wins
-    found, _ = trials("optimizer=sgd", norms=("batch", "group"), seeds=1, mode="one-at-a-time")
-    # sgd is a lever for batch norm (its recipe is muon) and group norm's default trial
+    found, _ = trials("optimizer=sgd", norms=("batch", "instance"), seeds=1, mode="one-at-a-time")
+    # sgd is a lever for batch norm (its recipe is muon) and instance norm's default trial
     assert [(trial.name, trial.config.optimizer) for trial in found] == [
         ("train-batch-seed1", "muon"),
         ("train-batch-seed1-optimizer=sgd", "sgd"),
-        ("train-group-seed1", "sgd"),
+        ("train-instance-seed1", "sgd"),
     ]
 
 
