@@ -54,6 +54,16 @@ class Norm:
     cuda_channels_last: bool = False  # channels_last measured faster on CUDA (else NCHW)
     in_default_study: bool = False  # trained by `main` and `sweep` unless `norm` says otherwise
 
+    def __post_init__(self) -> None:
+        # A recipe holds per-norm parameters only: anything else would reach the first
+        # TrainConfig as a bare KeyError, far from the entry that caused it.
+        unknown = sorted(set(self.recipe) - set(SHARED_RECIPE))
+        if unknown:
+            raise ValueError(
+                f"norm {self.name!r}: recipe key(s) {', '.join(unknown)} are not per-norm "
+                f"parameters (allowed: {', '.join(SHARED_RECIPE)})"
+            )
+
 
 # The factories import the layers only when a model is built (see the module docstring).
 

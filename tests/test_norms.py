@@ -55,6 +55,15 @@ def test_an_unknown_norm_is_refused_naming_every_registered_one():
         config.parse_norms("batch,weight")
 
 
+def test_a_recipe_naming_a_parameter_that_is_not_per_norm_is_refused_at_the_entry():
+    with pytest.raises(ValueError) as refused:
+        norms.Norm("scaled", lambda channels, **_: None, "x", "tab:olive", recipe={"momentum": 0.8})
+    assert str(refused.value) == (
+        "norm 'scaled': recipe key(s) momentum are not per-norm parameters "
+        "(allowed: batch_size, learning_rate, optimizer)"
+    )
+
+
 @pytest.mark.slow  # a subprocess: the registry is read when the modules are imported
 def test_a_norm_registered_in_one_place_reaches_help_validation_and_the_report(tmp_path):
     """A throwaway entry added to the registry before the pipeline is imported, as an entry
