@@ -189,7 +189,12 @@ def prepare_stats(data: str) -> None:
     "--conv-groups", "conv_groups", type=int, default=_DEFAULTS.conv_groups, help="As train's."
 )
 @click.option("--activation", type=click.Choice(ACTIVATIONS), default=_DEFAULTS.activation)
-@click.option("--pool", type=click.Choice(POOLS), default=_DEFAULTS.pool)
+@click.option(
+    "--pool",
+    type=click.Choice((PER_NORM_VALUES["pool"], *POOLS)),
+    default=PER_NORM_VALUES["pool"],
+    help="As train's.",
+)
 def model_summary(**options) -> None:
     """Print the model: output shape, parameters and receptive field of each layer."""
     model, _ = training.model_for(TrainConfig(**options))  # train's validation and budget
@@ -304,9 +309,10 @@ def model_summary(**options) -> None:
 )
 @click.option(
     "--pool",
-    type=click.Choice(POOLS),
-    default=_DEFAULTS.pool,
-    help="P1 and P2: 2x2 max or average pooling.",
+    type=click.Choice((PER_NORM_VALUES["pool"], *POOLS)),
+    default=PER_NORM_VALUES["pool"],  # _DEFAULTS holds batch norm's resolved value
+    help=f"P1 and P2: 2x2 max or average pooling; {recipe_help('pool')}",
+    show_default=True,
 )
 @click.option(
     "--optimizer",

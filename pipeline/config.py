@@ -43,13 +43,14 @@ REGISTERED_MODEL = "cifar10-{norm}"  # "{norm}" is filled in; an empty name skip
 DEFAULT_EXPERIMENT = "cifar10-normalization"
 DEFAULT_DATA = "~/.cache/cifar10"  # where torchvision downloads CIFAR-10 when it is missing
 # Per-norm defaults: what a parameter left at its "per norm" value (0, or "auto" for the
-# optimizer) becomes for each norm, so a norm can take a recipe of its own (each norm's entry in
-# pipeline/norms.py holds it, the rest is norms.SHARED_RECIPE). Each value was chosen on the
-# validation split by `sweep` + `compare`'s lever table over 3 seeds, adopted only where its
-# paired gain exceeded twice its standard error: batch 128 for batch and layer norm, 256 for
-# group norm (docs/results.md#the-recipe-re-decided-on-validation); Muon for batch, group and
-# layer norm (docs/results.md#third-round-muon-the-activation-and-the-pooling). The resolved
-# value is what a run logs as its param.
+# optimizer and the pooling) becomes for each norm, so a norm can take a recipe of its own (each
+# norm's entry in pipeline/norms.py holds it, the rest is norms.SHARED_RECIPE). Each value was
+# chosen on the validation split by `sweep` + `compare`'s lever table over 3 seeds, adopted only
+# where its paired gain exceeded twice its standard error: batch 128 for batch and layer norm,
+# 256 for group norm (docs/results.md#the-recipe-re-decided-on-validation); Muon for batch,
+# group and layer norm and average pooling for layer norm
+# (docs/results.md#third-round-muon-the-activation-and-the-pooling). The resolved value is what
+# a run logs as its param.
 RECIPES: dict[str, dict[str, int | float | str]] = {
     name: {**SHARED_RECIPE, **entry.recipe} for name, entry in REGISTRY.items()
 }
@@ -65,6 +66,7 @@ PER_NORM_VALUES: dict[str, int | float | str] = {
     "batch_size": PER_NORM,
     "learning_rate": float(PER_NORM),
     "optimizer": "auto",
+    "pool": "auto",
 }
 NORM_BATCH_CHOICE = "0 (the whole batch)"
 
@@ -99,7 +101,7 @@ class TrainConfig:
     residual: bool = False
     conv_groups: int = 1
     activation: str = "relu"
-    pool: str = "max"
+    pool: str = "auto"  # auto: the norm's recipe (RECIPES)
     optimizer: str = "auto"  # auto: the norm's recipe (RECIPES)
     muon_lr: float = 0.03  # optimizer=muon: the filters' peak learning rate (one-cycle too)
     muon_momentum: float = 0.9

@@ -31,6 +31,7 @@ SHARED_RECIPE: dict[str, int | float | str] = {
     "batch_size": 128,
     "learning_rate": 0.2,
     "optimizer": "sgd",
+    "pool": "max",
 }
 
 
@@ -140,8 +141,9 @@ ENTRIES = (
         _layer,
         "statistics per image over all channels",
         "tab:green",
-        # Muon gained +1.55 +- 0.26 validation points over SGD, paired over 3 seeds.
-        recipe={"optimizer": "muon"},
+        # Muon gained +1.55 +- 0.26 validation points over SGD, paired over 3 seeds; average
+        # pooling at P1/P2 +0.58 +- 0.18 over max pooling on top of Muon, 3 seeds.
+        recipe={"optimizer": "muon", "pool": "avg"},
         bf16=True,
         in_default_study=True,
     ),

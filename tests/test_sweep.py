@@ -304,6 +304,24 @@ def test_optimizer_auto_is_the_norms_recipe_and_runs_log_the_optimizer_they_trai
     ]
 
 
+def test_pool_auto_is_the_norms_recipe_and_a_sweep_pairs_against_it():
+    for norm, recipe in config.RECIPES.items():
+        trained = TrainConfig(norm=norm)
+        assert trained.pool == recipe["pool"] in config.POOLS
+        assert trained.as_params()["pool"] == recipe["pool"]
+    # average pooling was adopted for layer norm on the validation split; the rest keep max
+    assert [TrainConfig(norm=norm).pool for norm in config.STUDY_NORMS] == ["max", "max", "avg"]
+    assert TrainConfig(norm="layer", pool="max").pool == "max"  # an explicit value wins
+    assert type(model_for(TrainConfig(norm="layer"))[0].P1).__name__ == "AvgPool2d"
+    found, _ = trials("pool=max", norms=("batch", "layer"), seeds=1, mode="one-at-a-time")
+    # max is batch norm's default trial and a lever for layer norm (its recipe is avg)
+    assert [(trial.name, trial.config.pool) for trial in found] == [
+        ("train-batch-seed1", "max"),
+        ("train-layer-seed1", "avg"),
+        ("train-layer-seed1-pool=max", "max"),
+    ]
+
+
 def test_learning_rate_zero_is_the_norms_recipe_and_a_sweep_pairs_against_it(monkeypatch):
     """A norm whose recipe holds a peak learning rate trains with it when learning_rate is left
     at 0; the grid's shared 0.2 is then a lever for it and the other norm's default trial."""
