@@ -196,8 +196,13 @@ def prepare_stats(data: str) -> None:
     help="As train's.",
 )
 def model_summary(**options) -> None:
-    """Print the model: output shape, parameters and receptive field of each layer."""
-    model, _ = training.model_for(TrainConfig(**options))  # train's validation and budget
+    """Print the model: its blocks, then output shape, parameters and receptive field of each
+    layer."""
+    config = TrainConfig(**options)  # the norm's recipe resolved: what `train` would build
+    model, _ = training.model_for(config)  # train's validation and budget
+    groups = f" ({config.groups} groups)" if REGISTRY[config.norm].groups else ""
+    activation = config.activation if REGISTRY[config.norm].activation else "its own activation"
+    click.echo(f"{config.norm} norm{groups}, {activation}, {config.pool} pooling at P1 and P2")
     click.echo(summary(model))
 
 

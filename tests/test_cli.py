@@ -243,6 +243,22 @@ def test_runs_go_to_the_named_experiment_and_the_registry_describes_each_model(
     assert len(client.search_runs([elsewhere.experiment_id])) == 1
 
 
+@pytest.mark.parametrize(
+    ("arguments", "header"),
+    [
+        (["--norm=layer"], "layer norm, relu, avg pooling at P1 and P2"),  # its recipe's pool
+        (["--norm=layer", "--pool=max"], "layer norm, relu, max pooling at P1 and P2"),
+        (["--norm=group", "--activation=silu"], "group norm (4 groups), silu, max pooling"),
+        (["--norm=frn"], "frn norm, its own activation, max pooling at P1 and P2"),
+    ],
+)
+def test_summary_names_the_blocks_it_resolved_before_the_layers(arguments, header, capsys):
+    cli.cli.main(["summary", *arguments], standalone_mode=False)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith(header) and lines[1].startswith("layer")
+    assert lines[-1].split()[-1] in ("48,250", "48,506")
+
+
 def test_evaluate_checks_its_tta_before_touching_the_store():
     with pytest.raises(ConfigError, match="tta must be one of none, flip, flip-translate"):
         EvalConfig(model_uri="models:/cifar10-batch/1", tta="mirror")
