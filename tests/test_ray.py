@@ -158,9 +158,10 @@ def test_ray_steps_claim_distinct_cores_and_run_pinned_to_them(tmp_path, monkeyp
 
 
 def test_a_cancelled_task_is_killed_whatever_ray_raises_and_a_dead_worker_is_lost():
-    """Ray's forced cancel surfaces as TaskCancelledError, WorkerCrashedError or a RayTaskError
-    wrapping the interrupt: after stop() each is a killed step (its run ends KILLED), never a
-    failure. Before stop() a dead worker is a lost step (rerun) and a task's own error is raised."""
+    """Ray's forced cancel surfaces as TaskCancelledError, WorkerCrashedError, a RayTaskError
+    wrapping the interrupt, or the signal's exit code the task returned: after stop() each is a
+    killed step (its run ends KILLED), never a failure. Before stop() a dead worker is a lost
+    step (rerun) and a task's own error is raised."""
     import threading
 
     import ray
@@ -171,15 +172,17 @@ def test_a_cancelled_task_is_killed_whatever_ray_raises_and_a_dead_worker_is_los
     class FakeRay:
         exceptions = ray.exceptions
 
-        def __init__(self, error: Exception) -> None:
-            self.error = error
+        def __init__(self, answer) -> None:
+            self.answer = answer
 
         def get(self, reference):
-            raise self.error
+            if isinstance(self.answer, Exception):
+                raise self.answer
+            return self.answer
 
-    def executor(error: Exception, *, stopping: bool) -> ray_executor.RayExecutor:
+    def executor(answer, *, stopping: bool) -> ray_executor.RayExecutor:
         made = object.__new__(ray_executor.RayExecutor)
-        made._ray = FakeRay(error)
+        made._ray = FakeRay(answer)
         made._task = type(
             "Task", (), {"options": lambda self, **_: self, "remote": lambda self, *_: object()}
         )()
@@ -199,3 +202,11 @@ def test_a_cancelled_task_is_killed_whatever_ray_raises_and_a_dead_worker_is_los
         executor(crashed, stopping=False).run(step)
     with pytest.raises(ray.exceptions.RayTaskError):
         executor(wrapped, stopping=False).run(step)
+    # The kill reached the step's process before its worker: the task returned its exit code.
+    signalled = (-9, "", "node-1")
+    outcome = executor(signalled, stopping=True).run(step)
+    assert (outcome.exit_code, outcome.killed, outcome.node) == (-9, True, "node-1")
+    outcome = executor(signalled, stopping=False).run(step)
+    assert (outcome.exit_code, outcome.killed) == (-9, False)
+    outcome = executor((0, "", "node-1"), stopping=True).run(step)  # it finished first
+    assert (outcome.exit_code, outcome.killed) == (0, False)

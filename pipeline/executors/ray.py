@@ -224,6 +224,10 @@ class RayExecutor:
         finally:
             with self._lock:
                 self._running.discard(reference)
+        if code != 0 and self._stopping.is_set():
+            # The cancel's kill reached the step's process before its worker (Ray kills a
+            # worker's children as it exits), so the task returned the signal's exit code.
+            return StepOutcome(code, "interrupted", killed=True, node=node)
         return StepOutcome(code, line, node=node)
 
     def stop(self) -> None:
