@@ -1,6 +1,7 @@
 """The normalization registry and its norms: ghost batch statistics (`norm_batch`), instance
 norm, no norm, filter response norm; each checked against its formula on a random tensor."""
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -45,6 +46,14 @@ def test_every_view_of_the_registry_keeps_the_three_norms_names_and_numbers():
     assert plots.NORM_COLORS["batch"] == "tab:blue" and len(set(plots.NORM_COLORS.values())) == 6
     assert config.BATCH_STATISTICS_NORMS == ("batch",)
     assert type(make_norm("batch", 8, groups=4)) is nn.BatchNorm2d  # norm_batch 0: as before
+
+
+def test_every_per_norm_parameter_has_a_shared_value_and_asks_for_the_recipe_by_default():
+    """A key in norms.SHARED_RECIPE without its "per norm" value in config (or the other way
+    round) would break the first TrainConfig of every norm, not the entry that added it."""
+    assert set(config.PER_NORM_VALUES) == set(norms.SHARED_RECIPE)
+    defaults = {field.name: field.default for field in dataclasses.fields(TrainConfig)}
+    assert {name: defaults[name] for name in config.PER_NORM_VALUES} == config.PER_NORM_VALUES
 
 
 def test_an_unknown_norm_is_refused_naming_every_registered_one():
