@@ -129,7 +129,7 @@ def test_sigterm_cancels_every_ray_task_and_leaves_no_run_running(
         "prepare-stats": "FINISHED",
         "train-batch-seed1": "KILLED",
         "train-batch-seed1-learning_rate=0.4": "KILLED",
-    }
+    }, output[-3000:]
 
 
 @pytest.mark.skipif(not hasattr(os, "sched_getaffinity"), reason="core affinity is Linux's")
