@@ -37,6 +37,9 @@ def _fake_study(tmp_path: Path, finals: dict[str, list[float]]) -> comparison.St
                     "params.data": "'~/data'",
                     "params.val_size": "40",
                     "params.val_digest": "d1",
+                    # per-norm recipes: each norm's resolved values
+                    "params.optimizer": "muon" if norm == "batch" else "sgd",
+                    "params.pool": "avg" if norm == "layer" else "max",
                     # search_runs' times; the runs of seed s take 10 + s minutes
                     "start_time": pd.Timestamp("2026-01-01 12:00", tz="UTC"),
                     "end_time": pd.Timestamp("2026-01-01 12:10", tz="UTC")
@@ -93,6 +96,9 @@ def test_norm_table_is_mean_std_and_standard_error_over_seeds(tmp_path):
     assert readable.loc["batch", "final val acc %"] == "70.50 ± 0.58"
     assert readable.loc["batch", "final test acc %"] == "71.00 ± 0.58"
     assert readable.loc["layer", "groups"] == ""  # groups is a group-norm parameter
+    # the per-norm parameters each norm resolved show beside it; a run without one, blank
+    assert list(readable.loc["batch", ["optimizer", "pool", "activation"]]) == ["muon", "max", ""]
+    assert list(readable.loc["layer", ["optimizer", "pool"]]) == ["sgd", "avg"]
     notes = comparison.findings(comparison.norm_table(study))
     assert notes[0].startswith(
         "**batch** norm leads on final validation accuracy with 70.50% (test 71.00%)"

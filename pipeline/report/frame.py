@@ -27,12 +27,15 @@ TABLE_PARAMS = (
     "epochs",
     "batch_size",
     "norm_batch",
+    "optimizer",
     "learning_rate",
     "momentum",
     "weight_decay",
     "dropout",
     "label_smoothing",
     "warmup_epochs",
+    "activation",
+    "pool",
     "val_size",
 )
 
