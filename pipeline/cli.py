@@ -188,7 +188,12 @@ def prepare_stats(data: str) -> None:
 @click.option(
     "--conv-groups", "conv_groups", type=int, default=_DEFAULTS.conv_groups, help="As train's."
 )
-@click.option("--activation", type=click.Choice(ACTIVATIONS), default=_DEFAULTS.activation)
+@click.option(
+    "--activation",
+    type=click.Choice((PER_NORM_VALUES["activation"], *ACTIVATIONS)),
+    default=PER_NORM_VALUES["activation"],
+    help="As train's.",
+)
 @click.option(
     "--pool",
     type=click.Choice((PER_NORM_VALUES["pool"], *POOLS)),
@@ -308,9 +313,10 @@ def model_summary(**options) -> None:
 )
 @click.option(
     "--activation",
-    type=click.Choice(ACTIVATIONS),
-    default=_DEFAULTS.activation,
-    help="The non-linearity of every conv block (no parameters).",
+    type=click.Choice((PER_NORM_VALUES["activation"], *ACTIVATIONS)),
+    default=PER_NORM_VALUES["activation"],  # _DEFAULTS holds batch norm's resolved value
+    help=f"The non-linearity of every conv block (no parameters); {recipe_help('activation')}",
+    show_default=True,
 )
 @click.option(
     "--pool",

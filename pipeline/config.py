@@ -43,12 +43,13 @@ REGISTERED_MODEL = "cifar10-{norm}"  # "{norm}" is filled in; an empty name skip
 DEFAULT_EXPERIMENT = "cifar10-normalization"
 DEFAULT_DATA = "~/.cache/cifar10"  # where torchvision downloads CIFAR-10 when it is missing
 # Per-norm defaults: what a parameter left at its "per norm" value (0, or "auto" for the
-# optimizer and the pooling) becomes for each norm, so a norm can take a recipe of its own (each
-# norm's entry in pipeline/norms.py holds it, the rest is norms.SHARED_RECIPE). Each value was
+# optimizer, the activation and the pooling) becomes for each norm, so a norm can take a recipe
+# of its own (each norm's entry in pipeline/norms.py holds it, the rest is
+# norms.SHARED_RECIPE). Each value was
 # chosen on the validation split by `sweep` + `compare`'s lever table over 3 seeds, adopted only
 # where its paired gain exceeded twice its standard error: batch 128 for batch and layer norm,
 # 256 for group norm (docs/results.md#the-recipe-re-decided-on-validation); Muon for batch,
-# group and layer norm and average pooling for layer norm
+# group and layer norm, SiLU for batch norm and average pooling for layer norm
 # (docs/results.md#third-round-muon-the-activation-and-the-pooling). The resolved value is what
 # a run logs as its param.
 RECIPES: dict[str, dict[str, int | float | str]] = {
@@ -63,6 +64,7 @@ PER_NORM = 0  # the value of a numeric RECIPES parameter that asks for the norm'
 PER_NORM_CHOICE = f"{PER_NORM} (the norm's recipe)"  # how errors name it
 # Each RECIPES parameter's "per norm" value (the parameter's default): 0 or "auto".
 PER_NORM_VALUES: dict[str, int | float | str] = {
+    "activation": "auto",
     "batch_size": PER_NORM,
     "learning_rate": float(PER_NORM),
     "optimizer": "auto",
@@ -100,7 +102,7 @@ class TrainConfig:
     standardize: str = "auto"
     residual: bool = False
     conv_groups: int = 1
-    activation: str = "relu"
+    activation: str = "auto"  # auto: the norm's recipe (RECIPES)
     pool: str = "auto"  # auto: the norm's recipe (RECIPES)
     optimizer: str = "auto"  # auto: the norm's recipe (RECIPES)
     muon_lr: float = 0.03  # optimizer=muon: the filters' peak learning rate (one-cycle too)
@@ -156,7 +158,7 @@ class TrainConfig:
         if not REGISTRY[self.norm].activation and self.activation != "relu":
             raise ConfigError(
                 f"activation does not apply to norm={self.norm}, which brings its own "
-                f"(got activation={self.activation}; leave it at relu)"
+                f"(got activation={self.activation}; leave it at auto or relu)"
             )
         check_choice("pool", self.pool, POOLS)
         check_choice("optimizer", self.optimizer, OPTIMIZERS)

@@ -322,6 +322,28 @@ def test_pool_auto_is_the_norms_recipe_and_a_sweep_pairs_against_it():
     ]
 
 
+def test_activation_auto_is_the_norms_recipe_and_a_sweep_pairs_against_it():
+    for norm, recipe in config.RECIPES.items():
+        trained = TrainConfig(norm=norm)
+        assert trained.activation == recipe["activation"] in config.ACTIVATIONS
+        assert trained.as_params()["activation"] == recipe["activation"]
+    # SiLU was adopted for batch norm on the validation split; the rest keep ReLU
+    assert [TrainConfig(norm=norm).activation for norm in config.STUDY_NORMS] == [
+        "silu",
+        "relu",
+        "relu",
+    ]
+    assert TrainConfig(norm="batch", activation="relu").activation == "relu"  # explicit wins
+    assert type(model_for(TrainConfig(norm="batch"))[0].C1.silu).__name__ == "SiLU"
+    found, _ = trials("activation=relu", norms=("batch", "group"), seeds=1, mode="one-at-a-time")
+    # relu is a lever for batch norm (its recipe is silu) and group norm's default trial
+    assert [(trial.name, trial.config.activation) for trial in found] == [
+        ("train-batch-seed1", "silu"),
+        ("train-batch-seed1-activation=relu", "relu"),
+        ("train-group-seed1", "relu"),
+    ]
+
+
 def test_learning_rate_zero_is_the_norms_recipe_and_a_sweep_pairs_against_it(monkeypatch):
     """A norm whose recipe holds a peak learning rate trains with it when learning_rate is left
     at 0; the grid's shared 0.2 is then a lever for it and the other norm's default trial."""
