@@ -327,20 +327,20 @@ def test_activation_auto_is_the_norms_recipe_and_a_sweep_pairs_against_it():
         trained = TrainConfig(norm=norm)
         assert trained.activation == recipe["activation"] in config.ACTIVATIONS
         assert trained.as_params()["activation"] == recipe["activation"]
-    # SiLU was adopted for batch norm on the validation split; the rest keep ReLU
+    # SiLU was adopted for batch and group norm on the validation split; the rest keep ReLU
     assert [TrainConfig(norm=norm).activation for norm in config.STUDY_NORMS] == [
         "silu",
-        "relu",
+        "silu",
         "relu",
     ]
     assert TrainConfig(norm="batch", activation="relu").activation == "relu"  # explicit wins
     assert type(model_for(TrainConfig(norm="batch"))[0].C1.silu).__name__ == "SiLU"
-    found, _ = trials("activation=relu", norms=("batch", "group"), seeds=1, mode="one-at-a-time")
-    # relu is a lever for batch norm (its recipe is silu) and group norm's default trial
+    found, _ = trials("activation=relu", norms=("batch", "layer"), seeds=1, mode="one-at-a-time")
+    # relu is a lever for batch norm (its recipe is silu) and layer norm's default trial
     assert [(trial.name, trial.config.activation) for trial in found] == [
         ("train-batch-seed1", "silu"),
         ("train-batch-seed1-activation=relu", "relu"),
-        ("train-group-seed1", "relu"),
+        ("train-layer-seed1", "relu"),
     ]
 
 
