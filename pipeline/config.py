@@ -44,14 +44,13 @@ DEFAULT_EXPERIMENT = "cifar10-normalization"
 DEFAULT_DATA = "~/.cache/cifar10"  # where torchvision downloads CIFAR-10 when it is missing
 # Per-norm defaults: what a parameter left at its "per norm" value (0, or "auto" for the
 # optimizer, the activation and the pooling) becomes for each norm, so a norm can take a recipe
-# of its own (each norm's entry in pipeline/norms.py holds it, the rest is
-# norms.SHARED_RECIPE). Each value was
-# chosen on the validation split by `sweep` + `compare`'s lever table over 3 seeds, adopted only
-# where its paired gain exceeded twice its standard error: batch 128 for batch and layer norm,
-# 256 for group norm (docs/results.md#the-recipe-re-decided-on-validation); Muon for batch,
-# group and layer norm, SiLU for batch and group norm and average pooling for layer norm
-# (docs/results.md#third-round-muon-the-activation-and-the-pooling). The resolved value is what
-# a run logs as its param.
+# of its own (each norm's entry in pipeline/norms.py holds it, the rest is norms.SHARED_RECIPE).
+# Each value was chosen on the validation split by `sweep` + `compare`'s lever table over 3
+# seeds, adopted only where its paired gain exceeded twice its standard error: batch 128 for
+# batch and layer norm, 256 for group norm (docs/results.md#the-recipe-re-decided-on-validation);
+# Muon for batch, group and layer norm, SiLU for batch and group norm and average pooling for
+# layer norm (docs/results.md#third-round-muon-the-activation-and-the-pooling). The resolved
+# value is what a run logs as its param.
 RECIPES: dict[str, dict[str, int | float | str]] = {
     name: {**SHARED_RECIPE, **entry.recipe} for name, entry in REGISTRY.items()
 }
