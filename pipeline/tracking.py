@@ -24,6 +24,7 @@ from mlflow.tracking import MlflowClient
 from pipeline import stores
 from pipeline.config import DEFAULT_EXPERIMENT
 from pipeline.engine import EpochMetrics
+from pipeline.executors import NODE_ENV, NODE_TAG
 
 log = logging.getLogger(__name__)
 
@@ -148,6 +149,8 @@ def run(
     log_system_metrics = system_metrics and system_metrics_wanted()
     if parent_run_id:
         tags = {**(tags or {}), "mlflow.parentRunId": parent_run_id}
+    if os.environ.get(NODE_ENV):  # a workflow's step on one machine of several (Ray)
+        tags = {**(tags or {}), NODE_TAG: os.environ[NODE_ENV]}
     attached = os.environ.get("MLFLOW_RUN_ID")
     try:
         if resume_run_id:

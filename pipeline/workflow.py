@@ -31,6 +31,7 @@ from pipeline.config import (
 )
 from pipeline.executors import (
     EXECUTORS,
+    NODE_TAG,
     OUTPUT_LOCK,
     Executor,
     ExecutorSettings,
@@ -50,7 +51,6 @@ MAX_PARALLEL = 64
 LOCAL = ExecutorSettings()  # one step at a time on this host
 MAX_ATTEMPTS = 3  # runs of one step whose machine went away, before the workflow gives up
 RETRY_TAG = "retry_of"  # on a rerun step: the id of the run its lost attempt left FAILED
-NODE_TAG = "node"  # the machine (Ray node id) a step ran on, where there are several
 
 
 class StepFailed(tracking.TrackingError):

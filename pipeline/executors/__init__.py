@@ -14,6 +14,10 @@ from typing import Protocol
 # One writer at a time on this process's stdout and stderr, for the steps' output and the
 # workflow's own lines alike: lines never interleave.
 OUTPUT_LOCK = threading.Lock()
+# Where an executor has several machines, the step's environment names the one it runs on, and
+# the step's run carries it as a tag from its start (a running trial shows its node).
+NODE_ENV = "PIPELINE_NODE"
+NODE_TAG = "node"
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ import sys
 import threading
 from pathlib import Path
 
-from pipeline.executors import StepCommand, StepLost, StepOutcome, error_line
+from pipeline.executors import NODE_ENV, StepCommand, StepLost, StepOutcome, error_line
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ def _run_command(
     node = ray.get_runtime_context().get_node_id()
     with contextlib.ExitStack() as held:
         claimed = _claim_cores(cores, held)
-        return (*_run_step(command, env, prefix, claimed), node)
+        return (*_run_step(command, {**env, NODE_ENV: node}, prefix, claimed), node)
 
 
 def _claim_cores(count: int, held: contextlib.ExitStack) -> set[int] | None:
