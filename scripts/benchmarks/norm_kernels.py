@@ -1,5 +1,7 @@
 """Why is group norm slower in bf16? One GroupNorm layer alone, forward and backward, per layout
-and precision: the kernel behind `model.FloatGroupNorm`."""
+and precision: the kernel behind `model.FloatGroupNorm`. And what do ghost batches cost? Batch
+norm over the whole batch vs `model.GhostBatchNorm2d` (torch's fused kernel on the groups side by
+side) vs the same statistics in separate tensor ops."""
 
 from __future__ import annotations
 
@@ -9,9 +11,11 @@ import torch
 from torch import nn
 
 from benchmarks.timing import progress, timed
-from pipeline.model import FloatGroupNorm
+from pipeline.model import FloatGroupNorm, GhostBatchNorm2d
 
 SHAPE = (256, 32, 16, 16)  # a batch of C4's output: the most common normalized activation
+GHOST_SHAPE = (128, 24, 32, 32)  # C2's output at batch norm's recipe batch: the largest one
+NORM_BATCHES = (2, 8, 32)
 
 
 @dataclass(frozen=True)
@@ -52,6 +56,59 @@ def measure(*, groups: int, repeats: int = 20) -> list[KernelTime]:
     label = f"FloatGroupNorm({groups})"
     rows.append(KernelTime(label, "channels_last", "bf16 in, fp32 norm", milliseconds))
     return rows
+
+
+class _GhostBySeparateOps(GhostBatchNorm2d):
+    """The ghost statistics written as separate tensor ops (a reference; running statistics
+    left out): mean and variance per group, normalize, scale and shift."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        groups = x.reshape(x.shape[0] // self.norm_batch, self.norm_batch, *x.shape[1:])
+        var, mean = torch.var_mean(groups, dim=(1, 3, 4), unbiased=False)
+        out = (groups - mean[:, None, :, None, None]) * torch.rsqrt(var + self.eps)[
+            :, None, :, None, None
+        ]
+        return out.reshape(x.shape) * self.weight[:, None, None] + self.bias[:, None, None]
+
+
+def measure_ghost(*, repeats: int = 20) -> list[KernelTime]:
+    """BatchNorm2d over the whole batch, then per norm_batch GhostBatchNorm2d and the same
+    statistics by separate ops, fp32 NCHW (batch norm's precision and layout on CPU)."""
+    x = torch.randn(GHOST_SHAPE).requires_grad_()
+    progress("BatchNorm2d")
+    rows = [
+        KernelTime(
+            "BatchNorm2d", "whole batch", "fp32", _time(nn.BatchNorm2d(24), x, repeats=repeats)
+        )
+    ]
+    for norm_batch in NORM_BATCHES:
+        for label, kind in (
+            ("GhostBatchNorm2d", GhostBatchNorm2d),
+            ("separate ops", _GhostBySeparateOps),
+        ):
+            progress(f"{label} norm_batch={norm_batch}")
+            layer = kind(GHOST_SHAPE[1], norm_batch=norm_batch)
+            milliseconds = _time(layer, x, repeats=repeats)
+            rows.append(KernelTime(label, f"norm_batch {norm_batch}", "fp32", milliseconds))
+    return rows
+
+
+def report_ghost(rows: list[KernelTime]) -> list[str]:
+    whole = rows[0].milliseconds
+    return [
+        "",
+        "### Ghost batch norm kernels",
+        "",
+        f"One batch norm layer alone on a {'x'.join(map(str, GHOST_SHAPE))} input, forward and "
+        "backward, milliseconds per step, and the ratio to batch norm over the whole batch.",
+        "",
+        "| layer | statistics over | ms per step | x whole batch |",
+        "|---|---|---:|---:|",
+        *(
+            f"| {r.layer} | {r.layout} | {r.milliseconds:.2f} | {r.milliseconds / whole:.2f} |"
+            for r in rows
+        ),
+    ]
 
 
 def report(rows: list[KernelTime]) -> list[str]:
