@@ -78,7 +78,10 @@ def measure_ghost(*, repeats: int = 20) -> list[KernelTime]:
     progress("BatchNorm2d")
     rows = [
         KernelTime(
-            "BatchNorm2d", "whole batch", "fp32", _time(nn.BatchNorm2d(24), x, repeats=repeats)
+            "BatchNorm2d",
+            "whole batch",
+            "fp32",
+            _time(nn.BatchNorm2d(GHOST_SHAPE[1]), x, repeats=repeats),
         )
     ]
     for norm_batch in NORM_BATCHES:
