@@ -98,6 +98,11 @@ def test_quick_run_reports_every_measurement(
                 line for line in rows if line.startswith(f"| {layer} | norm_batch {norm_batch} |")
             ]
             assert min(numbers(row)[-2:]) > 0, row  # ms per step, ratio to the whole batch
+    [reference] = [line for line in rows if line.startswith("| BatchNorm2d + ReLU |")]
+    assert numbers(reference)[-1] == 1.0, reference
+    for layer in ("FilterResponseNorm2d", "torch.maximum TLU"):
+        [row] = [line for line in rows if line.startswith(f"| {layer} |")]
+        assert min(numbers(row)[-2:]) > 0, row  # ms per step, ratio to batch norm + ReLU
     defaults = 0
     for tta, passes in (("none", 1), ("flip", 2), ("flip-translate", 6)):
         for batch in (128, 1024):  # the CPU's evaluation batch, and the GPU's beside it

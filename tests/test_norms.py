@@ -274,6 +274,17 @@ def test_filter_response_norm_and_tlu_follow_the_papers_formula():
     out = layer(x)
     assert out.shape == x.shape and torch.allclose(out, expected, atol=1e-5)
     assert (out == tau.expand_as(out)).any()  # the threshold bites somewhere
+    # Its gradients (input, gamma, beta, tau) are autograd's through the formula.
+    x.requires_grad_()
+    grad = torch.randn(x.shape, generator=generator)
+    params = [x, layer.weight, layer.bias, layer.tau]
+    reference = torch.max(gamma * x / torch.sqrt((x**2).mean((2, 3), True) + 1e-6) + beta, tau)
+    for got, want in zip(
+        torch.autograd.grad(layer(x), params, grad),
+        torch.autograd.grad(reference, params, grad),
+        strict=True,
+    ):
+        assert torch.allclose(got, want, atol=1e-5)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert layer(x.bfloat16()).dtype == torch.float32
     # Its TLU is the block's activation: no ReLU after it.

@@ -1,7 +1,8 @@
 """Why is group norm slower in bf16? One GroupNorm layer alone, forward and backward, per layout
 and precision: the kernel behind `model.FloatGroupNorm`. And what do ghost batches cost? Batch
 norm over the whole batch vs `model.GhostBatchNorm2d` (torch's fused kernel on the groups side by
-side) vs the same statistics in separate tensor ops."""
+side) vs the same statistics in separate tensor ops. And filter response norm: its TLU as
+`model.FilterResponseNorm2d` writes it vs `torch.maximum`, the paper's form."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import torch
 from torch import nn
 
 from benchmarks.timing import progress, timed
-from pipeline.model import FloatGroupNorm, GhostBatchNorm2d
+from pipeline.model import FilterResponseNorm2d, FloatGroupNorm, GhostBatchNorm2d
 
 SHAPE = (256, 32, 16, 16)  # a batch of C4's output: the most common normalized activation
 GHOST_SHAPE = (128, 24, 32, 32)  # C2's output at batch norm's recipe batch: the largest one
@@ -111,6 +112,45 @@ def report_ghost(rows: list[KernelTime]) -> list[str]:
             f"| {r.layer} | {r.layout} | {r.milliseconds:.2f} | {r.milliseconds / whole:.2f} |"
             for r in rows
         ),
+    ]
+
+
+class _FrnByMaximum(FilterResponseNorm2d):
+    """The paper's form: y = gamma x / sqrt(nu2 + eps) + beta, then torch.maximum(y, tau)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        nu2 = x.square().mean(dim=(2, 3), keepdim=True)
+        y = x * torch.rsqrt(nu2 + self.eps) * self.weight[:, None, None] + self.bias[:, None, None]
+        return torch.maximum(y, self.tau[:, None, None])
+
+
+def measure_frn(*, repeats: int = 20) -> list[KernelTime]:
+    """BatchNorm2d + ReLU (batch norm's block) for scale, then FilterResponseNorm2d and the
+    paper's torch.maximum form of the same layer, fp32 NCHW, on GHOST_SHAPE."""
+    x = torch.randn(GHOST_SHAPE).requires_grad_()
+    rows = []
+    for label, layer in (
+        ("BatchNorm2d + ReLU", nn.Sequential(nn.BatchNorm2d(GHOST_SHAPE[1]), nn.ReLU())),
+        ("FilterResponseNorm2d", FilterResponseNorm2d(GHOST_SHAPE[1])),
+        ("torch.maximum TLU", _FrnByMaximum(GHOST_SHAPE[1])),
+    ):
+        progress(label)
+        rows.append(KernelTime(label, "NCHW", "fp32", _time(layer, x, repeats=repeats)))
+    return rows
+
+
+def report_frn(rows: list[KernelTime]) -> list[str]:
+    reference = rows[0].milliseconds
+    return [
+        "",
+        "### Filter response norm kernels",
+        "",
+        f"One normalization and its activation alone on a {'x'.join(map(str, GHOST_SHAPE))} "
+        "input, forward and backward, milliseconds per step, and the ratio to batch norm + ReLU.",
+        "",
+        "| layer | ms per step | x BatchNorm2d + ReLU |",
+        "|---|---:|---:|",
+        *(f"| {r.layer} | {r.milliseconds:.2f} | {r.milliseconds / reference:.2f} |" for r in rows),
     ]
 
 
