@@ -25,8 +25,11 @@ from pipeline.config import MAX_EPOCHS, TTA_BEFORE_PARAM, EvalConfig, TrainConfi
 from pipeline.data import DatasetStats
 from pipeline.model import RawImageClassifier, receptive_fields, summary
 from pipeline.norms import REGISTRY
+from pipeline.step_runs import finish_resumed_step
 
 log = logging.getLogger(__name__)
+# The project a `train` run belongs to: its code version decides whether a study reuses it.
+PROJECT_DIR = Path(__file__).resolve().parent.parent
 
 Echo = Callable[[str], None]
 
@@ -228,6 +231,8 @@ def train_model(config: TrainConfig, *, echo: Echo = log.info) -> str:
             )
     val = f"validation {100 * history[-1].val_acc:.2f}%, " if _has_val(history) else ""
     echo(f"final {val}test accuracy {100 * final.accuracy:.2f}% (run {run_id})")
+    if config.resume and finish_resumed_step(run_id, PROJECT_DIR):
+        echo("a study's step, finished by the code that started it: the next study reuses it")
     return run_id
 
 

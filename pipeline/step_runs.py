@@ -10,6 +10,7 @@ create a step's run, end it.
 
 from __future__ import annotations
 
+import hashlib
 import shlex
 import subprocess
 from dataclasses import dataclass
@@ -24,10 +25,41 @@ from mlflow.tracking import MlflowClient
 from pipeline.tracking import REUSED_TAG, TrackingError
 
 CODE_VERSION_TAG = "pipeline.code_version"
+# The code version a step's run was created with. `train --resume` reads it when it finishes a
+# step whose workflow was interrupted (nothing else would set CODE_VERSION_TAG on it), so the
+# next study reuses the run where the resuming code is the same (`finish_resumed_step`).
+STARTED_CODE_VERSION_TAG = "pipeline.code_version_at_start"
 # Where a step asks for no model in the registry, a finished run that registered one trained the
 # same model: a sweep's trials reuse the study's trainings as their defaults. (Not the reverse:
 # a step that registers would be left with nothing in the registry.)
 REGISTERED_MODEL_PARAM = "registered_model"
+
+
+def code_version(project_dir: Path) -> str:
+    """A hash of pipeline/*.py and MLproject: what `mlflow.source.git.commit` would be, except
+    that it also changes with uncommitted edits, so a dirty tree never reuses stale results."""
+    digest = hashlib.sha256()
+    for file in [*sorted((project_dir / "pipeline").rglob("*.py")), project_dir / "MLproject"]:
+        if file.is_file():
+            digest.update(file.relative_to(project_dir).as_posix().encode() + b"\0")
+            digest.update(file.read_bytes() + b"\0")
+    return digest.hexdigest()[:16]
+
+
+def finish_resumed_step(run_id: str, project_dir: Path) -> bool:
+    """Give a step's run that `train --resume` finished the code version tag the workflow would
+    have set at its end, where the code that resumed it is the code that started it; True if
+    it did. A run not created as a step, not FINISHED, already tagged, or resumed by other code
+    is left alone (a study then trains that step again)."""
+    client = MlflowClient()
+    run = client.get_run(run_id)
+    started = run.data.tags.get(STARTED_CODE_VERSION_TAG, "")
+    if run.info.status != "FINISHED" or not started or CODE_VERSION_TAG in run.data.tags:
+        return False
+    if started != code_version(project_dir):
+        return False
+    client.set_tag(run_id, CODE_VERSION_TAG, started)
+    return True
 
 
 @dataclass(frozen=True)
@@ -150,6 +182,7 @@ class StepRuns:
             "mlflow.project.env": "local",
             "mlflow.parentRunId": self.parent_run_id,
             "mlflow.runName": run_name,
+            STARTED_CODE_VERSION_TAG: self.code_version,
             **_git_tags(self.project_dir),
             **(tags or {}),
         }

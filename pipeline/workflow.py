@@ -12,7 +12,6 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import dataclasses
-import hashlib
 import importlib.util
 import logging
 import queue
@@ -39,7 +38,7 @@ from pipeline.executors import (
     StepLost,
     make_executor,
 )
-from pipeline.step_runs import StepRuns
+from pipeline.step_runs import StepRuns, code_version
 from pipeline.sweep import Trial
 from pipeline.training import model_for
 
@@ -125,17 +124,6 @@ def check_executor(settings: ExecutorSettings) -> None:
             f"{tracking.tracking_uri()}: each node would write its own; start the team server "
             "(scripts/server.sh) and set MLFLOW_TRACKING_URI to it"
         )
-
-
-def code_version(project_dir: Path = PROJECT_DIR) -> str:
-    """A hash of pipeline/*.py and MLproject: what `mlflow.source.git.commit` would be, except
-    that it also changes with uncommitted edits, so a dirty tree never reuses stale results."""
-    digest = hashlib.sha256()
-    for file in [*sorted((project_dir / "pipeline").rglob("*.py")), project_dir / "MLproject"]:
-        if file.is_file():
-            digest.update(file.relative_to(project_dir).as_posix().encode() + b"\0")
-            digest.update(file.read_bytes() + b"\0")
-    return digest.hexdigest()[:16]
 
 
 def run_study(

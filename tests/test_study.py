@@ -744,3 +744,54 @@ def test_a_step_registering_no_model_reuses_a_run_that_registered_one(tracking_s
     assert found("0.2") == sweep_run  # the newest match
     assert found("0.2", registered_model="cifar10-batch") == study_run
     assert found("0.2", registered_model="cifar10-layer") is None
+
+
+def test_a_step_resumed_by_hand_is_reused_where_the_same_code_finished_it(tracking_store, tmp_path):
+    """A study interrupted mid-step leaves its step's run KILLED; `train --resume` finishes it.
+    The workflow never ends that run, so the run carries the code version it started with, and
+    finishing it with the same code gives it the tag a study reuses; other code does not."""
+    from pipeline.step_runs import (
+        CODE_VERSION_TAG,
+        STARTED_CODE_VERSION_TAG,
+        StepRuns,
+        code_version,
+        finish_resumed_step,
+    )
+
+    (tmp_path / "pipeline").mkdir()
+    (tmp_path / "pipeline" / "model.py").write_text("widths = 1\n")
+    (tmp_path / "MLproject").write_text(
+        "name: p\nentry_points:\n  train:\n    parameters:\n      seed: {type: int, default: 1}\n"
+        "    command: python -m pipeline train --seed {seed}\n"
+    )
+    with mlflow.start_run(run_name="parent"):
+        step_runs = StepRuns.of_active_run(
+            project_dir=tmp_path, code_version=code_version(tmp_path)
+        )
+    steps = [
+        step_runs.create(entry_point="train", parameters={"seed": str(seed)}, run_name=f"s{seed}")
+        for seed in (1, 2)
+    ]
+    client = mlflow.MlflowClient()
+    for step in steps:
+        assert client.get_run(step.run_id).data.tags[STARTED_CODE_VERSION_TAG] == (
+            step_runs.code_version
+        )
+        client.set_terminated(step.run_id, "KILLED")  # the study interrupted
+    assert not finish_resumed_step(steps[0].run_id, tmp_path)  # not finished yet
+    for step in steps:
+        client.set_terminated(step.run_id, "FINISHED")  # `train --resume` finished it
+
+    assert finish_resumed_step(steps[0].run_id, tmp_path)
+    assert client.get_run(steps[0].run_id).data.tags[CODE_VERSION_TAG] == step_runs.code_version
+    found = step_runs.find_finished(entry_point="train", parameters={"seed": "1"})
+    assert found == steps[0].run_id
+    assert not finish_resumed_step(steps[0].run_id, tmp_path)  # tagged once
+
+    (tmp_path / "pipeline" / "model.py").write_text("widths = 2\n")  # other code resumed it
+    assert not finish_resumed_step(steps[1].run_id, tmp_path)
+    assert CODE_VERSION_TAG not in client.get_run(steps[1].run_id).data.tags
+    assert step_runs.find_finished(entry_point="train", parameters={"seed": "2"}) is None
+    with mlflow.start_run(run_name="a run of its own") as own:
+        pass
+    assert not finish_resumed_step(own.info.run_id, tmp_path)  # not a step's run
