@@ -25,11 +25,9 @@ from pipeline.config import MAX_EPOCHS, TTA_BEFORE_PARAM, EvalConfig, TrainConfi
 from pipeline.data import DatasetStats
 from pipeline.model import RawImageClassifier, receptive_fields, summary
 from pipeline.norms import REGISTRY
-from pipeline.step_runs import finish_resumed_step
+from pipeline.step_runs import PROJECT_DIR, finish_resumed_step
 
 log = logging.getLogger(__name__)
-# The project a `train` run belongs to: its code version decides whether a study reuses it.
-PROJECT_DIR = Path(__file__).resolve().parent.parent
 
 Echo = Callable[[str], None]
 

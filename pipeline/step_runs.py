@@ -24,6 +24,8 @@ from mlflow.tracking import MlflowClient
 
 from pipeline.tracking import REUSED_TAG, TrackingError
 
+# The project whose code version decides whether a finished step is reused.
+PROJECT_DIR = Path(__file__).resolve().parent.parent
 CODE_VERSION_TAG = "pipeline.code_version"
 # The code version a step's run was created with. `train --resume` reads it when it finishes a
 # step whose workflow was interrupted (nothing else would set CODE_VERSION_TAG on it), so the

@@ -38,13 +38,12 @@ from pipeline.executors import (
     StepLost,
     make_executor,
 )
-from pipeline.step_runs import StepRuns, code_version
+from pipeline.step_runs import PROJECT_DIR, StepRuns, code_version
 from pipeline.sweep import Trial
 from pipeline.training import model_for
 
 log = logging.getLogger(__name__)
 
-PROJECT_DIR = Path(__file__).resolve().parent.parent
 MAX_SEEDS = 100
 MAX_PARALLEL = 64
 LOCAL = ExecutorSettings()  # one step at a time on this host
