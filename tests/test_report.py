@@ -246,6 +246,54 @@ def test_lever_table_ranks_on_validation_and_pairs_each_lever_with_the_default_r
     assert readable.loc[1, "test acc % (reported, not chosen on)"] == "81.88 ± 0.43"
 
 
+def test_a_lever_that_trains_where_the_default_did_not_is_adopted(monkeypatch):
+    """none's learning-rate screen, before its recipe held 0.05: the default (0.2) collapsed to
+    chance on seed 3 (val and train 10%), 0.05 trained on all three. Paired differences +0.10,
+    +7.14, +63.74 points: mean 23.66, SE 20.14, inside twice its SE, so the gain alone adopts
+    nothing; training where the default did not does, as 0.05 is not behind on the seeds where
+    both trained."""
+    finals = {
+        ("none", "0.2"): [0.7570, 0.6818, 0.1000],
+        ("none", "0.05"): [0.7580, 0.7532, 0.7374],
+        ("none", "0.1"): [0.7350, 0.6500, 0.7000],  # behind where both trained: not adopted
+        ("none", "0.025"): [0.7272, 0.7000],  # two seeds: too few
+        ("none", "0.3"): [0.7600, 0.6700, 0.1200],  # at chance itself on seed 3: not adopted
+    }
+    # none's default as it was then: the shared 0.2
+    monkeypatch.setitem(config.RECIPES, "none", {**config.RECIPES["none"], "learning_rate": 0.2})
+    runs, histories = _lever_runs(finals, key="learning_rate")
+    study = comparison.build_study(runs, histories, group_by=("learning_rate",))
+    table = comparison.lever_table(study).set_index("learning_rate")
+    assert table.loc["0.2", "default"]
+    assert table.loc["0.05", "gain_points"] == pytest.approx(23.66, abs=0.005)
+    assert table.loc["0.05", "gain_se_points"] == pytest.approx(20.14, abs=0.005)
+    assert table.loc["0.05", "gain_points"] < 2 * table.loc["0.05", "gain_se_points"]
+    assert table.loc["0.05", "adopt"] and table.loc["0.05", "rescued_seeds"] == "3"
+    for lever in ("0.1", "0.025", "0.3"):
+        assert not table.loc[lever, "adopt"] and table.loc[lever, "rescued_seeds"] == ""
+    readable = comparison.readable_lever_table(table.reset_index(), ("learning_rate",))
+    verdicts = dict(zip(readable["learning_rate"], readable["adopt?"], strict=True))
+    assert verdicts["0.05"] == "yes: trains where the default did not (seed 3)"
+    assert verdicts["0.1"] == "no" and verdicts["0.2"] == ""
+    # A default seed that diverged (FAILED, tagged, no history) counts as not trained too.
+    runs, histories = _lever_runs(
+        {("none", "0.2"): [0.7570, 0.6818], ("none", "0.05"): [0.7580, 0.7532, 0.7374]},
+        key="learning_rate",
+    )
+    diverged = {
+        **runs.iloc[0].to_dict(),
+        "run_id": "none-0.2-3",
+        "params.seed": "3",
+        "status": "FAILED",
+        "tags.diverged": "training diverged at epoch 2 (loss nan); lower learning_rate",
+    }
+    runs = pd.concat([runs, pd.DataFrame([diverged])], ignore_index=True)
+    study = comparison.build_study(runs, histories, group_by=("learning_rate",))
+    table = comparison.lever_table(study).set_index("learning_rate")
+    assert table.loc["0.05", "paired_seeds"] == 2 and table.loc["0.05", "rescued_seeds"] == "3"
+    assert table.loc["0.05", "adopt"]
+
+
 def test_lever_table_never_pairs_runs_validated_on_different_splits():
     runs, histories = _lever_runs(
         {("batch", "False"): [0.80, 0.81, 0.82], ("batch", "true"): [0.85, 0.86, 0.87]},
@@ -386,17 +434,25 @@ def test_a_diverged_run_is_named_by_the_findings_and_counted_in_no_mean(tmp_path
                 "diverged": "training diverged at epoch 3 (loss nan); lower learning_rate",
             },
             {"norm": "none", "seed": 3, "acc": 0.10, "loss": math.nan},
+            {"norm": "none", "seed": 4, "acc": 0.0997, "loss": 2.3061},  # collapsed: at chance
             {"norm": "batch", "seed": 1, "acc": 0.70},
         ]
     )
     study = comparison.build_study(runs, histories, source="test")
     assert list(study.diverged["run_name"]) == ["train-none-seed2"]
     table = comparison.norm_table(study).set_index("norm")
-    assert table.loc["none", "runs"] == 2  # the diverged one is in no mean
+    # the diverged one is in no mean; the one at chance is, a result like any other
+    assert table.loc["none", "runs"] == 3
+    assert table.loc["none", "final_test_acc_mean"] == pytest.approx((0.50 + 0.10 + 0.0997) / 3)
     notes = comparison.divergence_notes(study)
     assert notes[0].startswith("none diverged (loss NaN): run `train-none-seed2` (seed 2)")
     assert "epoch 3" in notes[0]
     assert notes[1].startswith("none diverged (loss NaN): run `train-none-seed3` (seed 3) ended")
-    assert len(notes) == 2
+    assert notes[2] == (
+        "none did not train: run `train-none-seed4` (seed 4) ended epoch 1 at chance, training "
+        "accuracy 9.97% (1 in 10 is 10.00%), loss 2.306. It counts in its norm's mean."
+    )
+    assert len(notes) == 3  # seed 1 (50%) and batch norm (70%) trained
     text = comparison.write_report(study, tmp_path / "out").read_text()
     assert "- none diverged (loss NaN): run `train-none-seed2`" in text
+    assert "- none did not train: run `train-none-seed4`" in text

@@ -344,11 +344,12 @@ def test_activation_auto_is_the_norms_recipe_and_a_sweep_pairs_against_it():
     ]
 
 
-def test_learning_rate_zero_is_the_norms_recipe_and_a_sweep_pairs_against_it(monkeypatch):
-    """A norm whose recipe holds a peak learning rate trains with it when learning_rate is left
-    at 0; the grid's shared 0.2 is then a lever for it and the other norm's default trial."""
-    assert all(TrainConfig(norm=norm).learning_rate == 0.2 for norm in config.NORMS)
-    monkeypatch.setitem(config.RECIPES, "none", {**config.RECIPES["none"], "learning_rate": 0.05})
+def test_learning_rate_zero_is_the_norms_recipe_and_a_sweep_pairs_against_it():
+    """A norm whose recipe holds a peak learning rate (none: 0.05) trains with it when
+    learning_rate is left at 0; the grid's shared 0.2 is then a lever for it and the other
+    norm's default trial."""
+    rates = {norm: TrainConfig(norm=norm).learning_rate for norm in config.NORMS}
+    assert rates == {**dict.fromkeys(config.NORMS, 0.2), "none": 0.05}
     trained = TrainConfig(norm="none")
     assert trained.learning_rate == 0.05 and trained.as_params()["learning_rate"] == "0.05"
     assert TrainConfig(norm="none", learning_rate=0).learning_rate == 0.05  # 0 as an int too
@@ -381,7 +382,7 @@ def test_train_help_names_each_norms_batch_size():
     recipes = ", ".join(f"{norm} {recipe['batch_size']}" for norm, recipe in config.RECIPES.items())
     assert recipes.startswith("batch 128, group 256, layer 128, instance 128")
     assert f"0: the norm's recipe ({recipes})." in " ".join(result.output.split())
-    rates = ", ".join(f"{norm} 0.2" for norm in config.RECIPES)  # and each norm's peak lr
+    rates = ", ".join(f"{norm} {0.05 if norm == 'none' else 0.2}" for norm in config.RECIPES)
     assert f"schedule; 0: the norm's recipe ({rates})." in " ".join(result.output.split())
 
 

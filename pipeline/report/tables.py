@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import pandas as pd
 
 from pipeline.config import BATCH_STATISTICS_NORMS, NORMS, TTA_MODES, TrainConfig
+from pipeline.model import NUM_CLASSES
 from pipeline.norms import REGISTRY
 from pipeline.report.frame import TABLE_PARAMS, Study, ordered_norms
 
@@ -28,9 +29,18 @@ UNDERFIT_TRAIN_ACC = 60.0
 PEAK_DROP_POINTS = 1.0
 # The adoption rule: a lever is adopted when its gain over the defaults, paired by seed on the
 # same validation split, exceeds ADOPT_STANDARD_ERRORS standard errors over ADOPT_MIN_SEEDS or
-# more seeds (config.RECIPES holds what was adopted).
+# more seeds (config.RECIPES holds what was adopted). Or, first of all, when it trains where the
+# defaults do not: the defaults failed on a seed (diverged, or ended at chance: AT_CHANCE) that
+# the lever trained on, the lever trained on every one of its ADOPT_MIN_SEEDS or more seeds, and
+# on the seeds where both trained it is not behind (one collapse makes the paired gain's
+# standard error as large as the gain, so the first clause alone would keep a recipe that
+# does not train).
 ADOPT_STANDARD_ERRORS = 2.0
 ADOPT_MIN_SEEDS = 3
+# A run whose training accuracy after its last epoch is below 1.5x chance (15% for 10 classes)
+# did not train: a collapse to one class, the loss stuck at ln(10), not a slow start. A finished
+# run that learned anything is far above it after its first epoch on real data.
+AT_CHANCE = 1.5 / NUM_CLASSES
 
 SUMMARY_METRICS = (
     "final_val_acc",
@@ -177,6 +187,7 @@ def lever_table(study: Study) -> pd.DataFrame:
     summary = run_summary(study).merge(study.train[["run_id", *keys]], on="run_id")
     for key in keys:
         summary[key] = summary[key].map(param_value)
+    outcomes = _training_outcomes(study, summary, keys)
     rows = []
     for norm in study.norms:
         recipe = TrainConfig(norm=norm).as_params()  # the norm's defaults (config.RECIPES)
@@ -187,11 +198,31 @@ def lever_table(study: Study) -> pd.DataFrame:
             is_default &= runs[key] == defaults.get(key, "")
         pair_keys = ["seed", "val_digest"]
         baseline = runs[is_default].set_index(pair_keys)["final_val_acc"]
+        mine = outcomes[outcomes["norm"] == norm]
+        default_failed = _failed_seeds(mine, keys, tuple(defaults.get(key, "") for key in keys))
+        baseline_trained = runs[is_default & (runs["final_train_acc"] >= AT_CHANCE)]
         norm_rows = []
         for values, group in runs.groupby(keys, sort=True, dropna=False):
             values = values if isinstance(values, tuple) else (values,)
             is_baseline = bool(is_default.loc[group.index].all())
             gain = paired_gain(group.set_index(pair_keys)["final_val_acc"], baseline)
+            seeds = set(group["seed"].dropna().astype(int))
+            rescued = sorted(default_failed & seeds)
+            # NaN where no seed trained under both: not behind.
+            behind = (
+                paired_gain(
+                    group.set_index(pair_keys)["final_val_acc"],
+                    baseline_trained.set_index(pair_keys)["final_val_acc"],
+                ).points
+                < 0
+            )
+            trains_where_default_does_not = (
+                not is_baseline
+                and bool(rescued)
+                and not _failed_seeds(mine, keys, values)
+                and len(seeds) >= ADOPT_MIN_SEEDS
+                and not behind
+            )
             norm_rows.append(
                 {
                     "norm": norm,
@@ -204,7 +235,14 @@ def lever_table(study: Study) -> pd.DataFrame:
                     "gain_points": math.nan if is_baseline else gain.points,
                     "gain_se_points": math.nan if is_baseline else gain.standard_error,
                     "paired_seeds": 0 if is_baseline else gain.pairs,
-                    "adopt": False if is_baseline else gain.adopted,
+                    "adopt": False
+                    if is_baseline
+                    else gain.adopted or trains_where_default_does_not,
+                    # Seeds the defaults did not train on and this lever did, where that
+                    # decided the adoption.
+                    "rescued_seeds": ",".join(map(str, rescued))
+                    if trains_where_default_does_not and not gain.adopted
+                    else "",
                     "final_test_acc_mean": _mean(group["final_test_acc"]),
                     "final_test_acc_se": standard_error(group["final_test_acc"]),
                 }
@@ -215,6 +253,28 @@ def lever_table(study: Study) -> pd.DataFrame:
         )
         rows.extend(norm_rows)
     return pd.DataFrame(rows)
+
+
+def _training_outcomes(study: Study, summary: pd.DataFrame, keys: Sequence[str]) -> pd.DataFrame:
+    """norm, seed, the group_by values and `trained` for every train run: False where it
+    diverged (no final accuracy) or ended at chance."""
+    finished = summary[["norm", "seed", *keys]].assign(
+        trained=(summary["final_train_acc"] >= AT_CHANCE).to_numpy()
+    )
+    if study.diverged.empty:
+        return finished
+    diverged = study.diverged[["norm", "seed", *keys]].assign(trained=False)
+    for key in keys:
+        diverged[key] = diverged[key].map(param_value)
+    return pd.concat([finished, diverged], ignore_index=True)
+
+
+def _failed_seeds(outcomes: pd.DataFrame, keys: Sequence[str], values: tuple) -> set[int]:
+    """The seeds on which the runs with these group_by values did not train."""
+    match = ~outcomes["trained"]
+    for key, value in zip(keys, values, strict=True):
+        match &= outcomes[key] == value
+    return set(pd.to_numeric(outcomes.loc[match, "seed"], errors="coerce").dropna().astype(int))
 
 
 def _mean(values: pd.Series) -> float:
@@ -262,8 +322,10 @@ def readable_lever_table(table: pd.DataFrame, keys: Sequence[str]) -> pd.DataFra
         table["gain_points"], table["gain_se_points"], table["paired_seeds"], "seed"
     )
     out["adopt?"] = [
-        "" if d else ("yes" if a else "no")
-        for d, a in zip(table["default"], table["adopt"], strict=True)
+        ""
+        if d
+        else (f"yes: trains where the default did not (seed {r})" if r else "yes" if a else "no")
+        for d, a, r in zip(table["default"], table["adopt"], table["rescued_seeds"], strict=True)
     ]
     out["test acc % (reported, not chosen on)"] = [
         percent(m, s)
@@ -485,7 +547,10 @@ def readable_batch_dependence(points: pd.DataFrame, references: pd.DataFrame) ->
 
 def divergence_notes(study: Study) -> list[str]:
     """One line per train run that diverged: stopped on a non-finite loss (FAILED, tagged
-    `diverged`), or finished with a non-finite final loss. Such runs are in no mean."""
+    `diverged`), or finished with a non-finite final loss; such runs are in no mean. And one
+    per finished run that ended at chance (training accuracy below `AT_CHANCE`, the loss
+    finite): its accuracy is a result, counted in its norm's mean, but named, as it is what
+    moves the mean and the spread."""
     notes = []
     for run in study.diverged.itertuples(index=False):
         notes.append(
@@ -503,6 +568,14 @@ def divergence_notes(study: Study) -> list[str]:
             notes.append(
                 f"{run.norm} diverged (loss NaN): run `{run.run_name}` (seed {run.seed}) ended "
                 f"epoch {int(last['epoch'])} with {' and '.join(bad)}."
+            )
+        elif _finite(last["train_acc"]) and last["train_acc"] < AT_CHANCE:
+            notes.append(
+                f"{run.norm} did not train: run `{run.run_name}` (seed {run.seed}) ended epoch "
+                f"{int(last['epoch'])} at chance, training accuracy "
+                f"{percent(last['train_acc'])}% (1 in {NUM_CLASSES} is "
+                f"{percent(1 / NUM_CLASSES)}%), loss {last['train_loss']:.3f}. It counts in "
+                f"its norm's mean."
             )
     return notes
 
