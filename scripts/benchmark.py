@@ -20,7 +20,8 @@ each epoch of `train` adds after its training steps). The `--layouts` section me
 ceiling in NCHW vs channels_last and fp32 vs bf16 autocast, the numbers behind
 `engine.memory_format_for` and `engine.resolve_precision`, and one GroupNorm layer alone per
 layout and precision (why `model.FloatGroupNorm` exists) and one batch norm layer over ghost
-batches (`model.GhostBatchNorm2d` against the same statistics in separate ops) and filter
+batches (`model.GhostBatchNorm2d` against the groups side by side as channels and the same
+statistics in separate ops, as a layer and, on a CPU, as a whole training step) and filter
 response norm (`model.FilterResponseNorm2d` against the paper's `torch.maximum` TLU); `--compile`
 times the ceiling eager vs torch.compile'd, with its compilation. The report is Markdown
 (stdout) to paste into docs/speed.md; progress goes to stderr.
@@ -299,11 +300,15 @@ def run_benchmark(arguments: argparse.Namespace, *, command: str) -> str:
             warmup_steps=arguments.warmup_steps,
             seed=arguments.seed,
         )
-    kernel_times, ghost_times, frn_times = [], [], []
+    kernel_times, ghost_times, ghost_step_times, frn_times = [], [], [], []
     if arguments.layouts:
         repeats = 5 * arguments.layout_steps
         kernel_times = norm_kernels.measure(groups=DEFAULTS.groups, repeats=repeats)
         ghost_times = norm_kernels.measure_ghost(repeats=repeats)
+        if device.type == "cpu":
+            ghost_step_times = norm_kernels.measure_ghost_steps(
+                batch_size=batch_size, repeats=arguments.layout_steps
+            )
         frn_times = norm_kernels.measure_frn(repeats=repeats)
     compile_costs: list[compiled.CompileCost] = []
     if arguments.compile:
@@ -395,7 +400,7 @@ def run_benchmark(arguments: argparse.Namespace, *, command: str) -> str:
     if kernel_times:
         lines += norm_kernels.report(kernel_times)
     if ghost_times:
-        lines += norm_kernels.report_ghost(ghost_times)
+        lines += norm_kernels.report_ghost(ghost_times, ghost_step_times)
     if frn_times:
         lines += norm_kernels.report_frn(frn_times)
     if compile_costs:

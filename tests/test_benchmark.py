@@ -90,14 +90,27 @@ def test_quick_run_reports_every_measurement(
             assert numbers(row)[0] > 0, row  # ceiling images/s
     [kernel] = [line for line in rows if line.startswith("| FloatGroupNorm(4) | channels_last |")]
     assert numbers(kernel)[-1] > 0, kernel  # ms per step
-    [whole] = [line for line in rows if line.startswith("| BatchNorm2d | whole batch |")]
+    layer_header = rows.index("| layer | statistics over | ms per step | x whole batch |")
+    step_header = rows.index("| kernel | statistics over | ms per step | x whole batch |")
+    layer_rows = rows[layer_header:step_header]
+    [whole] = [line for line in layer_rows if line.startswith("| BatchNorm2d | whole batch |")]
     assert numbers(whole)[-1] == 1.0, whole  # the ratio's unit
-    for layer in ("GhostBatchNorm2d", "separate ops"):
+    for layer in ("GhostBatchNorm2d", "side by side", "separate ops"):
         for norm_batch in (2, 8, 32):
             [row] = [
-                line for line in rows if line.startswith(f"| {layer} | norm_batch {norm_batch} |")
+                line
+                for line in layer_rows
+                if line.startswith(f"| {layer} | norm_batch {norm_batch} |")
             ]
             assert min(numbers(row)[-2:]) > 0, row  # ms per step, ratio to the whole batch
+    # The training step at the benchmark's batch of 16: the norm_batch values that divide it.
+    step_rows = rows[step_header:]
+    [whole_step] = [line for line in step_rows if line.startswith("| BatchNorm2d | whole batch |")]
+    assert numbers(whole_step)[-1] == 1.0, whole_step
+    for kernel in ("GhostBatchNorm2d", "side by side"):
+        found = [line for line in step_rows if line.startswith(f"| {kernel} | norm_batch ")]
+        assert [row.split("|")[2].strip() for row in found] == ["norm_batch 2", "norm_batch 8"]
+        assert all(min(numbers(row)[-2:]) > 0 for row in found), found
     [reference] = [line for line in rows if line.startswith("| BatchNorm2d + ReLU |")]
     assert numbers(reference)[-1] == 1.0, reference
     for layer in ("FilterResponseNorm2d", "torch.maximum TLU"):

@@ -206,6 +206,27 @@ def test_ghost_batches_backpropagate_as_their_formula():
         assert torch.allclose(got, want, atol=1e-5, rtol=1e-4)
 
 
+def test_ghost_batches_keep_a_channels_last_input_channels_last():
+    """The CPU trains channels_last: the output stays in it (the in-place activation after the
+    norm runs its fast kernel on a tensor of its own, not a copy's view), with the values,
+    gradients and running statistics of the same batch in NCHW."""
+    generator = torch.Generator().manual_seed(3)
+    x = torch.randn(8, 5, 6, 6, generator=generator)
+    projection = torch.randn(8, 5, 6, 6, generator=generator)
+    results = []
+    for layout in (torch.contiguous_format, torch.channels_last):
+        ghost = GhostBatchNorm2d(5, norm_batch=2)
+        _random_affine(ghost, torch.Generator().manual_seed(4))
+        images = x.to(memory_format=layout).requires_grad_()
+        out = ghost(images)
+        assert out.is_contiguous(memory_format=layout)
+        assert out._base is None  # not a view
+        gradients = torch.autograd.grad((out * projection).sum(), (images, ghost.weight))
+        results.append((out, *gradients, ghost.running_mean, ghost.running_var))
+    for nchw, channels_last in zip(*results, strict=True):
+        assert torch.allclose(nchw, channels_last, atol=1e-5, rtol=1e-5)
+
+
 def test_ghost_batches_train_a_model_and_keep_its_checkpoint_keys():
     torch.manual_seed(0)
     model = Net(norm="batch", norm_batch=4)

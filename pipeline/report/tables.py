@@ -200,7 +200,7 @@ def lever_table(study: Study) -> pd.DataFrame:
         baseline = runs[is_default].set_index(pair_keys)["final_val_acc"]
         mine = outcomes[outcomes["norm"] == norm]
         default_failed = _failed_seeds(mine, keys, tuple(defaults.get(key, "") for key in keys))
-        baseline_trained = runs[is_default & (runs["final_train_acc"] >= AT_CHANCE)]
+        baseline_trained = runs[is_default & _trained(runs)]
         norm_rows = []
         for values, group in runs.groupby(keys, sort=True, dropna=False):
             values = values if isinstance(values, tuple) else (values,)
@@ -258,15 +258,18 @@ def lever_table(study: Study) -> pd.DataFrame:
 def _training_outcomes(study: Study, summary: pd.DataFrame, keys: Sequence[str]) -> pd.DataFrame:
     """norm, seed, the group_by values and `trained` for every train run: False where it
     diverged (no final accuracy) or ended at chance."""
-    finished = summary[["norm", "seed", *keys]].assign(
-        trained=(summary["final_train_acc"] >= AT_CHANCE).to_numpy()
-    )
+    finished = summary[["norm", "seed", *keys]].assign(trained=_trained(summary).to_numpy())
     if study.diverged.empty:
         return finished
     diverged = study.diverged[["norm", "seed", *keys]].assign(trained=False)
     for key in keys:
         diverged[key] = diverged[key].map(param_value)
     return pd.concat([finished, diverged], ignore_index=True)
+
+
+def _trained(summary: pd.DataFrame) -> pd.Series:
+    """Per finished run: its final training accuracy is at least AT_CHANCE (it trained)."""
+    return summary["final_train_acc"] >= AT_CHANCE
 
 
 def _failed_seeds(outcomes: pd.DataFrame, keys: Sequence[str], values: tuple) -> set[int]:

@@ -1,7 +1,8 @@
 """Why is group norm slower in bf16? One GroupNorm layer alone, forward and backward, per layout
 and precision: the kernel behind `model.FloatGroupNorm`. And what do ghost batches cost? Batch
-norm over the whole batch vs `model.GhostBatchNorm2d` (torch's fused kernel on the groups side by
-side) vs the same statistics in separate tensor ops. And filter response norm: its TLU as
+norm over the whole batch vs `model.GhostBatchNorm2d` (torch's fused kernel on each group in
+turn) vs the groups side by side as channels vs the same statistics in separate tensor ops, as
+one layer and its activation and as a whole training step. And filter response norm: its TLU as
 `model.FilterResponseNorm2d` writes it vs `torch.maximum`, the paper's form."""
 
 from __future__ import annotations
@@ -12,7 +13,10 @@ import torch
 from torch import nn
 
 from benchmarks.timing import progress, timed
+from pipeline import engine
+from pipeline.config import TrainConfig
 from pipeline.model import FilterResponseNorm2d, FloatGroupNorm, GhostBatchNorm2d
+from pipeline.training import model_for
 
 SHAPE = (256, 32, 16, 16)  # a batch of C4's output: the most common normalized activation
 GHOST_SHAPE = (128, 24, 32, 32)  # C2's output at batch norm's recipe batch: the largest one
@@ -72,41 +76,133 @@ class _GhostBySeparateOps(GhostBatchNorm2d):
         return out.reshape(x.shape) * self.weight[:, None, None] + self.bias[:, None, None]
 
 
+class _GhostSideBySide(GhostBatchNorm2d):
+    """The groups side by side as channels, (G, g, C, H, W) -> (g, G*C, H, W), through torch's
+    fused batch norm once, and copied back (a reference, running statistics left out): the
+    output is NCHW whatever the input's layout."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        groups, channels = x.shape[0] // self.norm_batch, x.shape[1]
+        stacked = (
+            x.reshape(groups, self.norm_batch, *x.shape[1:])
+            .transpose(0, 1)
+            .reshape(self.norm_batch, groups * channels, *x.shape[2:])
+        )
+        out = nn.functional.batch_norm(
+            stacked,
+            None,
+            None,
+            self.weight.repeat(groups),
+            self.bias.repeat(groups),
+            training=True,
+            eps=self.eps,
+        )
+        return out.reshape(self.norm_batch, groups, *x.shape[1:]).transpose(0, 1).reshape(x.shape)
+
+
+GHOST_KERNELS = (
+    ("GhostBatchNorm2d", GhostBatchNorm2d),
+    ("side by side", _GhostSideBySide),
+    ("separate ops", _GhostBySeparateOps),
+)
+
+
 def measure_ghost(*, repeats: int = 20) -> list[KernelTime]:
-    """BatchNorm2d over the whole batch, then per norm_batch GhostBatchNorm2d and the same
-    statistics by separate ops, fp32 NCHW (batch norm's precision and layout on CPU)."""
-    x = torch.randn(GHOST_SHAPE).requires_grad_()
+    """Batch norm and its in-place SiLU (the block's activation) over the whole batch, then per
+    norm_batch each ghost kernel and the same SiLU, fp32 channels_last (batch norm's precision
+    and layout on CPU: an in-place activation after a kernel that answers in another layout,
+    or in a view, pays for it here)."""
+    x = torch.randn(GHOST_SHAPE).to(memory_format=torch.channels_last).requires_grad_()
+
+    def block(norm: nn.Module) -> nn.Module:
+        return nn.Sequential(norm, nn.SiLU(inplace=True))
+
     progress("BatchNorm2d")
     rows = [
         KernelTime(
             "BatchNorm2d",
             "whole batch",
             "fp32",
-            _time(nn.BatchNorm2d(GHOST_SHAPE[1]), x, repeats=repeats),
+            _time(block(nn.BatchNorm2d(GHOST_SHAPE[1])), x, repeats=repeats),
         )
     ]
     for norm_batch in NORM_BATCHES:
-        for label, kind in (
-            ("GhostBatchNorm2d", GhostBatchNorm2d),
-            ("separate ops", _GhostBySeparateOps),
-        ):
+        for label, kind in GHOST_KERNELS:
             progress(f"{label} norm_batch={norm_batch}")
-            layer = kind(GHOST_SHAPE[1], norm_batch=norm_batch)
+            layer = block(kind(GHOST_SHAPE[1], norm_batch=norm_batch))
             milliseconds = _time(layer, x, repeats=repeats)
             rows.append(KernelTime(label, f"norm_batch {norm_batch}", "fp32", milliseconds))
     return rows
 
 
-def report_ghost(rows: list[KernelTime]) -> list[str]:
-    whole = rows[0].milliseconds
+def measure_ghost_steps(*, batch_size: int, repeats: int, rounds: int = 3) -> list[KernelTime]:
+    """A whole training step of batch norm's model at its recipe (layout, precision) and
+    `batch_size` on the CPU, random images: over the whole batch, then per norm_batch that
+    divides the batch with GhostBatchNorm2d and with the side-by-side kernel in its place.
+    Rounds interleave the models; each row is its fastest round."""
+    device = torch.device("cpu")
+    steps: dict[tuple[str, str], engine.TrainStep] = {}
+    for norm_batch in (0, *(n for n in NORM_BATCHES if batch_size % n == 0 and n < batch_size)):
+        kernels = GHOST_KERNELS[:2] if norm_batch else (("BatchNorm2d", None),)
+        for label, kind in kernels:
+            config = TrainConfig(norm="batch", norm_batch=norm_batch, batch_size=batch_size)
+            torch.manual_seed(0)
+            model, _ = model_for(config)
+            if kind is not None:
+                for layer in model.modules():
+                    if isinstance(layer, GhostBatchNorm2d):
+                        layer.__class__ = kind
+            model = model.to(memory_format=engine.memory_format_for("batch", device)).train()
+            over = f"norm_batch {norm_batch}" if norm_batch else "whole batch"
+            steps[label, over] = engine.TrainStep(
+                model,
+                optimizer=torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9),
+                loss_fn=nn.CrossEntropyLoss(),
+                autocast_dtype=engine.resolve_precision(config.precision, device, norm="batch"),
+            )
+    images = torch.randn(batch_size, 3, 32, 32).to(memory_format=torch.channels_last)
+    labels = torch.randint(0, 10, (batch_size,))
+    best = dict.fromkeys(steps, float("inf"))
+    for round_ in range(rounds):
+        for (label, over), step in steps.items():
+            progress(f"training step, {label} {over}, round {round_ + 1}/{rounds}")
+            if round_ == 0:
+                step(images, labels)  # warm-up
+            seconds = timed(lambda step=step: [step(images, labels) for _ in range(repeats)])
+            best[label, over] = min(best[label, over], 1000 * seconds / repeats)
     return [
+        KernelTime(label, over, "fp32", milliseconds)
+        for (label, over), milliseconds in best.items()
+    ]
+
+
+def report_ghost(rows: list[KernelTime], step_rows: list[KernelTime]) -> list[str]:
+    """The layer table, then the training-step table where it was measured (on the CPU)."""
+    lines = [
         "",
         "### Ghost batch norm kernels",
         "",
-        f"One batch norm layer alone on a {'x'.join(map(str, GHOST_SHAPE))} input, forward and "
-        "backward, milliseconds per step, and the ratio to batch norm over the whole batch.",
+        f"One batch norm layer and its in-place SiLU alone on a {'x'.join(map(str, GHOST_SHAPE))} "
+        "channels_last input, forward and backward, milliseconds per step, and the ratio to "
+        "batch norm over the whole batch.",
         "",
-        "| layer | statistics over | ms per step | x whole batch |",
+        *_ghost_table(rows, "layer"),
+    ]
+    if step_rows:
+        lines += [
+            "",
+            "A whole training step of batch norm's model at its recipe on the CPU, each kernel "
+            "in every batch norm layer:",
+            "",
+            *_ghost_table(step_rows, "kernel"),
+        ]
+    return lines
+
+
+def _ghost_table(rows: list[KernelTime], what: str) -> list[str]:
+    whole = rows[0].milliseconds
+    return [
+        f"| {what} | statistics over | ms per step | x whole batch |",
         "|---|---|---:|---:|",
         *(
             f"| {r.layer} | {r.layout} | {r.milliseconds:.2f} | {r.milliseconds / whole:.2f} |"
