@@ -136,10 +136,11 @@ def measure_ghost(*, repeats: int = 20) -> list[KernelTime]:
 
 
 def measure_ghost_steps(*, batch_size: int, repeats: int, rounds: int = 3) -> list[KernelTime]:
-    """A whole training step of batch norm's model at its recipe (layout, precision) and
-    `batch_size` on the CPU, random images: over the whole batch, then per norm_batch that
-    divides the batch with GhostBatchNorm2d and with the side-by-side kernel in its place.
-    Rounds interleave the models; each row is its fastest round."""
+    """A whole training step of batch norm's model (its recipe's layers, layout and precision)
+    at `batch_size` on the CPU, random images, plain SGD (the same optimizer step in every row,
+    so the recipe's Muon would add the same to each): over the whole batch, then per
+    norm_batch that divides the batch with GhostBatchNorm2d and with the side-by-side kernel in
+    its place. Rounds interleave the models; each row is its fastest round."""
     device = torch.device("cpu")
     steps: dict[tuple[str, str], engine.TrainStep] = {}
     for norm_batch in (0, *(n for n in NORM_BATCHES if batch_size % n == 0 and n < batch_size)):
@@ -191,8 +192,8 @@ def report_ghost(rows: list[KernelTime], step_rows: list[KernelTime]) -> list[st
     if step_rows:
         lines += [
             "",
-            "A whole training step of batch norm's model at its recipe on the CPU, each kernel "
-            "in every batch norm layer:",
+            "A whole training step of batch norm's model (its recipe's layers, layout and "
+            "precision; plain SGD) on the CPU, each kernel in every batch norm layer:",
             "",
             *_ghost_table(step_rows, "kernel"),
         ]
