@@ -13,6 +13,7 @@ matplotlib.use("Agg")  # headless: figures are written to files and MLflow artif
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+from matplotlib.colors import to_rgb  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
@@ -172,6 +173,39 @@ def per_class_accuracy(matrix: np.ndarray) -> np.ndarray:
 NORM_COLORS = {name: entry.color for name, entry in REGISTRY.items()}  # pipeline/norms.py
 
 
+# A batch-dependence sweep draws a panel per statistics group: rows of four stay readable.
+PANELS_PER_ROW = 4
+
+
+def line_colors(labels: Sequence[str]) -> dict[str, object]:
+    """A colour per line: a norm's registered colour, and for a norm drawn as several lines
+    (`batch (norm_batch 2)`, ..., `batch (whole batch)`: report.frame.norm_labels) shades of
+    it, lightest first, so that no line takes another norm's colour."""
+    by_norm: dict[str, list[str]] = {}
+    for label in labels:
+        by_norm.setdefault(_norm_of(label), []).append(label)
+    colors: dict[str, object] = {}
+    for norm, mine in by_norm.items():
+        base = NORM_COLORS.get(norm)
+        for index, label in enumerate(mine):
+            if base is None or len(mine) == 1:
+                colors[label] = base
+                continue
+            white = 0.65 * (len(mine) - 1 - index) / (len(mine) - 1)
+            colors[label] = tuple((1 - white) * c + white for c in to_rgb(base))
+    return colors
+
+
+def _norm_of(label: str) -> str:
+    return label.split(" (", 1)[0]
+
+
+def _norm_title(label: str) -> str:
+    """ "group norm", "batch norm (norm_batch 8)"."""
+    norm = _norm_of(label)
+    return f"{norm} norm{label.removeprefix(norm)}"
+
+
 def _band_by_norm(history: pd.DataFrame, metric: str) -> dict[str, pd.DataFrame]:
     """Per norm and epoch: mean, min and max of `metric` over seeds."""
     bands = {}
@@ -186,14 +220,17 @@ def _plot_band(axis, band: pd.DataFrame, *, label: str, color, scale: float = 1.
 
 
 def overlay_figure(history: pd.DataFrame, norms: Sequence[str]) -> Figure:
-    """Test accuracy and loss per epoch: one line per norm (mean), band = min-max over seeds."""
+    """Test accuracy and loss per epoch: one line per norm (mean), band = min-max over seeds.
+    `history["norm"]` and `norms` may hold report.frame.norm_labels (a norm per statistics
+    group), as may train_vs_test_figure's."""
     figure, (acc_axis, loss_axis) = plt.subplots(1, 2, figsize=(12, 4.5))
     accuracy = _band_by_norm(history, "test_acc")
     loss = _band_by_norm(history, "test_loss")
+    colors = line_colors(norms)
     for norm in norms:
         if norm not in accuracy:
             continue
-        color = NORM_COLORS.get(norm)
+        color = colors[norm]
         _plot_band(acc_axis, accuracy[norm], label=norm, color=color, scale=100)
         _plot_band(loss_axis, loss[norm], label=norm, color=color)
     acc_axis.set(xlabel="epoch", ylabel="test accuracy (%)", title="Test accuracy")
@@ -207,22 +244,29 @@ def overlay_figure(history: pd.DataFrame, norms: Sequence[str]) -> Figure:
 
 
 def train_vs_test_figure(history: pd.DataFrame, norms: Sequence[str]) -> Figure:
-    """Train vs test accuracy per epoch, one panel per norm, bands over seeds."""
+    """Train vs test accuracy per epoch, one panel per norm (up to PANELS_PER_ROW a row),
+    bands over seeds."""
     panels = [n for n in norms if n in set(history["norm"])] or list(norms)
+    columns = min(len(panels), PANELS_PER_ROW)
+    rows = -(-len(panels) // columns)
     figure, axes = plt.subplots(
-        1, len(panels), figsize=(4.5 * len(panels), 4), squeeze=False, sharey=True
+        rows, columns, figsize=(4.5 * columns, 4 * rows), squeeze=False, sharey=True
     )
+    for axis in axes.flat[len(panels) :]:
+        axis.set_visible(False)
     train = _band_by_norm(history, "train_acc")
     test = _band_by_norm(history, "test_acc")
-    for axis, norm in zip(axes[0], panels, strict=True):
+    colors = line_colors(panels)
+    for axis, norm in zip(axes.flat, panels, strict=False):
         if norm in train:
             _plot_band(axis, train[norm], label="train", color="tab:gray", scale=100, style="s--")
-            _plot_band(axis, test[norm], label="test", color=NORM_COLORS.get(norm), scale=100)
-        axis.set(xlabel="epoch", title=f"{norm} norm")
+            _plot_band(axis, test[norm], label="test", color=colors[norm], scale=100)
+        axis.set(xlabel="epoch", title=_norm_title(norm))
         whole_epochs(axis, sorted(set(history["epoch"])))
         axis.grid(alpha=0.3)
         axis.legend()
-    axes[0][0].set_ylabel("accuracy (%)")
+    for row in axes:
+        row[0].set_ylabel("accuracy (%)")
     figure.tight_layout()
     return figure
 

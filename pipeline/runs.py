@@ -412,7 +412,7 @@ def compare_runs(
     for row in table.itertuples(index=False):
         val = comparison.percent(row.final_val_acc_mean, row.final_val_acc_se)
         echo(
-            f"{row.norm:<6} {row.runs} runs  final val acc {val or '-'}%  test acc "
+            f"{row.label:<6} {row.runs} runs  final val acc {val or '-'}%  test acc "
             f"{comparison.percent(row.final_test_acc_mean, row.final_test_acc_se)}% "
             "(mean ± SE)"
         )

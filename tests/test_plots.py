@@ -1,4 +1,7 @@
 import numpy as np
+import pandas as pd
+import pytest
+from matplotlib.colors import to_rgb
 
 from pipeline import plots
 from pipeline.engine import EpochMetrics
@@ -47,3 +50,34 @@ def test_training_curves_label_whole_epochs_only():
             low, high = axis.get_xlim()
             shown = [tick for tick in axis.get_xticks() if low <= tick <= high]
             assert shown and all(float(tick).is_integer() for tick in shown), (count, shown)
+
+
+def test_a_norm_drawn_as_several_lines_takes_shades_of_its_own_colour():
+    labels = ["batch (norm_batch 2)", "batch (norm_batch 8)", "batch (whole batch)", "group"]
+    colors = plots.line_colors(labels)
+    assert colors["group"] == plots.NORM_COLORS["group"]
+    batch = to_rgb(plots.NORM_COLORS["batch"])
+    assert colors["batch (whole batch)"] == pytest.approx(batch)  # the last: the full colour
+    lightest = colors["batch (norm_batch 2)"]
+    assert lightest == pytest.approx([0.35 * c + 0.65 for c in batch])
+    assert len({tuple(c) for c in colors.values()}) == 4  # no line shares a colour
+
+
+def test_train_vs_test_wraps_its_panels_into_rows_of_four():
+    labels = [f"batch (norm_batch {size})" for size in (2, 4, 8, 16, 32)] + ["group"]
+    rows = [
+        {"norm": label, "epoch": epoch, "train_acc": 0.5, "test_acc": 0.6}
+        for label in labels
+        for epoch in (1, 2)
+    ]
+    figure = plots.train_vs_test_figure(pd.DataFrame(rows), labels)
+    shown = [axis for axis in figure.axes if axis.get_visible()]
+    assert [axis.get_title() for axis in shown] == [
+        "batch norm (norm_batch 2)",
+        "batch norm (norm_batch 4)",
+        "batch norm (norm_batch 8)",
+        "batch norm (norm_batch 16)",
+        "batch norm (norm_batch 32)",
+        "group norm",
+    ]
+    assert len(figure.axes) == 8 and figure.get_size_inches()[1] == pytest.approx(8)

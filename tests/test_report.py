@@ -415,6 +415,24 @@ def test_the_report_draws_the_batch_dependence_when_statistics_groups_vary(tmp_p
     assert "![final test accuracy against images per statistics group]" in text
     assert (report.parent / "plots" / "batch_dependence.png").stat().st_size > 10_000
     assert "| batch | 128 (whole batch) | 128 | 3 | 1,2,3 | 77.00 ± 0.58 |" in text
+    # Statistics groups are never pooled: each norm_batch is a row of the per-norm table, a
+    # line of the curves and a name in the findings, from the smallest group up.
+    assert study.labels == [
+        "batch (norm_batch 2)",
+        "batch (norm_batch 8)",
+        "batch (whole batch)",
+        "group",
+    ]
+    table = comparison.norm_table(study).set_index("label")
+    assert list(table["runs"]) == [3, 3, 3, 2]
+    assert list(table["norm"]) == ["batch", "batch", "batch", "group"]
+    assert table.loc["batch (norm_batch 8)", "final_test_acc_mean"] == pytest.approx(0.72)
+    assert table.loc["batch (whole batch)", "norm_batch"] == "0"
+    notes = comparison.findings(comparison.norm_table(study))
+    assert notes[0].startswith("**batch** norm (whole batch) leads on final validation accuracy")
+    assert "5.00 points ahead of batch (norm_batch 8) (72.00%" in notes[0]
+    assert "batch (norm_batch 2) is last" in notes[0]
+    assert "| batch (norm_batch 8) | 3 | 1,2,3 |" in text
     # Without a run grouping its statistics there is no such figure.
     plain = [spec for spec in specs if spec.get("norm_batch", 0) == 0]
     runs, histories = _runs_with(plain)

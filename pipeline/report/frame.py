@@ -8,6 +8,7 @@ to `build_study`; report.tables and report.render read the Study it returns.
 from __future__ import annotations
 
 import dataclasses
+import math
 import shlex
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from pipeline.config import NORMS, TTA_BEFORE_PARAM, TrainConfig
+from pipeline.config import BATCH_STATISTICS_NORMS, NORMS, TTA_BEFORE_PARAM, TrainConfig
 from pipeline.engine import EpochMetrics
 
 # The tag tracking.DIVERGED_TAG as mlflow.search_runs names its column.
@@ -44,8 +45,9 @@ TABLE_PARAMS = (
 class Study:
     """A study's runs as tables: one row per train run, per epoch, and per evaluated class."""
 
-    train: pd.DataFrame  # run_id, run_name, norm, seed, TABLE_PARAMS..., val_digest, diverged
-    history: pd.DataFrame  # run_id, norm, seed, epoch, train_loss, ..., epoch_seconds
+    # run_id, run_name, norm, label, seed, TABLE_PARAMS..., val_digest, diverged, run_minutes
+    train: pd.DataFrame
+    history: pd.DataFrame  # run_id, norm, label, seed, epoch, train_loss, ..., epoch_seconds
     per_class: pd.DataFrame  # run_id, norm, seed, class, accuracy (from evaluation.json)
     misclassified: dict[str, Path]  # norm -> plots/misclassified.png of its first seed
     source: str  # what was compared, for the report's first line
@@ -60,6 +62,41 @@ class Study:
     @property
     def norms(self) -> list[str]:
         return ordered_norms(self.train["norm"])
+
+    @property
+    def labels(self) -> list[str]:
+        """The rows of the per-norm table and the lines of the curves: `norm_labels`' values
+        in the registry's norm order, each norm's from its smallest statistics group up."""
+        rows = self.train.assign(_groups=_images_per_group_key(self.train["norm_batch"]))
+        ordered = []
+        for norm in self.norms:
+            mine = rows[rows["norm"] == norm].sort_values("_groups", kind="stable")
+            ordered += list(dict.fromkeys(mine["label"]))
+        return ordered
+
+
+def norm_labels(train: pd.DataFrame) -> pd.Series:
+    """What a run's row in the per-norm table is called: its norm, or, for a norm with batch
+    statistics whose runs differ in `norm_batch` (a batch-dependence sweep), the norm and its
+    statistics group, `batch (norm_batch 8)` or `batch (whole batch)`, so that runs of
+    different statistics are never pooled into one mean."""
+    groups = _images_per_group_key(_column(train, "norm_batch"))
+    labels = train["norm"].astype(object).copy()
+    for norm in BATCH_STATISTICS_NORMS:
+        mine = train["norm"] == norm
+        if groups[mine].nunique() < 2:
+            continue
+        labels[mine] = [
+            f"{norm} (norm_batch {int(g)})" if g < math.inf else f"{norm} (whole batch)"
+            for g in groups[mine]
+        ]
+    return labels
+
+
+def _images_per_group_key(norm_batch: pd.Series) -> pd.Series:
+    """`norm_batch` as a sort key: its value, the whole batch (0, or not logged) last."""
+    values = pd.to_numeric(norm_batch, errors="coerce").fillna(0)
+    return values.where(values > 0, math.inf)
 
 
 def ordered_norms(names) -> list[str]:
@@ -86,13 +123,22 @@ def build_study(
     trained = train_runs(runs, extra_params=group_by)
     is_diverged = trained["diverged"] != ""
     train = trained[~is_diverged].reset_index(drop=True)
+    train.insert(train.columns.get_loc("norm") + 1, "label", norm_labels(train))
     diverged = trained[is_diverged].reset_index(drop=True)
     rows = []
     for run in train.itertuples(index=False):
         for record in histories.get(run.run_id, ()):
-            rows.append({"run_id": run.run_id, "norm": run.norm, "seed": run.seed, **vars(record)})
+            rows.append(
+                {
+                    "run_id": run.run_id,
+                    "norm": run.norm,
+                    "label": run.label,
+                    "seed": run.seed,
+                    **vars(record),
+                }
+            )
     fields = [field.name for field in dataclasses.fields(EpochMetrics)]
-    history = pd.DataFrame(rows, columns=["run_id", "norm", "seed", *fields])
+    history = pd.DataFrame(rows, columns=["run_id", "norm", "label", "seed", *fields])
 
     evaluate = step_runs(runs, "evaluate")
     evaluated = evaluate.copy()

@@ -145,9 +145,11 @@ def write_report(study: Study, directory: Path) -> Path:
             "",
         ]
     if not study.history.empty:
-        _save(overlay_figure(study.history, study.norms), directory / "plots" / "test_curves.png")
+        # One line per row of the table: a batch-dependence sweep's statistics groups apart.
+        curves = study.history.assign(norm=study.history["label"])
+        _save(overlay_figure(curves, study.labels), directory / "plots" / "test_curves.png")
         _save(
-            train_vs_test_figure(study.history, study.norms),
+            train_vs_test_figure(curves, study.labels),
             directory / "plots" / "train_vs_test.png",
         )
         sections += [

@@ -60,6 +60,7 @@ def run_summary(study: Study) -> pd.DataFrame:
         "run_id",
         "run_name",
         "norm",
+        "label",
         "seed",
         "val_digest",
         "epochs_logged",
@@ -84,6 +85,7 @@ def run_summary(study: Study) -> pd.DataFrame:
                 "run_id": run.run_id,
                 "run_name": run.run_name,
                 "norm": run.norm,
+                "label": run.label,
                 "seed": run.seed,
                 "val_digest": run.val_digest,
                 "epochs_logged": int(last["epoch"]),
@@ -112,14 +114,16 @@ def standard_error(values: pd.Series) -> float:
 
 
 def norm_table(study: Study) -> pd.DataFrame:
-    """One row per norm: parameters, then mean, std and standard error over its runs of each
+    """One row per norm (per `Study.labels`: a batch-dependence sweep's norm_batch values are
+    rows of their own): parameters, then mean, std and standard error over its runs of each
     run summary."""
     summary = run_summary(study)
     rows = []
-    for norm in study.norms:
-        runs = summary[summary["norm"] == norm]
-        params = study.train[study.train["norm"] == norm]
-        row: dict[str, object] = {"norm": norm, "runs": len(runs)}
+    for label in study.labels:
+        runs = summary[summary["label"] == label]
+        params = study.train[study.train["label"] == label]
+        norm = params["norm"].iloc[0]
+        row: dict[str, object] = {"norm": norm, "label": label, "runs": len(runs)}
         row["seeds"] = ",".join(str(s) for s in sorted(runs["seed"].dropna().astype(int)))
         for name in TABLE_PARAMS:
             values = [str(v) for v in dict.fromkeys(params[name].dropna())]
@@ -422,12 +426,13 @@ def readable_norm_table(table: pd.DataFrame) -> pd.DataFrame:
     out = table[["norm", "runs", "seeds", *TABLE_PARAMS]].copy()
     out["groups"] = [
         g if n in REGISTRY and REGISTRY[n].groups else ""
-        for n, g in zip(out["norm"], out["groups"], strict=True)
+        for n, g in zip(table["norm"], out["groups"], strict=True)
     ]
     out["norm_batch"] = [
         b if n in BATCH_STATISTICS_NORMS else ""
-        for n, b in zip(out["norm"], out["norm_batch"], strict=True)
+        for n, b in zip(table["norm"], out["norm_batch"], strict=True)
     ]
+    out["norm"] = table["label"]
     for label, prefix in (
         ("final val acc %", "final_val_acc"),
         ("final test acc %", "final_test_acc"),
@@ -611,20 +616,24 @@ def findings(table: pd.DataFrame) -> list[str]:
         val = f"{percent(row['final_val_acc_mean'])}%"
         return f"{val}, {test}" if inside else f"{val} ({test})"
 
+    def bold(row) -> str:
+        """ "**batch** norm", or "**batch** norm (norm_batch 8)" for a row of its own."""
+        return f"**{row['norm']}** norm{row['label'].removeprefix(row['norm'])}"
+
     leader = ranked.iloc[0]
     if len(ranked) == 1:
         notes.append(
-            f"Only **{leader['norm']}** norm was run ({both(leader, inside=True)} final {split} "
+            f"Only {bold(leader)} was run ({both(leader, inside=True)} final {split} "
             "accuracy); there is nothing to compare it with."
         )
     else:
         runner = ranked.iloc[1]
         margin = 100 * (leader[f"{key}_mean"] - runner[f"{key}_mean"])
         notes.append(
-            f"**{leader['norm']}** norm leads on final {split} accuracy with {both(leader)}, "
-            f"{margin:.2f} points ahead of {runner['norm']} ({both(runner, inside=True)})"
+            f"{bold(leader)} leads on final {split} accuracy with {both(leader)}, "
+            f"{margin:.2f} points ahead of {runner['label']} ({both(runner, inside=True)})"
             + (
-                f"; {ranked.iloc[-1]['norm']} is last ({both(ranked.iloc[-1], inside=True)})."
+                f"; {ranked.iloc[-1]['label']} is last ({both(ranked.iloc[-1], inside=True)})."
                 if len(ranked) > 2
                 else "."
             )
@@ -652,20 +661,20 @@ def findings(table: pd.DataFrame) -> list[str]:
         train = 100 * row.final_train_acc_mean
         if train < UNDERFIT_TRAIN_ACC:
             notes.append(
-                f"{row.norm}: final train accuracy is only {train:.2f}% (gap {gap:+.2f} points), "
+                f"{row.label}: final train accuracy is only {train:.2f}% (gap {gap:+.2f} points), "
                 "a sign of under-fitting: more epochs or a different learning rate may help."
             )
         elif gap > OVERFIT_GAP_POINTS:
             notes.append(
-                f"{row.norm}: train accuracy exceeds test accuracy by {gap:.2f} points, a sign "
+                f"{row.label}: train accuracy exceeds test accuracy by {gap:.2f} points, a sign "
                 "of over-fitting (more regularisation or augmentation may help)."
             )
         else:
-            notes.append(f"{row.norm}: train-test gap {gap:+.2f} points, no sign of over-fitting.")
+            notes.append(f"{row.label}: train-test gap {gap:+.2f} points, no sign of over-fitting.")
         drop = 100 * (row.best_val_acc_mean - row.final_val_acc_mean)
         if drop > PEAK_DROP_POINTS:
             notes.append(
-                f"{row.norm}: validation accuracy peaked {drop:.2f} points above its final "
+                f"{row.label}: validation accuracy peaked {drop:.2f} points above its final "
                 "value before the last epoch (the tables report the final epoch)."
             )
     return notes
