@@ -43,7 +43,7 @@ from pipeline.config import (
     recipe_help,
 )
 from pipeline.data import DataError
-from pipeline.engine import BF16_NORMS
+from pipeline.device import BF16_NORMS
 from pipeline.executors import EXECUTORS, ExecutorSettings
 from pipeline.model import summary
 from pipeline.norms import REGISTRY
@@ -204,7 +204,7 @@ def model_summary(**options) -> None:
     """Print the model: its blocks, then output shape, parameters and receptive field of each
     layer."""
     config = TrainConfig(**options)  # the norm's recipe resolved: what `train` would build
-    model, _ = training.model_for(config)  # train's validation and budget
+    model = training.build_model(config)  # train's validation and budget
     groups = f" ({config.groups} groups)" if REGISTRY[config.norm].groups else ""
     activation = config.activation if REGISTRY[config.norm].activation else "its own activation"
     click.echo(f"{config.norm} norm{groups}, {activation}, {config.pool} pooling at P1 and P2")

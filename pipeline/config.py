@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from pipeline.errors import ConfigError
 from pipeline.norms import REGISTRY, SHARED_RECIPE
 
 # Every registered norm (pipeline/norms.py), and those the default study trains.
@@ -25,7 +26,7 @@ ORDERS = ("norm-act", "act-norm")  # conv -> norm -> ReLU, or conv -> ReLU -> no
 ACTIVATIONS = ("relu", "silu", "gelu", "mish")  # the non-linearity of every conv block
 POOLS = ("max", "avg")  # P1 and P2
 # sgd: SGD with Nesterov momentum for every parameter; muon: Muon for the conv filters but the
-# c10 head (engine.MuonSGD), the recipe's SGD for norms, biases and the head.
+# c10 head (optim.MuonSGD), the recipe's SGD for norms, biases and the head.
 OPTIMIZERS = ("sgd", "muon")
 # Weight standardization of the convs: auto = the norm's default (pipeline/norms.py): on for
 # group and layer norm, off for batch norm.
@@ -70,10 +71,6 @@ PER_NORM_VALUES: dict[str, int | float | str] = {
     "pool": "auto",
 }
 NORM_BATCH_CHOICE = "0 (the whole batch)"
-
-
-class ConfigError(ValueError):
-    """A parameter value a user can fix; the message names the value and what is allowed."""
 
 
 @dataclass(frozen=True)
@@ -213,7 +210,7 @@ class EvalConfig:
     model_uri: str
     data: str = DEFAULT_DATA
     stats: str = ""
-    batch_size: int = 0  # 0: engine.eval_batch_size_for the device
+    batch_size: int = 0  # 0: device.eval_batch_size_for the device
     device: str = "auto"
     tta: str = ""  # empty: what the training run evaluated with
 

@@ -61,22 +61,6 @@ class WSConv2d(nn.Conv2d):
         return self._conv_forward(x, weight, self.bias)
 
 
-class FloatGroupNorm(nn.GroupNorm):
-    """GroupNorm computed in fp32, also under bf16 autocast.
-
-    The CPU's bf16 GroupNorm kernel with more than one group is slow in channels_last, the
-    layout the convs want: 6.5x its NCHW time on an AVX-512 CPU with native bf16, enough to make
-    a bf16 step slower than an fp32 one. Normalizing in fp32 (the next conv casts back to bf16)
-    makes group norm's bf16 ceiling 1.14x its fp32 one there (docs/speed.md, the benchmark's
-    group norm kernels). In fp32 runs it is GroupNorm.
-    """
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return nn.functional.group_norm(
-            x.float(), self.num_groups, self.weight, self.bias, self.eps
-        )
-
-
 def make_activation(activation: str) -> nn.Module:
     """The non-linearity after (or before, with order=act-norm) each norm: none has a
     parameter, so the choice costs nothing in the 50,000-parameter budget."""
@@ -95,104 +79,6 @@ def make_pool(pool: str) -> nn.Module:
     if pool == "avg":
         return nn.AvgPool2d(kernel_size=2, stride=2)
     return nn.MaxPool2d(kernel_size=2, stride=2)
-
-
-class GhostBatchNorm2d(nn.BatchNorm2d):
-    """Batch norm whose training statistics are taken over groups of `norm_batch` images.
-
-    The batch `(B, C, H, W)` splits into B / norm_batch consecutive groups; each group is
-    normalized by its own per-channel mean and (biased) variance, as each of Wu & He's 8 GPUs
-    normalized its own images (Group Normalization, 2018). The running statistics move, with
-    BatchNorm2d's momentum, towards the mean over the groups of each group's mean and of each
-    group's unbiased variance (n = norm_batch * H * W), so evaluation, which uses them exactly
-    as BatchNorm2d does, sees the within-group scale the training normalized with. A batch of
-    one group is BatchNorm2d itself.
-    """
-
-    def __init__(self, num_features: int, *, norm_batch: int, **options) -> None:
-        super().__init__(num_features, **options)
-        if norm_batch < 1:
-            raise ConfigError(f"norm_batch must be >= 1 for ghost batches (got {norm_batch})")
-        self.norm_batch = norm_batch
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        batch = x.shape[0]
-        if not self.training or batch == self.norm_batch:
-            return super().forward(x)
-        if batch % self.norm_batch:
-            raise ConfigError(
-                f"a batch of {batch} images does not split into groups of "
-                f"norm_batch={self.norm_batch}"
-            )
-        # Torch's fused batch norm on each group in turn: `split` gives views, no copies, in x's
-        # layout, and `cat` one fresh output in it, so the in-place activation, pooling and
-        # convolution after it run their channels_last kernels. A training step on the CPU
-        # costs 1.1-1.2x one over the whole batch; the groups side by side as channels in one
-        # call, copied back, cost 1.9-2.0x (docs/speed.md).
-        groups, channels = batch // self.norm_batch, x.shape[1]
-        # Scratch running statistics with momentum 1: the kernel leaves in row k group k's
-        # mean and unbiased variance, the ones the running statistics move towards.
-        group_mean = x.new_zeros((groups, channels), dtype=torch.float32)
-        group_var = x.new_ones((groups, channels), dtype=torch.float32)
-        tracked = self.track_running_stats
-        out = torch.cat(
-            [
-                nn.functional.batch_norm(
-                    images.float(),
-                    group_mean[k] if tracked else None,
-                    group_var[k] if tracked else None,
-                    self.weight,
-                    self.bias,
-                    training=True,
-                    momentum=1.0,
-                    eps=self.eps,
-                )
-                for k, images in enumerate(x.split(self.norm_batch))
-            ]
-        )
-        if self.track_running_stats:
-            with torch.no_grad():
-                self.num_batches_tracked.add_(1)
-                momentum = self.momentum
-                if momentum is None:  # a cumulative average, as BatchNorm2d's
-                    momentum = 1.0 / float(self.num_batches_tracked)
-                self.running_mean.lerp_(group_mean.mean(dim=0), momentum)
-                self.running_var.lerp_(group_var.mean(dim=0), momentum)
-        return out.to(x.dtype)
-
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, norm_batch={self.norm_batch}"
-
-
-class FilterResponseNorm2d(nn.Module):
-    """Filter Response Normalization with its Thresholded Linear Unit (Singh & Krishnan, 2020).
-
-    Per image and channel, no mean subtracted and no batch statistics:
-    nu2 = mean over (H, W) of x^2;  y = gamma * x / sqrt(nu2 + eps) + beta;  z = max(y, tau).
-    gamma, beta and tau are learned per channel (ones, zeros, zeros at the start); eps is the
-    paper's 1e-6. The TLU is the block's activation (norms.Norm.activation is False).
-    """
-
-    def __init__(self, channels: int, *, eps: float = 1e-6) -> None:
-        super().__init__()
-        # (C,) tensors, like every norm's: weight decay and Muon leave 1-d parameters alone.
-        self.weight = nn.Parameter(torch.ones(channels))  # gamma
-        self.bias = nn.Parameter(torch.zeros(channels))  # beta
-        self.tau = nn.Parameter(torch.zeros(channels))
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.float()  # the mean of squares in fp32, also under bf16 autocast
-        nu2 = x.square().mean(dim=(2, 3), keepdim=True)  # (B, C, 1, 1)
-        scale = torch.rsqrt(nu2 + self.eps) * self.weight[:, None, None]
-        tau = self.tau[:, None, None]
-        # max(y, tau) as relu(y - tau) + tau, y - tau = x * scale + (beta - tau): the same TLU
-        # in one multiply-add and a ReLU; torch.maximum's backward against a broadcast tau made
-        # the layer ~3x slower on CPU (docs/speed.md#filter-response-norm-kernels).
-        return torch.relu(torch.addcmul(self.bias[:, None, None] - tau, x, scale)) + tau
-
-    def extra_repr(self) -> str:
-        return f"{len(self.weight)}, eps={self.eps}"
 
 
 def make_norm(norm: str, channels: int, *, groups: int, norm_batch: int = 0) -> nn.Module:
@@ -435,12 +321,6 @@ def whitening_filters(
             f"{images.shape[1]} channels gives at most {len(filters)}"
         )
     return filters[:out_channels].reshape(out_channels, images.shape[1], kernel_size, kernel_size)
-
-
-def build_model(
-    *, norm: str, groups: int, dropout: float = 0.0, standardize: bool | None = None
-) -> Net:
-    return Net(norm=norm, groups=groups, dropout=dropout, standardize=standardize)
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from pipeline import data as datasets
+from pipeline import device as devices
 from pipeline import engine, plots, tracking, training
 from pipeline import report as comparison
 from pipeline.config import MAX_EPOCHS, TTA_BEFORE_PARAM, EvalConfig, TrainConfig
@@ -104,8 +105,8 @@ def prepare_stats(data: str, *, echo: Echo = log.info) -> None:
 def train_model(config: TrainConfig, *, echo: Echo = log.info) -> str:
     """Train, log and register one model; returns the run id."""
     # A missing device, or cuda_graphs=on without CUDA, fails before the store is touched.
-    device = engine.resolve_device(config.device)
-    engine.resolve_cuda_graphs(config.cuda_graphs, device, compile=config.compile)
+    device = devices.resolve_device(config.device)
+    devices.resolve_cuda_graphs(config.cuda_graphs, device, compile=config.compile)
     tracking.check_store()
     setup = training.prepare_training(config, load_stats=load_stats)
     resume_state = tracking.load_checkpoint(config.resume) if config.resume else None
@@ -137,11 +138,11 @@ def train_model(config: TrainConfig, *, echo: Echo = log.info) -> str:
                 "device": str(setup.device),
                 "autocast": _precision_name(setup.autocast_dtype),
                 "cuda_graphs_used": str(setup.cuda_graphs).lower(),
-                "cpu_capability": engine.cpu_capability(),
+                "cpu_capability": devices.cpu_capability(),
                 # Which training images validate: runs on other splits are never paired.
                 "val_seed": str(setup.validation.seed) if setup.validation else "",
                 "val_digest": setup.validation.digest if setup.validation else "",
-                "train_images": str(len(setup.train_split)),
+                "train_images": str(len(setup.splits.train)),
             }
         )
         _log_training_data(dataset)
@@ -179,8 +180,8 @@ def train_model(config: TrainConfig, *, echo: Echo = log.info) -> str:
         history = tracking.metric_history(run_id)
         final = engine.evaluate(
             model,
-            setup.test_split,
-            normalize=setup.normalize,
+            setup.splits.test,
+            normalize=setup.splits.normalize,
             autocast_dtype=setup.autocast_dtype,
             tta=config.tta,
         )
@@ -245,8 +246,8 @@ def _model_description(config: TrainConfig, setup: training.TrainingSetup) -> st
         f"{config.batch_size}, one-cycle learning rate peaking at {config.learning_rate} "
         f"({config.optimizer}), label smoothing {config.label_smoothing}, test-time "
         f"augmentation {config.tta}. Data: {setup.dataset.name} ({setup.dataset.source}), "
-        f"{len(setup.train_split):,} training images, "
-        f"{len(setup.val_split) if setup.val_split is not None else 0:,} held out for "
+        f"{len(setup.splits.train):,} training images, "
+        f"{len(setup.splits.val) if setup.splits.val is not None else 0:,} held out for "
         "validation. Input: uint8 RGB images N x 3 x 32 x 32, values 0-255 (it normalises "
         f"inside); output: logits over {classes}. The `champion` alias is the version with "
         "the best validation accuracy."
@@ -263,7 +264,7 @@ def _raw_images(images: torch.Tensor) -> torch.Tensor:
 
 def evaluate_model(config: EvalConfig, *, echo: Echo = log.info) -> str:
     """Evaluate a logged or registered model on the test split, in its own run; returns its id."""
-    device = engine.resolve_device(config.device)
+    device = devices.resolve_device(config.device)
     tracking.check_store()
     source = tracking.resolve_model_uri(config.model_uri)
     dataset = datasets.load_dataset(config.data)

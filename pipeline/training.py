@@ -1,6 +1,8 @@
-"""`train`'s work without MLflow: build the seeded model and device-resident data from a
-`TrainConfig`, then run `engine.fit` with its recipe. The CLI adds tracking around it; the
-benchmark calls it directly."""
+"""`train`'s work without MLflow, from one `TrainConfig`: the one model factory (`build_model`),
+the seeded model and device-resident data (`prepare_training`), the one builder of optimizer,
+schedule and step (`build_training`) and the run of `engine.fit` (`fit`). `train` adds tracking
+around it; the benchmarks, the GPU check and the tests call the same functions, so they time and
+test what users train."""
 
 from __future__ import annotations
 
@@ -10,11 +12,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from pipeline import data as datasets
-from pipeline import engine
+from pipeline import device as devices
+from pipeline import engine, optim
 from pipeline.config import VAL_SEED, ConfigError, TrainConfig
 from pipeline.data import DataError, DatasetStats
+from pipeline.graphs import GraphedForward
 from pipeline.model import MAX_PARAMETERS, Net, count_parameters
 
 WHITENING_IMAGES = 5000  # training images whose patches set the whitening filters (whiten=true)
@@ -32,10 +38,7 @@ class TrainingSetup:
     stats: DatasetStats
     device: torch.device
     autocast_dtype: torch.dtype | None
-    normalize: datasets.Normalizer
-    train_split: datasets.DeviceSplit  # the training images minus the validation split
-    test_split: datasets.DeviceSplit
-    val_split: datasets.DeviceSplit | None = None
+    splits: engine.Splits  # training images minus the validation split, test, validation
     validation: datasets.ValidationSplit | None = None  # which training images it holds
     cuda_graphs: bool = False  # the steps replay as CUDA graphs
     cuda_graphs_note: str = ""  # why they do not, when they do not
@@ -51,9 +54,9 @@ def load_local_stats(spec: str, dataset: datasets.ArrayDataset) -> DatasetStats:
     return DatasetStats.from_json(path.read_text(), origin=spec)
 
 
-def model_for(config: TrainConfig) -> tuple[Net, int]:
-    """The config's model and its parameter count; fails when it is over the budget, so every
-    run of a study or sweep is checked before the first one starts."""
+def build_model(config: TrainConfig) -> Net:
+    """The config's model (the one model factory); fails when it is over the parameter budget,
+    so every run of a study or sweep is checked before the first one starts."""
     model = Net(**config.model_options())
     parameters = count_parameters(model)
     if parameters > MAX_PARAMETERS:
@@ -61,7 +64,7 @@ def model_for(config: TrainConfig) -> tuple[Net, int]:
             f"the model has {parameters:,} parameters; the limit is {MAX_PARAMETERS:,}"
             + (f" (widths {config.widths})" if config.widths else "")
         )
-    return model, parameters
+    return model
 
 
 def prepare_training(
@@ -69,12 +72,12 @@ def prepare_training(
 ) -> TrainingSetup:
     """Seeded model, data on the device, layout and precision: the defaults `train` runs."""
     torch.manual_seed(config.seed)  # the initial weights depend on the seed alone
-    model, parameters = model_for(config)
-    device = engine.resolve_device(config.device)
-    engine.configure_backend(device)
+    model = build_model(config)
+    device = devices.resolve_device(config.device)
+    devices.configure_backend(device)
     dataset = datasets.load_dataset(config.data)
     stats = load_stats(config.stats, dataset)
-    memory_format = engine.memory_format_for(config.norm, device)
+    memory_format = devices.memory_format_for(config.norm, device)
     normalize = datasets.Normalizer(stats, device=device, memory_format=memory_format)
     images, labels = dataset.train_images, dataset.train_labels
     validation, val_split = None, None
@@ -96,23 +99,95 @@ def prepare_training(
         model.init_whitening(normalize(train_split.images[:WHITENING_IMAGES]))
     if config.compile == "on":
         model.compile()  # in place: the same module, parameters and state-dict keys
-    cuda_graphs, cuda_graphs_note = engine.resolve_cuda_graphs(
+    cuda_graphs, cuda_graphs_note = devices.resolve_cuda_graphs(
         config.cuda_graphs, device, compile=config.compile
     )
+    test_split = datasets.to_device(dataset.test_images, dataset.test_labels, device=device)
     return TrainingSetup(
         model=model,
-        parameters=parameters,
+        parameters=count_parameters(model),
         dataset=dataset,
         stats=stats,
         device=device,
-        autocast_dtype=engine.resolve_precision(config.precision, device, norm=config.norm),
-        normalize=normalize,
-        train_split=train_split,
-        test_split=datasets.to_device(dataset.test_images, dataset.test_labels, device=device),
-        val_split=val_split,
+        autocast_dtype=devices.resolve_precision(config.precision, device, norm=config.norm),
+        splits=engine.Splits(train_split, test_split, normalize, val=val_split),
         validation=validation,
         cuda_graphs=cuda_graphs,
         cuda_graphs_note=cuda_graphs_note,
+    )
+
+
+def build_training(
+    model: nn.Module,
+    recipe: TrainConfig,
+    *,
+    train_images: int,
+    autocast_dtype: torch.dtype | None = None,
+    cuda_graphs: bool = False,
+    eval_batch_size: int | None = None,
+    resume_from: dict | None = None,
+) -> engine.Training:
+    """The one builder of what a training steps with: the seeded batch order, the optimizer
+    (`recipe.optimizer`: SGD, or Muon for the conv filters), the one-cycle schedule, the weight
+    average (`recipe.ema` > 0), the step (a CUDA graph with `cuda_graphs`) and, with
+    `cuda_graphs`, the evaluation's forward graph. `resume_from`, a `TrainingState.state_dict()`,
+    continues a training after its last epoch, bit for bit on the CPU."""
+    steps = train_images // recipe.batch_size
+    if steps == 0:
+        raise ValueError(
+            f"batch_size must be at most the training split's {train_images} images "
+            f"(got {recipe.batch_size})"
+        )
+    generator = torch.Generator().manual_seed(recipe.seed)
+    optimizer = optim.make_optimizer(
+        model,
+        learning_rate=recipe.learning_rate,
+        momentum=recipe.momentum,
+        weight_decay=recipe.weight_decay,
+        optimizer=recipe.optimizer,
+        muon_lr=recipe.muon_lr,
+        muon_momentum=recipe.muon_momentum,
+        muon_renormalize=recipe.muon_renormalize,
+    )
+    scheduler = optim.make_scheduler(
+        optimizer, epochs=recipe.epochs, steps_per_epoch=steps, warmup_epochs=recipe.warmup_epochs
+    )
+    average = None
+    if recipe.ema > 0:
+        decay = get_ema_multi_avg_fn(recipe.ema)
+        average = AveragedModel(model, multi_avg_fn=decay, use_buffers=True)
+    state = engine.TrainingState(model, optimizer, scheduler, generator, ema=average)
+    if resume_from is not None:
+        state.load_state_dict(resume_from)
+    optim.learning_rate_on_device(optimizer)
+    step = engine.TrainStep(
+        model,
+        optimizer=optimizer,
+        loss_fn=nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing),
+        autocast_dtype=autocast_dtype,
+        average=average,
+        cuda_graph=cuda_graphs,
+    )
+    evaluated = model if average is None else average.module
+    graphed = None
+    if cuda_graphs:
+        graphed = GraphedForward(
+            evaluated,
+            forward=engine.tta_logits,
+            batch_size=eval_batch_size
+            or devices.eval_batch_size_for(next(model.parameters()).device),
+            tta=recipe.tta,
+            autocast_dtype=autocast_dtype,
+        )
+    return engine.Training(
+        step=step,
+        scheduler=scheduler,
+        state=state,
+        evaluated=evaluated,
+        steps_per_epoch=steps,
+        autocast_dtype=autocast_dtype,
+        eval_batch_size=eval_batch_size,
+        graphed=graphed,
     )
 
 
@@ -123,34 +198,16 @@ def fit(
     resume_from: dict | None = None,
     on_epoch_end: Callable[[engine.EpochMetrics, engine.TrainingState], None] | None = None,
 ) -> list[engine.EpochMetrics]:
-    """`engine.fit` with the config's recipe."""
-    return engine.fit(
+    """`engine.fit` of the set-up's model with the config's recipe."""
+    built = build_training(
         setup.model,
-        setup.train_split,
-        setup.test_split,
-        val_split=setup.val_split,
-        normalize=setup.normalize,
-        epochs=config.epochs,
-        batch_size=config.batch_size,
-        learning_rate=config.learning_rate,
-        momentum=config.momentum,
-        weight_decay=config.weight_decay,
-        label_smoothing=config.label_smoothing,
-        warmup_epochs=config.warmup_epochs,
-        seed=config.seed,
-        ema=config.ema,
-        cutout=config.cutout,
-        translate=config.translate,
-        tta=config.tta,
+        config,
+        train_images=len(setup.splits.train),
         autocast_dtype=setup.autocast_dtype,
-        optimizer=config.optimizer,
-        muon_lr=config.muon_lr,
-        muon_momentum=config.muon_momentum,
-        muon_renormalize=config.muon_renormalize,
         cuda_graphs=setup.cuda_graphs,
         resume_from=resume_from,
-        on_epoch_end=on_epoch_end,
     )
+    return engine.fit(built, setup.splits, config, on_epoch_end=on_epoch_end)
 
 
 def portable_model(model: torch.nn.Module, config: TrainConfig) -> Net:

@@ -40,7 +40,7 @@ from pipeline.executors import (
 )
 from pipeline.step_runs import PROJECT_DIR, StepRuns, code_version
 from pipeline.sweep import Trial
-from pipeline.training import model_for
+from pipeline.training import build_model
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +95,7 @@ def check_models(configs: Sequence[TrainConfig]) -> None:
     for config in configs:
         shapes.setdefault(tuple(sorted(map(str, config.model_options().items()))), config)
     for config in shapes.values():
-        model_for(config)
+        build_model(config)
 
 
 def step_data(data: str) -> str:

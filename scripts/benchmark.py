@@ -18,11 +18,11 @@ Measured for each norm, on the same machine, model and data, after untimed warm-
 The `--tta` section times one evaluation of the test split per test-time augmentation (what
 each epoch of `train` adds after its training steps). The `--layouts` section measures the
 ceiling in NCHW vs channels_last and fp32 vs bf16 autocast, the numbers behind
-`engine.memory_format_for` and `engine.resolve_precision`, and one GroupNorm layer alone per
-layout and precision (why `model.FloatGroupNorm` exists) and one batch norm layer over ghost
-batches (`model.GhostBatchNorm2d` against the groups side by side as channels and the same
+`devices.memory_format_for` and `devices.resolve_precision`, and one GroupNorm layer alone per
+layout and precision (why `norms.FloatGroupNorm` exists) and one batch norm layer over ghost
+batches (`norms.GhostBatchNorm2d` against the groups side by side as channels and the same
 statistics in separate ops, as a layer and, on a CPU, as a whole training step) and filter
-response norm (`model.FilterResponseNorm2d` against the paper's `torch.maximum` TLU); `--compile`
+response norm (`norms.FilterResponseNorm2d` against the paper's `torch.maximum` TLU); `--compile`
 times the ceiling eager vs torch.compile'd, with its compilation. The report is Markdown
 (stdout) to paste into docs/speed.md; progress goes to stderr.
 
@@ -46,7 +46,7 @@ from pathlib import Path
 import torch
 
 from pipeline import data as datasets
-from pipeline import engine
+from pipeline import device as devices
 from pipeline.config import ConfigError, TrainConfig, parse_norms
 
 # scripts/ is not a package: the questions' package sits beside this file, also when imported.
@@ -107,13 +107,13 @@ def cpu_model() -> str:
 def machine_description(device: torch.device) -> str:
     """CPU model, usable CPUs and torch threads, vector ISA and native bf16, GPU, versions."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    bf16 = "native bf16" if engine.cpu_has_native_bf16() else "no native bf16"
+    bf16 = "native bf16" if devices.cpu_has_native_bf16() else "no native bf16"
     device_name = str(device)
     if device.type == "cuda":
         device_name = f"cuda ({torch.cuda.get_device_name(device)})"
     return (
         f"{cpu_model()} ({cores} usable CPUs, {torch.get_num_threads()} torch threads, "
-        f"{engine.cpu_capability()}, {bf16}), torch {torch.__version__}, "
+        f"{devices.cpu_capability()}, {bf16}), torch {torch.__version__}, "
         f"Python {platform.python_version()}, device {device_name}"
     )
 
@@ -240,7 +240,7 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
             arguments.tracked_norms = arguments.norms[:1] if arguments.quick else arguments.norms
         else:
             arguments.tracked_norms = parse_norms(arguments.tracked_norms)
-        arguments.device = engine.resolve_device(arguments.device)
+        arguments.device = devices.resolve_device(arguments.device)
     except ValueError as error:  # ConfigError and an absent device
         parser.error(str(error))
     if arguments.graphs is None:
@@ -253,7 +253,7 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
 def run_benchmark(arguments: argparse.Namespace, *, command: str) -> str:
     """Measure everything the options ask for and return the Markdown report."""
     device = arguments.device
-    engine.configure_backend(device)
+    devices.configure_backend(device)
     data_path = Path(arguments.data).expanduser()
     if not data_path.is_absolute():
         data_path = REPOSITORY_ROOT / data_path

@@ -247,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
             for seed in range(1, arguments.seeds + 1)
         ]
         for config in configs:
-            training.model_for(config)  # every model within budget before the first starts
+            training.build_model(config)  # every model within budget before the first starts
         earlier = len(read_runs(arguments.out)) if arguments.out.exists() else 0
         seconds, failed = run_study(
             configs, parallel=arguments.parallel, out=arguments.out, label=arguments.label

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from pipeline import data, engine
+from pipeline import data, optim
 
 
 def reference_batches(
@@ -67,11 +67,11 @@ def reference_fit(
 ) -> tuple[list[tuple[float, float, float]], nn.Module]:
     """(train loss, train accuracy, learning rate) per epoch, and the model that is evaluated."""
     generator = torch.Generator().manual_seed(seed)
-    optimizer = engine.make_optimizer(
+    optimizer = optim.make_optimizer(
         model, learning_rate=learning_rate, momentum=0.9, weight_decay=5e-4
     )
     steps = len(train) // batch_size
-    scheduler = engine.make_scheduler(
+    scheduler = optim.make_scheduler(
         optimizer, epochs=epochs, steps_per_epoch=steps, warmup_epochs=0.5
     )
     average = None

@@ -12,6 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
+from pipeline import device as devices
+
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "benchmark.py"
 CLASSES = tuple(f"class{index}" for index in range(10))
 
@@ -132,8 +134,6 @@ def test_quick_run_reports_every_measurement(
 def test_reports_compare_with_fp32_and_with_torch_compile(benchmark_script) -> None:
     from benchmarks import compiled, throughput
 
-    from pipeline import engine
-
     def measured(precision: str, images_per_second: float, warmup: float = 1.0):
         return throughput.Measurement(
             "batch", "ceiling", 256, "channels_last", precision, int(images_per_second), 1.0, warmup
@@ -158,4 +158,4 @@ def test_reports_compare_with_fp32_and_with_torch_compile(benchmark_script) -> N
     # 20 epochs x 45,000 images: 600 s eager (+1 s warm-up), 500 s compiled + 90 s compiling
     assert row == "| batch | bf16 autocast | 1,500 | 1,800 | 1.20x | 90 s | 10.0 min | 9.8 min |"
     machine = benchmark_script.machine_description(torch.device("cpu"))
-    assert engine.cpu_capability() in machine and "native bf16" in machine
+    assert devices.cpu_capability() in machine and "native bf16" in machine

@@ -329,21 +329,22 @@ def test_the_validation_images_leave_the_training_split_and_never_come_from_test
     config = TrainConfig(data=str(image_folder), device="cpu", val_size=40, seed=3)
     setup = training.prepare_training(config)
     dataset = setup.dataset
-    assert len(setup.val_split) == 40 and len(setup.train_split) == len(dataset.train_labels) - 40
-    assert np.bincount(setup.val_split.labels.numpy()).tolist() == [4] * 10
+    assert len(setup.splits.val) == 40 and len(setup.splits.train) == len(dataset.train_labels) - 40
+    assert np.bincount(setup.splits.val.labels.numpy()).tolist() == [4] * 10
 
     def rows(images) -> set[bytes]:
         return {image.tobytes() for image in np.asarray(images)}
 
-    val = rows(setup.val_split.images.permute(0, 2, 3, 1).numpy())
-    train = rows(setup.train_split.images.permute(0, 2, 3, 1).numpy())
+    val = rows(setup.splits.val.images.permute(0, 2, 3, 1).numpy())
+    train = rows(setup.splits.train.images.permute(0, 2, 3, 1).numpy())
     assert val <= rows(dataset.train_images) and not val & train
     assert not val & rows(dataset.test_images)
     # The training seed does not move the split.
     other = training.prepare_training(TrainConfig(data=str(image_folder), val_size=40, seed=4))
     assert other.validation.digest == setup.validation.digest
     assert (
-        training.prepare_training(TrainConfig(data=str(image_folder), val_size=0)).val_split is None
+        training.prepare_training(TrainConfig(data=str(image_folder), val_size=0)).splits.val
+        is None
     )
 
 

@@ -6,9 +6,10 @@ from conftest import make_split_arrays
 from reference_training import reference_fit
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from pipeline import data, engine
-from pipeline.config import ConfigError
-from pipeline.model import build_model
+from pipeline import data, engine, optim, training
+from pipeline import device as devices
+from pipeline.config import ConfigError, TrainConfig
+from pipeline.model import Net
 
 CPU = torch.device("cpu")
 
@@ -23,26 +24,34 @@ def _splits(count=None):
     return train, test, data.Normalizer(stats, device=CPU, memory_format=torch.channels_last)
 
 
-def _fit(model, *, epochs=2, seed=0, **overrides):
-    train, test, normalize = _splits(overrides.pop("count", None))
-    options = dict(
-        normalize=normalize,
-        epochs=epochs,
+def _fit(model, *, count=None, resume_from=None, on_epoch_end=None, **recipe):
+    """`engine.fit` through the one builder, `training.build_training`, as `train` runs it."""
+    train, test, normalize = _splits(count)
+    return _fit_splits(
+        model, train, test, normalize, resume_from=resume_from, on_epoch_end=on_epoch_end, **recipe
+    )
+
+
+def _fit_splits(model, train, test, normalize, *, resume_from=None, on_epoch_end=None, **recipe):
+    settings = dict(
+        epochs=2,
         batch_size=32,
         learning_rate=0.05,
-        momentum=0.9,
-        weight_decay=5e-4,
         label_smoothing=0.0,
         warmup_epochs=0.5,
-        seed=seed,
+        seed=0,
+        optimizer="sgd",
     )
-    options.update(overrides)
-    return engine.fit(model, train, test, **options)
+    settings.update(recipe)
+    config = TrainConfig(**settings)
+    built = training.build_training(model, config, train_images=len(train), resume_from=resume_from)
+    splits = engine.Splits(train, test, normalize)
+    return engine.fit(built, splits, config, on_epoch_end=on_epoch_end)
 
 
 def test_loss_falls_when_overfitting_64_images():
     torch.manual_seed(0)
-    model = build_model(norm="batch", groups=4).to(memory_format=torch.channels_last)
+    model = Net(norm="batch", groups=4).to(memory_format=torch.channels_last)
     records = _fit(model, epochs=12, count=64, learning_rate=0.05)
     assert records[-1].train_loss < 0.5 * records[0].train_loss
     assert records[-1].train_acc > 0.8
@@ -51,7 +60,7 @@ def test_loss_falls_when_overfitting_64_images():
 def test_same_seed_gives_the_same_metrics_and_a_record_per_epoch():
     def run():
         torch.manual_seed(3)
-        return _fit(build_model(norm="group", groups=4), epochs=2, seed=3)
+        return _fit(Net(norm="group", groups=4), epochs=2, seed=3)
 
     first, second = run(), run()
     assert [r.epoch for r in first] == [1, 2]
@@ -61,8 +70,8 @@ def test_same_seed_gives_the_same_metrics_and_a_record_per_epoch():
 
 def test_evaluation_does_not_depend_on_its_batch_size():
     _, test, normalize = _splits()
-    model = build_model(norm="group", groups=4)
-    assert engine.eval_batch_size_for(CPU) == 128
+    model = Net(norm="group", groups=4)
+    assert devices.eval_batch_size_for(CPU) == 128
     default = engine.evaluate(model, test, normalize=normalize, tta="flip-translate")
     odd = engine.evaluate(model, test, normalize=normalize, tta="flip-translate", batch_size=7)
     assert torch.equal(default.predictions, odd.predictions)
@@ -74,7 +83,7 @@ def test_test_time_augmentation_leaves_training_untouched():
 
     def weights(tta):
         torch.manual_seed(4)
-        model = build_model(norm="batch", groups=4)
+        model = Net(norm="batch", groups=4)
         records = _fit(model, epochs=2, seed=4, tta=tta, count=96)
         return model.state_dict(), [(r.train_loss, r.train_acc) for r in records]
 
@@ -88,7 +97,7 @@ def test_callback_sees_every_epoch_and_learning_rate_follows_one_cycle():
     seen = []
     torch.manual_seed(0)
     _fit(
-        build_model(norm="layer", groups=1),
+        Net(norm="layer", groups=1),
         epochs=4,
         warmup_epochs=1,
         on_epoch_end=lambda record, state: seen.append((record, state.epoch)),
@@ -100,14 +109,14 @@ def test_callback_sees_every_epoch_and_learning_rate_follows_one_cycle():
 
 def test_evaluate_accuracy_agrees_with_its_predictions():
     _, test, normalize = _splits()
-    result = engine.evaluate(build_model(norm="batch", groups=4), test, normalize=normalize)
+    result = engine.evaluate(Net(norm="batch", groups=4), test, normalize=normalize)
     assert result.predictions.shape == result.labels.shape == (len(test),)
     assert result.accuracy == (result.predictions == result.labels).float().mean().item()
 
 
 def test_resuming_from_a_checkpoint_reaches_the_same_weights_bit_for_bit():
     torch.manual_seed(7)
-    full_model = build_model(norm="batch", groups=4, dropout=0.1)
+    full_model = Net(norm="batch", groups=4, dropout=0.1)
     start = copy.deepcopy(full_model.state_dict())
     checkpoints = {}
 
@@ -117,7 +126,7 @@ def test_resuming_from_a_checkpoint_reaches_the_same_weights_bit_for_bit():
     full = _fit(full_model, epochs=3, seed=7, on_epoch_end=keep)
 
     torch.manual_seed(7)
-    resumed_model = build_model(norm="batch", groups=4, dropout=0.1)
+    resumed_model = Net(norm="batch", groups=4, dropout=0.1)
     resumed_model.load_state_dict(start)
     rest = _fit(resumed_model, epochs=3, seed=7, resume_from=checkpoints[1])
     assert [r.epoch for r in rest] == [2, 3]
@@ -127,34 +136,34 @@ def test_resuming_from_a_checkpoint_reaches_the_same_weights_bit_for_bit():
 
 
 def test_devices_and_precision_resolve_sensibly():
-    assert engine.resolve_device("cpu") == CPU
-    assert engine.resolve_device("auto").type in {"cpu", "cuda", "mps"}
-    assert engine.resolve_precision("fp32", CPU) is None
-    assert engine.resolve_precision("bf16", CPU) is torch.bfloat16
-    assert engine.resolve_precision("auto", torch.device("cuda"), norm="batch") is None
+    assert devices.resolve_device("cpu") == CPU
+    assert devices.resolve_device("auto").type in {"cpu", "cuda", "mps"}
+    assert devices.resolve_precision("fp32", CPU) is None
+    assert devices.resolve_precision("bf16", CPU) is torch.bfloat16
+    assert devices.resolve_precision("auto", torch.device("cuda"), norm="batch") is None
 
 
 @pytest.mark.parametrize("native", [True, False])
 def test_auto_precision_is_bf16_only_for_measured_norms_on_a_cpu_with_native_bf16(
     native, monkeypatch
 ):
-    monkeypatch.setattr(engine, "BF16_NORMS", ("batch",))  # the decision, whatever the table
+    monkeypatch.setattr(devices, "BF16_NORMS", ("batch",))  # the decision, whatever the table
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
-    assert engine.cpu_has_native_bf16() is native
-    assert ("avx512_bf16" in engine.cpu_capability()) is native
+    assert devices.cpu_has_native_bf16() is native
+    assert ("avx512_bf16" in devices.cpu_capability()) is native
     for norm in ("batch", "group", "layer"):
-        expected = torch.bfloat16 if native and norm in engine.BF16_NORMS else None
-        assert engine.resolve_precision("auto", CPU, norm=norm) is expected, norm
-        assert engine.resolve_precision("fp32", CPU, norm=norm) is None
-    assert engine.memory_format_for("group", CPU) == torch.channels_last
-    assert engine.memory_format_for("batch", torch.device("cuda")) == torch.channels_last
-    assert engine.memory_format_for("layer", torch.device("cuda")) == torch.contiguous_format
+        expected = torch.bfloat16 if native and norm in devices.BF16_NORMS else None
+        assert devices.resolve_precision("auto", CPU, norm=norm) is expected, norm
+        assert devices.resolve_precision("fp32", CPU, norm=norm) is None
+    assert devices.memory_format_for("group", CPU) == torch.channels_last
+    assert devices.memory_format_for("batch", torch.device("cuda")) == torch.channels_last
+    assert devices.memory_format_for("layer", torch.device("cuda")) == torch.contiguous_format
 
 
 def test_ema_is_what_each_epoch_evaluates_and_what_the_model_holds_at_the_end():
     torch.manual_seed(5)
-    model = build_model(norm="batch", groups=4)
+    model = Net(norm="batch", groups=4)
     seen = {}
 
     def keep(record, state):
@@ -162,7 +171,7 @@ def test_ema_is_what_each_epoch_evaluates_and_what_the_model_holds_at_the_end():
 
     records = _fit(model, epochs=2, seed=5, ema=0.9, on_epoch_end=keep)
     _, test, normalize = _splits()
-    averaged = build_model(norm="batch", groups=4)
+    averaged = Net(norm="batch", groups=4)
     averaged.load_state_dict(seen[2][1])
     assert engine.evaluate(averaged, test, normalize=normalize).accuracy == records[-1].test_acc
     for name, tensor in model.state_dict().items():  # fit leaves the average in the model
@@ -172,7 +181,7 @@ def test_ema_is_what_each_epoch_evaluates_and_what_the_model_holds_at_the_end():
 def test_resuming_with_ema_reaches_the_same_weights_bit_for_bit():
     checkpoints = {}
     torch.manual_seed(8)
-    full_model = build_model(norm="layer", groups=1)
+    full_model = Net(norm="layer", groups=1)
     start = copy.deepcopy(full_model.state_dict())
     _fit(
         full_model,
@@ -185,7 +194,7 @@ def test_resuming_with_ema_reaches_the_same_weights_bit_for_bit():
         ),
     )
     assert "ema" in checkpoints[1]
-    resumed_model = build_model(norm="layer", groups=1)
+    resumed_model = Net(norm="layer", groups=1)
     resumed_model.load_state_dict(start)
     _fit(resumed_model, epochs=3, seed=8, ema=0.95, cutout=8, resume_from=checkpoints[1])
     for name, tensor in full_model.state_dict().items():
@@ -226,11 +235,11 @@ def test_tta_views_are_the_image_its_mirror_and_two_one_pixel_shifts():
 def test_evaluate_rejects_an_unknown_tta():
     train, test, normalize = _splits(64)
     with pytest.raises(ConfigError, match="tta must be one of none, flip, flip-translate"):
-        engine.evaluate(build_model(norm="batch", groups=4), test, normalize=normalize, tta="x")
+        engine.evaluate(Net(norm="batch", groups=4), test, normalize=normalize, tta="x")
 
 
 def test_translate_zero_trains_on_unshifted_images():
-    model = build_model(norm="batch", groups=4)
+    model = Net(norm="batch", groups=4)
     records = _fit(model, epochs=1, translate=0, tta="flip-translate", count=64)
     assert len(records) == 1 and 0.0 <= records[0].test_acc <= 1.0
 
@@ -246,19 +255,11 @@ def test_the_step_trains_bit_for_bit_as_the_batch_by_batch_loop(norm, ema, cutou
     the same weights, losses, learning rates and final test accuracy for a seed."""
     train, test, normalize = _splits(96)
     torch.manual_seed(5)
-    model = build_model(norm=norm, groups=4).to(memory_format=torch.channels_last)
+    model = Net(norm=norm, groups=4).to(memory_format=torch.channels_last)
     reference = copy.deepcopy(model)
     options = dict(epochs=2, batch_size=32, learning_rate=0.05, seed=5, ema=ema, cutout=cutout)
-    records = engine.fit(
-        model,
-        train,
-        test,
-        normalize=normalize,
-        momentum=0.9,
-        weight_decay=5e-4,
-        label_smoothing=0.1,
-        warmup_epochs=0.5,
-        **options,
+    records = _fit_splits(
+        model, train, test, normalize, label_smoothing=0.1, warmup_epochs=0.5, **options
     )
     expected, evaluated = reference_fit(reference, train, normalize=normalize, **options)
     assert [(r.train_loss, r.train_acc, r.lr) for r in records] == expected
@@ -270,7 +271,7 @@ def test_the_step_trains_bit_for_bit_as_the_batch_by_batch_loop(norm, ema, cutou
 
 def test_the_weight_average_update_is_torchs_without_the_host_read():
     torch.manual_seed(0)
-    model = build_model(norm="batch", groups=4)
+    model = Net(norm="batch", groups=4)
     ours = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.9), use_buffers=True)
     torchs = copy.deepcopy(ours)
     for update in range(3):
@@ -287,10 +288,10 @@ def test_the_weight_average_update_is_torchs_without_the_host_read():
 
 @pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)` before")
 def test_the_learning_rate_lives_on_the_device_and_follows_the_schedule():
-    model = build_model(norm="batch", groups=4)
-    optimizer = engine.make_optimizer(model, learning_rate=0.4, momentum=0.9, weight_decay=0)
-    scheduler = engine.make_scheduler(optimizer, epochs=2, steps_per_epoch=5, warmup_epochs=1)
-    engine.learning_rate_on_device(optimizer)
+    model = Net(norm="batch", groups=4)
+    optimizer = optim.make_optimizer(model, learning_rate=0.4, momentum=0.9, weight_decay=0)
+    scheduler = optim.make_scheduler(optimizer, epochs=2, steps_per_epoch=5, warmup_epochs=1)
+    optim.learning_rate_on_device(optimizer)
     rates = optimizer.param_groups[0]["lr"], optimizer.param_groups[1]["lr"]
     assert all(isinstance(r, torch.Tensor) and r.dtype == torch.float64 for r in rates)
     seen = []
@@ -305,7 +306,7 @@ def _resumes_bit_for_bit(norm: str, *, seed: int, edit=lambda checkpoint: None, 
     """Two epochs straight through, and the same from epoch 1's checkpoint (after `edit`):
     the same weights to the last bit."""
     torch.manual_seed(seed)
-    full_model = build_model(norm=norm, groups=4)
+    full_model = Net(norm=norm, groups=4)
     start = copy.deepcopy(full_model.state_dict())
     checkpoints = {}
 
@@ -315,7 +316,7 @@ def _resumes_bit_for_bit(norm: str, *, seed: int, edit=lambda checkpoint: None, 
     options = dict(epochs=2, seed=seed, count=96, **options)
     _fit(full_model, on_epoch_end=keep, **options)
     edit(checkpoints[1])
-    resumed = build_model(norm=norm, groups=4)
+    resumed = Net(norm=norm, groups=4)
     resumed.load_state_dict(start)
     _fit(resumed, resume_from=checkpoints[1], **options)
     for name, tensor in full_model.state_dict().items():
@@ -337,7 +338,7 @@ def test_a_checkpoint_with_float_learning_rates_resumes_bit_for_bit():
 
 def test_muon_overfits_64_images():
     torch.manual_seed(0)
-    model = build_model(norm="batch", groups=4).to(memory_format=torch.channels_last)
+    model = Net(norm="batch", groups=4).to(memory_format=torch.channels_last)
     records = _fit(model, epochs=12, count=64, optimizer="muon", muon_lr=0.03)
     assert records[-1].train_loss < 0.5 * records[0].train_loss
     assert records[-1].train_acc > 0.8
@@ -345,9 +346,9 @@ def test_muon_overfits_64_images():
 
 def test_muon_takes_every_conv_filter_but_the_head_and_sgd_steps_the_rest_as_torch_does():
     torch.manual_seed(1)
-    model = build_model(norm="layer", groups=4)
+    model = Net(norm="layer", groups=4)
     reference = copy.deepcopy(model)
-    muon = engine.make_optimizer(
+    muon = optim.make_optimizer(
         model, learning_rate=0.1, momentum=0.9, weight_decay=5e-4, optimizer="muon"
     )
     filters = {id(p) for g in muon.param_groups if g["muon"] for p in g["params"]}
@@ -379,7 +380,7 @@ def test_muon_takes_every_conv_filter_but_the_head_and_sgd_steps_the_rest_as_tor
 def test_orthogonalize_gives_singular_values_near_one_for_wide_and_tall_matrices():
     torch.manual_seed(2)
     for shape in ((24, 144), (32, 16)):
-        update = engine.orthogonalize(torch.randn(shape) * 5)
+        update = optim.orthogonalize(torch.randn(shape) * 5)
         values = torch.linalg.svdvals(update.float())
         assert update.shape == shape and update.dtype == torch.float32
         assert 0.5 < values.min() and values.max() < 1.5
@@ -387,10 +388,10 @@ def test_orthogonalize_gives_singular_values_near_one_for_wide_and_tall_matrices
 
 def test_muon_renormalizes_each_filter_tensor_to_the_root_of_its_outputs():
     torch.manual_seed(3)
-    model = build_model(norm="batch", groups=4)
+    model = Net(norm="batch", groups=4)
     with torch.no_grad():
         model.C3.conv.weight.mul_(7)
-    optimizer = engine.make_optimizer(
+    optimizer = optim.make_optimizer(
         model, learning_rate=0.1, momentum=0.9, weight_decay=0, optimizer="muon", muon_lr=1e-6
     )
     torch.nn.functional.cross_entropy(
@@ -406,21 +407,21 @@ def test_resuming_a_muon_run_reaches_the_same_weights_bit_for_bit():
 
 def test_cuda_graphs_resolve_to_on_for_cuda_only():
     cuda = torch.device("cuda")
-    assert engine.resolve_cuda_graphs("auto", cuda) == (True, "")
-    assert engine.resolve_cuda_graphs("on", cuda) == (True, "")
-    used, why = engine.resolve_cuda_graphs("auto", CPU)
+    assert devices.resolve_cuda_graphs("auto", cuda) == (True, "")
+    assert devices.resolve_cuda_graphs("on", cuda) == (True, "")
+    used, why = devices.resolve_cuda_graphs("auto", CPU)
     assert not used and "no CUDA device" in why
-    used, why = engine.resolve_cuda_graphs("auto", cuda, compile="on")
+    used, why = devices.resolve_cuda_graphs("auto", cuda, compile="on")
     assert not used and "compile=on" in why
-    assert engine.resolve_cuda_graphs("off", cuda)[0] is False
+    assert devices.resolve_cuda_graphs("off", cuda)[0] is False
     with pytest.raises(ConfigError, match="cuda_graphs=on needs a CUDA device"):
-        engine.resolve_cuda_graphs("on", CPU)
+        devices.resolve_cuda_graphs("on", CPU)
     with pytest.raises(ValueError, match="a CUDA graph needs a model on a CUDA device"):
-        optimizer = engine.make_optimizer(
-            build_model(norm="batch", groups=4), learning_rate=0.1, momentum=0, weight_decay=0
+        optimizer = optim.make_optimizer(
+            Net(norm="batch", groups=4), learning_rate=0.1, momentum=0, weight_decay=0
         )
         engine.TrainStep(
-            build_model(norm="batch", groups=4),
+            Net(norm="batch", groups=4),
             optimizer=optimizer,
             loss_fn=torch.nn.CrossEntropyLoss(),
             autocast_dtype=None,

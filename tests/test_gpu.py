@@ -10,8 +10,10 @@ import pytest
 import torch
 from conftest import make_split_arrays
 
-from pipeline import data, engine
-from pipeline.model import build_model
+from pipeline import data, engine, graphs, optim, training
+from pipeline import device as devices
+from pipeline.config import TrainConfig
+from pipeline.model import Net
 
 pytestmark = [
     pytest.mark.gpu,
@@ -32,19 +34,19 @@ def _splits(device, *, norm="batch"):
     train = data.to_device(arrays["train_images"], arrays["train_labels"], device=device)
     test = data.to_device(arrays["test_images"], arrays["test_labels"], device=device)
     stats = data.compute_stats(arrays["train_images"])
-    memory_format = engine.memory_format_for(norm, device)
+    memory_format = devices.memory_format_for(norm, device)
     return train, test, data.Normalizer(stats, device=device, memory_format=memory_format)
 
 
 def _trainer(norm, device, *, cuda_graph, ema=0.0, steps_per_epoch=10):
     torch.manual_seed(11)
-    model = build_model(norm=norm, groups=4)
-    model = model.to(device=device, memory_format=engine.memory_format_for(norm, device))
-    optimizer = engine.make_optimizer(model, learning_rate=0.2, momentum=0.9, weight_decay=5e-4)
-    scheduler = engine.make_scheduler(
+    model = Net(norm=norm, groups=4)
+    model = model.to(device=device, memory_format=devices.memory_format_for(norm, device))
+    optimizer = optim.make_optimizer(model, learning_rate=0.2, momentum=0.9, weight_decay=5e-4)
+    scheduler = optim.make_scheduler(
         optimizer, epochs=5, steps_per_epoch=steps_per_epoch, warmup_epochs=1
     )
-    engine.learning_rate_on_device(optimizer)
+    optim.learning_rate_on_device(optimizer)
     average = None
     if ema:
         average = torch.optim.swa_utils.AveragedModel(
@@ -104,9 +106,11 @@ def test_the_graphed_step_trains_as_the_eager_step_for_50_steps(cuda, norm, ema)
 def test_the_graphed_evaluation_matches_the_eager_one_with_a_padded_last_batch(cuda, tta):
     _, test, normalize = _splits(cuda)
     torch.manual_seed(2)
-    model = build_model(norm="batch", groups=4).to(cuda, memory_format=torch.channels_last)
+    model = Net(norm="batch", groups=4).to(cuda, memory_format=torch.channels_last)
     eager = engine.evaluate(model, test, normalize=normalize, batch_size=16, tta=tta)
-    graphed = engine.GraphedForward(model, batch_size=16, tta=tta, autocast_dtype=None)
+    graphed = graphs.GraphedForward(
+        model, forward=engine.tta_logits, batch_size=16, tta=tta, autocast_dtype=None
+    )
     assert len(test) % 16  # the last batch is partial, so padded
     for _ in range(2):  # captured on the first evaluation, replayed on the second
         result = engine.evaluate(model, test, normalize=normalize, tta=tta, graphed=graphed)
@@ -119,7 +123,7 @@ def test_neither_the_eager_nor_the_graphed_step_waits_on_the_host(cuda):
     for graphed in (False, True):
         _, step, scheduler, _ = _trainer("batch", cuda, cuda_graph=graphed, ema=0.9)
         batches = _batches(train, normalize)
-        for images, labels in itertools.islice(batches, engine.GRAPH_WARMUP_STEPS + 1):
+        for images, labels in itertools.islice(batches, graphs.GRAPH_WARMUP_STEPS + 1):
             step(images, labels)  # warm-up and capture synchronize, by design
             scheduler.step()
         torch.cuda.synchronize()
@@ -137,24 +141,21 @@ def test_fit_with_cuda_graphs_reaches_the_eager_weights(cuda):
     results = {}
     for graphed in (False, True):
         torch.manual_seed(4)
-        model = build_model(norm="group", groups=4).to(cuda)
-        records = engine.fit(
-            model,
-            train,
-            test,
-            normalize=normalize,
+        model = Net(norm="group", groups=4).to(cuda)
+        recipe = TrainConfig(
+            norm="group",
             epochs=2,
             batch_size=32,
             learning_rate=0.05,
-            momentum=0.9,
-            weight_decay=5e-4,
-            label_smoothing=0.1,
             warmup_epochs=0.5,
             seed=4,
             ema=0.8,
-            eval_batch_size=64,
-            cuda_graphs=graphed,
+            optimizer="sgd",
         )
+        built = training.build_training(
+            model, recipe, train_images=len(train), eval_batch_size=64, cuda_graphs=graphed
+        )
+        records = engine.fit(built, engine.Splits(train, test, normalize), recipe)
         results[graphed] = (copy.deepcopy(model.state_dict()), records)
     for name, tensor in results[False][0].items():
         torch.testing.assert_close(results[True][0][name], tensor, rtol=1e-3, atol=1e-4)

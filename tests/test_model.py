@@ -8,7 +8,6 @@ from pipeline.model import (
     LAYER_PLAN,
     MAX_PARAMETERS,
     Net,
-    build_model,
     count_parameters,
     receptive_fields,
     summary,
@@ -57,7 +56,7 @@ def test_every_option_combination_of_every_norm_stays_within_the_budget(norm):
 
 @pytest.mark.parametrize(("norm", "groups"), VARIANTS)
 def test_every_variant_stays_under_the_parameter_budget(norm, groups):
-    model = build_model(norm=norm, groups=groups)
+    model = Net(norm=norm, groups=groups)
     counted = count_parameters(model)
     # Counted independently of the helper: every tensor in the state that requires grad.
     assert counted == sum(p.numel() for _, p in model.named_parameters())
@@ -71,7 +70,7 @@ def test_every_activation_and_pool_costs_no_parameter_and_keeps_the_plan(
     norm, groups, activation, pool
 ):
     model = Net(norm=norm, groups=groups, activation=activation, pool=pool)
-    assert count_parameters(model) == count_parameters(build_model(norm=norm, groups=groups))
+    assert count_parameters(model) == count_parameters(Net(norm=norm, groups=groups))
     assert count_parameters(model) <= MAX_PARAMETERS
     own = ["conv", "norm"] if norm == "frn" else ["conv", "norm", activation]  # frn: its TLU
     assert list(dict(model.C2.named_children())) == own
@@ -92,12 +91,12 @@ def test_activation_and_pool_are_checked_with_the_allowed_values():
 
 @pytest.mark.parametrize(("norm", "groups"), VARIANTS)
 def test_forward_gives_class_logits(norm, groups):
-    logits = build_model(norm=norm, groups=groups)(torch.randn(4, 3, 32, 32))
+    logits = Net(norm=norm, groups=groups)(torch.randn(4, 3, 32, 32))
     assert logits.shape == (4, 10)
 
 
 def test_the_layer_plan_is_kept_in_order_and_each_layer_runs_once():
-    model = build_model(norm="batch", groups=4)
+    model = Net(norm="batch", groups=4)
     names = [name for name, _ in model.named_children() if name in LAYER_PLAN]
     assert tuple(names) == LAYER_PLAN
     calls = []
@@ -143,13 +142,13 @@ def _measured_receptive_field(model, upto):
 
 @pytest.mark.parametrize("layer", ["C1", "C2", "P1", "C5", "P2", "C8", "C9"])
 def test_receptive_field_matches_a_gradient_measurement(layer):
-    model = build_model(norm="batch", groups=4)
+    model = Net(norm="batch", groups=4)
     computed = {row.layer: row.receptive_field for row in receptive_fields(model)}
     assert computed[layer] == _measured_receptive_field(model, layer)
 
 
 def test_receptive_field_grows_and_gap_sees_the_whole_image():
-    rows = receptive_fields(build_model(norm="layer", groups=1))
+    rows = receptive_fields(Net(norm="layer", groups=1))
     fields = [row.receptive_field for row in rows]
     assert fields == sorted(fields)
     gap = next(row for row in rows if row.layer == "GAP")
@@ -158,15 +157,15 @@ def test_receptive_field_grows_and_gap_sees_the_whole_image():
 
 def test_groups_that_do_not_divide_a_layer_are_rejected_naming_it():
     with pytest.raises(ConfigError, match=r"C1 has 16 channels \(got groups=5"):
-        build_model(norm="group", groups=5)
+        Net(norm="group", groups=5)
     with pytest.raises(ConfigError, match="groups=0"):
-        build_model(norm="group", groups=0)
+        Net(norm="group", groups=0)
     with pytest.raises(ConfigError, match="norm must be one of batch, group, layer, instance"):
-        build_model(norm="weight", groups=1)
+        Net(norm="weight", groups=1)
 
 
 def test_summary_lists_each_layer_and_the_total():
-    model = build_model(norm="group", groups=4)
+    model = Net(norm="group", groups=4)
     text = summary(model)
     for name in LAYER_PLAN:
         assert f"\n{name}" in text
@@ -213,7 +212,7 @@ def test_train_setup_whitens_c1_from_the_training_images(image_folder):
         norm="layer", whiten=True, data=str(image_folder), device="cpu", val_size=VAL_SIZE
     )
     setup = training.prepare_training(config)
-    images = setup.normalize(setup.train_split.images[: training.WHITENING_IMAGES])
+    images = setup.splits.normalize(setup.splits.train.images[: training.WHITENING_IMAGES])
     expected = whitening_filters(images, setup.model.C1.conv.out_channels)
     assert torch.allclose(setup.model.C1.conv.weight, expected.float())
     plain = training.prepare_training(

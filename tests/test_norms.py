@@ -12,16 +12,11 @@ import torch
 from conftest import REPO
 from torch import nn
 
-from pipeline import config, engine, norms, plots
+from pipeline import config, norms, plots
+from pipeline import device as devices
 from pipeline.config import ConfigError, TrainConfig
-from pipeline.model import (
-    MAX_PARAMETERS,
-    FilterResponseNorm2d,
-    GhostBatchNorm2d,
-    Net,
-    count_parameters,
-    make_norm,
-)
+from pipeline.model import MAX_PARAMETERS, Net, count_parameters, make_norm
+from pipeline.norms import FilterResponseNorm2d, GhostBatchNorm2d
 
 NEW_NORMS = ("instance", "none", "frn")
 
@@ -42,7 +37,7 @@ def test_every_view_of_the_registry_keeps_the_three_norms_names_and_numbers():
     # chosen on the validation split
     assert [config.RECIPES[norm]["batch_size"] for norm in config.NORMS[:3]] == [128, 256, 128]
     assert set(config.RECIPES["instance"].items()) == set(norms.SHARED_RECIPE.items())
-    assert engine.BF16_NORMS == ("group", "layer")  # the measured ones; new norms stay fp32
+    assert devices.BF16_NORMS == ("group", "layer")  # the measured ones; new norms stay fp32
     assert plots.NORM_COLORS["batch"] == "tab:blue" and len(set(plots.NORM_COLORS.values())) == 6
     assert config.BATCH_STATISTICS_NORMS == ("batch",)
     assert type(make_norm("batch", 8, groups=4)) is nn.BatchNorm2d  # norm_batch 0: as before

@@ -14,9 +14,9 @@ from mlflow.tracking import MlflowClient
 from pipeline import config, workflow
 from pipeline.cli import cli
 from pipeline.config import ConfigError, TrainConfig
-from pipeline.model import MAX_PARAMETERS
+from pipeline.model import MAX_PARAMETERS, count_parameters
 from pipeline.sweep import parse_grid, trials
-from pipeline.training import model_for
+from pipeline.training import build_model
 
 
 def _names(found) -> list[str]:
@@ -107,7 +107,7 @@ def test_every_trial_of_the_sweep_files_builds_within_the_budget(name, mode):
     )
     assert SWEEP_FILES[name] <= set(swept)
     for trial in found:
-        _, parameters = model_for(trial.config)
+        parameters = count_parameters(build_model(trial.config))
         assert parameters <= MAX_PARAMETERS, trial.name
 
 
@@ -170,12 +170,13 @@ def test_model_shape_levers_reach_the_model():
         norm="layer", widths=" C2=24 , C7=24", order="act-norm", standardize="FALSE"
     )
     assert config.widths == "C2=24,C7=24" and config.standardize == "false"
-    model, parameters = model_for(config)
+    model = build_model(config)
+    parameters = count_parameters(model)
     assert model.C2.conv.out_channels == 24 and model.C7.conv.out_channels == 24
     assert type(model.C2.conv).__name__ == "Conv2d"  # standardize=false: no WSConv2d
     assert list(dict(model.C2.named_children())) == ["conv", "relu", "norm"]  # act-norm
     assert parameters < MAX_PARAMETERS
-    assert type(model_for(TrainConfig(norm="layer"))[0].C2.conv).__name__ == "WSConv2d"
+    assert type(build_model(TrainConfig(norm="layer")).C2.conv).__name__ == "WSConv2d"
     with pytest.raises(ConfigError, match="widths are LAYER=CHANNELS pairs"):
         TrainConfig(widths="C2:24")
 
@@ -312,7 +313,7 @@ def test_pool_auto_is_the_norms_recipe_and_a_sweep_pairs_against_it():
     # average pooling was adopted for layer norm on the validation split; the rest keep max
     assert [TrainConfig(norm=norm).pool for norm in config.STUDY_NORMS] == ["max", "max", "avg"]
     assert TrainConfig(norm="layer", pool="max").pool == "max"  # an explicit value wins
-    assert type(model_for(TrainConfig(norm="layer"))[0].P1).__name__ == "AvgPool2d"
+    assert type(build_model(TrainConfig(norm="layer")).P1).__name__ == "AvgPool2d"
     found, _ = trials("pool=max", norms=("batch", "layer"), seeds=1, mode="one-at-a-time")
     # max is batch norm's default trial and a lever for layer norm (its recipe is avg)
     assert [(trial.name, trial.config.pool) for trial in found] == [
@@ -334,7 +335,7 @@ def test_activation_auto_is_the_norms_recipe_and_a_sweep_pairs_against_it():
         "relu",
     ]
     assert TrainConfig(norm="batch", activation="relu").activation == "relu"  # explicit wins
-    assert type(model_for(TrainConfig(norm="batch"))[0].C1.silu).__name__ == "SiLU"
+    assert type(build_model(TrainConfig(norm="batch")).C1.silu).__name__ == "SiLU"
     found, _ = trials("activation=relu", norms=("batch", "layer"), seeds=1, mode="one-at-a-time")
     # relu is a lever for batch norm (its recipe is silu) and layer norm's default trial
     assert [(trial.name, trial.config.activation) for trial in found] == [

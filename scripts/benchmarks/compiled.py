@@ -10,7 +10,7 @@ import torch
 from benchmarks.throughput import Measurement, format_rate, measure_training
 from benchmarks.timing import progress
 from pipeline import data as datasets
-from pipeline import engine
+from pipeline import device as devices
 from pipeline.config import MAX_EPOCHS
 
 
@@ -38,8 +38,8 @@ def measure(
         options = {
             "norm": norm,
             "path": "ceiling",
-            "memory_format": engine.memory_format_for(norm, device),
-            "autocast_dtype": engine.resolve_precision("auto", device, norm=norm),
+            "memory_format": devices.memory_format_for(norm, device),
+            "autocast_dtype": devices.resolve_precision("auto", device, norm=norm),
             "batch_size": batch_size,
             "steps": steps,
             "warmup_steps": warmup_steps,

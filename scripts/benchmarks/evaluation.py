@@ -10,9 +10,10 @@ import torch
 
 from benchmarks.timing import progress, synchronize, timed
 from pipeline import data as datasets
+from pipeline import device as devices
 from pipeline import engine
 from pipeline.config import TTA_MODES, TrainConfig
-from pipeline.model import build_model
+from pipeline.model import Net
 
 DEFAULTS = TrainConfig()
 EVAL_BATCH_SIZE_BEFORE = 1024  # every device's evaluation batch before eval_batch_size_for
@@ -45,7 +46,7 @@ def measure_evaluation(
     untimed evaluation of a batch: first-call allocations)."""
     device = test_split.images.device
     torch.manual_seed(seed)
-    model = build_model(norm=norm, groups=DEFAULTS.groups).to(device, memory_format=memory_format)
+    model = Net(norm=norm, groups=DEFAULTS.groups).to(device, memory_format=memory_format)
     normalize = datasets.Normalizer(stats, device=device, memory_format=memory_format)
     warmup = datasets.DeviceSplit(test_split.images[:batch_size], test_split.labels[:batch_size])
 
@@ -86,7 +87,7 @@ def measure(
     """Each norm x test-time augmentation x evaluation batch (the default and 1,024)."""
     test_count = len(dataset.test_labels)
     evaluation_costs: list[EvaluationCost] = []
-    eval_batch_size = engine.eval_batch_size_for(device)
+    eval_batch_size = devices.eval_batch_size_for(device)
     # The default evaluation batch, and the GPU's 1,024 beside it where the default differs.
     eval_batch_sizes = sorted({eval_batch_size, EVAL_BATCH_SIZE_BEFORE})
     test_split = datasets.to_device(dataset.test_images, dataset.test_labels, device=device)
@@ -99,8 +100,8 @@ def measure(
                 norm=norm,
                 tta=tta,
                 batch_size=size,
-                memory_format=engine.memory_format_for(norm, device),
-                autocast_dtype=engine.resolve_precision("auto", device, norm=norm),
+                memory_format=devices.memory_format_for(norm, device),
+                autocast_dtype=devices.resolve_precision("auto", device, norm=norm),
                 seed=seed,
             )
         )
@@ -153,7 +154,7 @@ def report(
         "",
         f"One evaluation of the {test_count:,} test images (the default layout and "
         "precision) per test-time augmentation and evaluation batch, as `train` runs after "
-        "every epoch; `default`: `train`'s `tta` at `engine.eval_batch_size_for` this "
+        "every epoch; `default`: `train`'s `tta` at `devices.eval_batch_size_for` this "
         "device, and `vs default` the time relative to it; `share of an epoch`: this "
         f"evaluation over itself plus {train_count:,} training images at the `pipeline` "
         "rate above.",
@@ -162,6 +163,6 @@ def report(
             costs,
             rates,
             train_images=train_count,
-            default_batch_size=engine.eval_batch_size_for(device),
+            default_batch_size=devices.eval_batch_size_for(device),
         ),
     ]

@@ -12,9 +12,10 @@ import torch
 from benchmarks.throughput import format_rate, measure_training
 from benchmarks.timing import progress, synchronize, timed
 from pipeline import data as datasets
-from pipeline import engine
+from pipeline import device as devices
+from pipeline import engine, graphs
 from pipeline.config import TrainConfig
-from pipeline.model import build_model
+from pipeline.model import Net
 
 
 @dataclass(frozen=True)
@@ -44,8 +45,8 @@ def measure(
     rows = []
     for norm in norms:
         recipe = TrainConfig(norm=norm)
-        memory_format = engine.memory_format_for(norm, device)
-        autocast_dtype = engine.resolve_precision("auto", device, norm=norm)
+        memory_format = devices.memory_format_for(norm, device)
+        autocast_dtype = devices.resolve_precision("auto", device, norm=norm)
         for path in ("ceiling", "pipeline"):
             seconds = {}
             for graphed in (False, True):
@@ -105,13 +106,17 @@ def measure_evaluation(
     """One `engine.evaluate` of the test split, eager and graphed, each after an untimed one
     (the graphed one captures there)."""
     device = test_split.images.device
-    batch_size = engine.eval_batch_size_for(device)
+    batch_size = devices.eval_batch_size_for(device)
     torch.manual_seed(seed)
-    model = build_model(norm=norm, groups=TrainConfig().groups)
+    model = Net(norm=norm, groups=TrainConfig().groups)
     model = model.to(device, memory_format=memory_format).eval()
     normalize = datasets.Normalizer(stats, device=device, memory_format=memory_format)
-    graphed = engine.GraphedForward(
-        model, batch_size=batch_size, tta=tta, autocast_dtype=autocast_dtype
+    graphed = graphs.GraphedForward(
+        model,
+        forward=engine.tta_logits,
+        batch_size=batch_size,
+        tta=tta,
+        autocast_dtype=autocast_dtype,
     )
     seconds = {}
     for forward in (None, graphed):
@@ -146,9 +151,9 @@ def report(rows: list[GraphSpeed], *, steps: int, warmup_steps: int) -> list[str
         "### CUDA graphs",
         "",
         f"Each norm at its recipe batch size (`config.RECIPES`): {steps} timed training steps "
-        f"after {max(warmup_steps, engine.GRAPH_WARMUP_STEPS + 1)} untimed ones (the graph's "
+        f"after {max(warmup_steps, graphs.GRAPH_WARMUP_STEPS + 1)} untimed ones (the graph's "
         "warm-up and capture among them), `engine.TrainStep` eager vs `cuda_graph=True`; one "
-        "evaluation of the test split (`engine.evaluate`, eager vs `engine.GraphedForward`) "
+        "evaluation of the test split (`engine.evaluate`, eager vs `graphs.GraphedForward`) "
         "after an untimed one. Eager and graphed run one after the other in this process.",
         "",
         "| norm | what | batch | eager ms | graph ms | eager images/s | graph images/s "

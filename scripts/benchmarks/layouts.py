@@ -1,6 +1,6 @@
 """Which layout and precision should `train` pick? The ceiling (the model alone on one prepared
 batch) in NCHW / channels_last x fp32 / bf16 autocast, the numbers behind
-`engine.memory_format_for` and `engine.resolve_precision`."""
+`devices.memory_format_for` and `devices.resolve_precision`."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from benchmarks.throughput import (
 )
 from benchmarks.timing import progress
 from pipeline import data as datasets
-from pipeline import engine
+from pipeline import device as devices
 
 
 def measure(
@@ -34,8 +34,8 @@ def measure(
     layout_defaults: dict[str, tuple[str, str]] = {}
     for norm in norms:
         layout_defaults[norm] = (
-            LAYOUT_NAMES[engine.memory_format_for(norm, device)],
-            PRECISION_NAMES[engine.resolve_precision("auto", device, norm=norm)],
+            LAYOUT_NAMES[devices.memory_format_for(norm, device)],
+            PRECISION_NAMES[devices.resolve_precision("auto", device, norm=norm)],
         )
         for memory_format in (torch.contiguous_format, torch.channels_last):
             for dtype in (None, torch.bfloat16):
@@ -91,7 +91,7 @@ def report(
         "### Layout and precision (ceiling)",
         "",
         f"{layout_steps} timed steps of {batch_size} per row; `default` marks what "
-        "`engine.memory_format_for` and `engine.resolve_precision('auto')` pick on this "
+        "`devices.memory_format_for` and `devices.resolve_precision('auto')` pick on this "
         "device; `vs default` is images/s relative to that row.",
         "",
         *layout_table(measurements, defaults),

@@ -1,9 +1,9 @@
 """Why is group norm slower in bf16? One GroupNorm layer alone, forward and backward, per layout
-and precision: the kernel behind `model.FloatGroupNorm`. And what do ghost batches cost? Batch
-norm over the whole batch vs `model.GhostBatchNorm2d` (torch's fused kernel on each group in
+and precision: the kernel behind `norms.FloatGroupNorm`. And what do ghost batches cost? Batch
+norm over the whole batch vs `norms.GhostBatchNorm2d` (torch's fused kernel on each group in
 turn) vs the groups side by side as channels vs the same statistics in separate tensor ops, as
 one layer and its activation and as a whole training step. And filter response norm: its TLU as
-`model.FilterResponseNorm2d` writes it vs `torch.maximum`, the paper's form."""
+`norms.FilterResponseNorm2d` writes it vs `torch.maximum`, the paper's form."""
 
 from __future__ import annotations
 
@@ -13,10 +13,11 @@ import torch
 from torch import nn
 
 from benchmarks.timing import progress, timed
+from pipeline import device as devices
 from pipeline import engine
 from pipeline.config import TrainConfig
-from pipeline.model import FilterResponseNorm2d, FloatGroupNorm, GhostBatchNorm2d
-from pipeline.training import model_for
+from pipeline.norms import FilterResponseNorm2d, FloatGroupNorm, GhostBatchNorm2d
+from pipeline.training import build_model
 
 SHAPE = (256, 32, 16, 16)  # a batch of C4's output: the most common normalized activation
 GHOST_SHAPE = (128, 24, 32, 32)  # C2's output at batch norm's recipe batch: the largest one
@@ -148,18 +149,18 @@ def measure_ghost_steps(*, batch_size: int, repeats: int, rounds: int = 3) -> li
         for label, kind in kernels:
             config = TrainConfig(norm="batch", norm_batch=norm_batch, batch_size=batch_size)
             torch.manual_seed(0)
-            model, _ = model_for(config)
+            model = build_model(config)
             if kind is not None:
                 for layer in model.modules():
                     if isinstance(layer, GhostBatchNorm2d):
                         layer.__class__ = kind
-            model = model.to(memory_format=engine.memory_format_for("batch", device)).train()
+            model = model.to(memory_format=devices.memory_format_for("batch", device)).train()
             over = f"norm_batch {norm_batch}" if norm_batch else "whole batch"
             steps[label, over] = engine.TrainStep(
                 model,
                 optimizer=torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9),
                 loss_fn=nn.CrossEntropyLoss(),
-                autocast_dtype=engine.resolve_precision(config.precision, device, norm="batch"),
+                autocast_dtype=devices.resolve_precision(config.precision, device, norm="batch"),
             )
     images = torch.randn(batch_size, 3, 32, 32).to(memory_format=torch.channels_last)
     labels = torch.randint(0, 10, (batch_size,))
@@ -257,7 +258,7 @@ def report(rows: list[KernelTime]) -> list[str]:
         "### Group norm kernels",
         "",
         f"One normalization layer alone on a {'x'.join(map(str, SHAPE))} input, forward and "
-        "backward, milliseconds per step (`model.FloatGroupNorm` normalizes bf16 input in fp32).",
+        "backward, milliseconds per step (`norms.FloatGroupNorm` normalizes bf16 input in fp32).",
         "",
         "| layer | layout | precision | ms per step |",
         "|---|---|---|---:|",

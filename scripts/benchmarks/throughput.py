@@ -15,9 +15,10 @@ from torch import nn
 
 from benchmarks.timing import progress, timed_steps
 from pipeline import data as datasets
-from pipeline import engine
+from pipeline import device as devices
+from pipeline import engine, graphs, optim
 from pipeline.config import TrainConfig
-from pipeline.model import build_model
+from pipeline.model import Net
 
 if TYPE_CHECKING:
     from benchmarks.tracking_overhead import TrackingCost
@@ -116,7 +117,7 @@ def measure_reference(
         generator=torch.Generator().manual_seed(seed),
     )
     torch.manual_seed(seed)
-    model = build_model(norm=norm, groups=DEFAULTS.groups).to(device)
+    model = Net(norm=norm, groups=DEFAULTS.groups).to(device)
     optimizer = torch.optim.SGD(
         model.parameters(),
         lr=REFERENCE_LEARNING_RATE,
@@ -173,25 +174,25 @@ def measure_training(
     and capture are among the untimed steps)."""
     device = train_split.images.device
     torch.manual_seed(seed)
-    model = build_model(norm=norm, groups=DEFAULTS.groups, dropout=DEFAULTS.dropout)
+    model = Net(norm=norm, groups=DEFAULTS.groups, dropout=DEFAULTS.dropout)
     model = model.to(device=device, memory_format=memory_format)
     if compile_model:
         model.compile()
     normalize = datasets.Normalizer(stats, device=device, memory_format=memory_format)
     generator = torch.Generator().manual_seed(seed)
-    optimizer = engine.make_optimizer(
+    optimizer = optim.make_optimizer(
         model,
         learning_rate=DEFAULTS.learning_rate,
         momentum=DEFAULTS.momentum,
         weight_decay=DEFAULTS.weight_decay,
     )
-    scheduler = engine.make_scheduler(
+    scheduler = optim.make_scheduler(
         optimizer,
         epochs=DEFAULTS.epochs,
         steps_per_epoch=len(train_split) // batch_size,
         warmup_epochs=DEFAULTS.warmup_epochs,
     )
-    engine.learning_rate_on_device(optimizer)
+    optim.learning_rate_on_device(optimizer)
     step = engine.TrainStep(
         model,
         optimizer=optimizer,
@@ -200,7 +201,7 @@ def measure_training(
         cuda_graph=cuda_graph,
     )
     if cuda_graph:
-        warmup_steps = max(warmup_steps, engine.GRAPH_WARMUP_STEPS + 1)
+        warmup_steps = max(warmup_steps, graphs.GRAPH_WARMUP_STEPS + 1)
 
     def epoch_batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         return datasets.train_batches(
@@ -263,8 +264,8 @@ def measure(
     measurements: list[Measurement] = []
     rates: dict[tuple[str, str], float] = {}
     for norm in norms:
-        memory_format = engine.memory_format_for(norm, device)
-        autocast_dtype = engine.resolve_precision("auto", device, norm=norm)
+        memory_format = devices.memory_format_for(norm, device)
+        autocast_dtype = devices.resolve_precision("auto", device, norm=norm)
         progress(f"{norm}: reference ({reference_steps} steps of {REFERENCE_BATCH_SIZE})")
         results = [
             measure_reference(
@@ -281,7 +282,7 @@ def measure(
         paths = [("pipeline", autocast_dtype), ("ceiling", autocast_dtype)]
         if autocast_dtype is not None:
             paths.insert(1, ("pipeline fp32", None))
-        elif device.type == "cuda" or engine.cpu_has_native_bf16():
+        elif device.type == "cuda" or devices.cpu_has_native_bf16():
             paths.insert(1, ("pipeline bf16", torch.bfloat16))
         for path, dtype in paths:
             progress(f"{norm}: {path} ({steps} steps of {batch_size})")
@@ -366,7 +367,7 @@ def report(
         f"{warmup_steps} untimed warm-up steps, then {steps} timed steps of "
         f"{batch_size} images; the reference times the same number of images in "
         f"{reference_steps} steps of {REFERENCE_BATCH_SIZE} after {reference_warmup} warm-up "
-        f"steps. Threads from `engine.configure_backend()`; `time.perf_counter`"
+        f"steps. Threads from `devices.configure_backend()`; `time.perf_counter`"
         f"{', CUDA synchronized' if device.type == 'cuda' else ''}."
     )
     return [

@@ -151,8 +151,8 @@ def train_untracked(
     fit(setup, config, on_epoch_end=on_epoch_end)
     engine.evaluate(
         setup.model,
-        setup.test_split,
-        normalize=setup.normalize,
+        setup.splits.test,
+        normalize=setup.splits.normalize,
         autocast_dtype=setup.autocast_dtype,
     )
 
