@@ -10,6 +10,7 @@ create a step's run, end it.
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import shlex
 import subprocess
@@ -37,15 +38,52 @@ STARTED_CODE_VERSION_TAG = "pipeline.code_version_at_start"
 REGISTERED_MODEL_PARAM = "registered_model"
 
 
+# The module a training starts from: it and what it imports, transitively, is the code whose
+# edits make a finished training stale (`code_version`).
+TRAINING_ENTRY = "pipeline/training.py"
+
+
 def code_version(project_dir: Path) -> str:
-    """A hash of pipeline/*.py and MLproject: what `mlflow.source.git.commit` would be, except
-    that it also changes with uncommitted edits, so a dirty tree never reuses stale results."""
+    """A hash of the code a training runs: `TRAINING_ENTRY` and every `pipeline` module it
+    imports, transitively (model, norms, data, engine, optim, config, ...), not the report,
+    plots, tracking or CLI, so that rewording the report leaves finished trainings reusable.
+    Unlike `mlflow.source.git.commit` it changes with uncommitted edits too, so a dirty tree
+    never reuses a training its edits would change."""
     digest = hashlib.sha256()
-    for file in [*sorted((project_dir / "pipeline").rglob("*.py")), project_dir / "MLproject"]:
-        if file.is_file():
-            digest.update(file.relative_to(project_dir).as_posix().encode() + b"\0")
-            digest.update(file.read_bytes() + b"\0")
+    for file in training_code(project_dir):
+        digest.update(file.relative_to(project_dir).as_posix().encode() + b"\0")
+        digest.update(file.read_bytes() + b"\0")
     return digest.hexdigest()[:16]
+
+
+def training_code(project_dir: Path) -> list[Path]:
+    """`TRAINING_ENTRY` and the package's modules it imports, transitively, sorted."""
+    seen: set[Path] = set()
+    pending = [project_dir / TRAINING_ENTRY]
+    while pending:
+        file = pending.pop()
+        if file in seen or not file.is_file():
+            continue
+        seen.add(file)
+        pending.extend(_imported_modules(file, project_dir))
+    return sorted(seen)
+
+
+def _imported_modules(file: Path, project_dir: Path) -> list[Path]:
+    """The files of the `pipeline` modules `file` imports, at any depth of its code."""
+    names = []
+    for node in ast.walk(ast.parse(file.read_text(), filename=str(file))):
+        if isinstance(node, ast.Import):
+            names += [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            names += [node.module, *(f"{node.module}.{alias.name}" for alias in node.names)]
+    files = []
+    for name in names:
+        if name.split(".")[0] != "pipeline":
+            continue
+        path = project_dir.joinpath(*name.split("."))
+        files += [path.with_suffix(".py"), path / "__init__.py"]
+    return [f for f in files if f.is_file()]
 
 
 def finish_resumed_step(run_id: str, project_dir: Path) -> bool:

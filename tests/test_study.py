@@ -759,6 +759,7 @@ def test_a_step_resumed_by_hand_is_reused_where_the_same_code_finished_it(tracki
     )
 
     (tmp_path / "pipeline").mkdir()
+    (tmp_path / "pipeline" / "training.py").write_text("from pipeline import model\n")
     (tmp_path / "pipeline" / "model.py").write_text("widths = 1\n")
     (tmp_path / "MLproject").write_text(
         "name: p\nentry_points:\n  train:\n    parameters:\n      seed: {type: int, default: 1}\n"
@@ -795,3 +796,43 @@ def test_a_step_resumed_by_hand_is_reused_where_the_same_code_finished_it(tracki
     with mlflow.start_run(run_name="a run of its own") as own:
         pass
     assert not finish_resumed_step(own.info.run_id, tmp_path)  # not a step's run
+
+
+def test_a_finished_training_stays_reusable_when_the_report_changes_but_not_the_model(
+    tracking_store, tmp_path
+):
+    """A training's code version hashes the code its training runs (pipeline/training.py and
+    what it imports), not the report: rewording the report keeps hours of trainings."""
+    from pipeline.step_runs import CODE_VERSION_TAG, StepRuns, code_version, training_code
+
+    package = tmp_path / "pipeline"
+    (package / "report").mkdir(parents=True)
+    (package / "training.py").write_text("from pipeline import engine\n")
+    (package / "engine.py").write_text("from pipeline.model import Net\n")
+    (package / "model.py").write_text("class Net: ...\n")
+    (package / "report" / "render.py").write_text("TITLE = 'Results'\n")
+    (package / "cli.py").write_text("from pipeline import report, training\n")
+    (tmp_path / "MLproject").write_text(
+        "name: p\nentry_points:\n  train:\n    parameters:\n      seed: {type: int, default: 1}\n"
+        "    command: python -m pipeline train --seed {seed}\n"
+    )
+    assert [p.name for p in training_code(tmp_path)] == ["engine.py", "model.py", "training.py"]
+
+    def finished_training_found() -> bool:
+        with mlflow.start_run(run_name="parent"):
+            runs = StepRuns.of_active_run(project_dir=tmp_path, code_version=code_version(tmp_path))
+        return runs.find_finished(entry_point="train", parameters={"seed": "1"}) is not None
+
+    with mlflow.start_run(run_name="parent"):
+        runs = StepRuns.of_active_run(project_dir=tmp_path, code_version=code_version(tmp_path))
+    step = runs.create(entry_point="train", parameters={"seed": "1"}, run_name="train")
+    mlflow.MlflowClient().set_terminated(step.run_id, "FINISHED")
+    runs.set_tags(step.run_id, {CODE_VERSION_TAG: runs.code_version})
+    assert finished_training_found()
+
+    (package / "report" / "render.py").write_text("TITLE = 'Results, reworded'\n")
+    (package / "cli.py").write_text("from pipeline import report, training  # reworded\n")
+    assert finished_training_found()  # the report and the CLI are not the training's code
+
+    (package / "model.py").write_text("class Net: widths = 2\n")
+    assert not finished_training_found()  # the model is

@@ -12,7 +12,7 @@ import threading
 from collections import deque
 from collections.abc import Sequence
 
-from pipeline.executors import OUTPUT_LOCK, StepCommand, StepOutcome, error_line
+from pipeline.executors.base import OUTPUT_LOCK, StepCommand, StepOutcome, error_line
 
 
 def cpu_shares(count: int, cpus: Sequence[int]) -> list[set[int]]:

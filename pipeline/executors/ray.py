@@ -18,7 +18,7 @@ import sys
 import threading
 from pathlib import Path
 
-from pipeline.executors import NODE_ENV, StepCommand, StepLost, StepOutcome, error_line
+from pipeline.executors.base import NODE_ENV, StepCommand, StepLost, StepOutcome, error_line
 
 log = logging.getLogger(__name__)
 
