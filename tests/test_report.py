@@ -469,3 +469,159 @@ def test_a_diverged_run_is_named_by_the_findings_and_counted_in_no_mean(tmp_path
     text = comparison.write_report(study, tmp_path / "out").read_text()
     assert "- none diverged (loss NaN): run `train-none-seed2`" in text
     assert "- none did not train: run `train-none-seed4`" in text
+
+
+# --------------------------------------------------------------------------- the study's input
+
+
+def test_the_study_frame_carries_norm_norm_batch_and_label_as_columns():
+    specs = [
+        {"norm": "batch", "norm_batch": 8, "seed": 1, "acc": 0.7},
+        {"norm": "batch", "seed": 1, "acc": 0.75},
+        {"norm": "group", "norm_batch": 0, "seed": 1, "acc": 0.72},
+    ]
+    runs, histories = _runs_with(specs)
+    # a run from before norm_batch existed: the whole batch, as 0
+    runs.append(
+        RunRecord(run_id="old", tags={"step": "train"}, params={"norm": "batch", "seed": "2"})
+    )
+    histories["old"] = histories["batch-0-1"]
+    study = comparison.build_study(runs, histories)
+    train = study.train.set_index("run_id")
+    assert train["norm_batch"].to_dict() == {
+        "batch-8-1": 8,
+        "batch-0-1": 0,
+        "group-0-1": 0,
+        "old": 0,
+    }
+    assert train.loc["batch-8-1", "statistics_group"] == "norm_batch 8"
+    assert train.loc["old", "statistics_group"] == "whole batch"
+    assert train.loc["group-0-1", "statistics_group"] == ""  # group's runs are one row
+    for run in train.itertuples():
+        assert run.label == comparison.row_label(run.norm, run.statistics_group)
+    assert study.lines.to_dict("records") == [
+        {"label": "batch (norm_batch 8)", "norm": "batch", "statistics_group": "norm_batch 8"},
+        {"label": "batch (whole batch)", "norm": "batch", "statistics_group": "whole batch"},
+        {"label": "group", "norm": "group", "statistics_group": ""},
+    ]
+    assert study.line_names("{norm} norm") == {
+        "batch (norm_batch 8)": "batch norm (norm_batch 8)",
+        "batch (whole batch)": "batch norm (whole batch)",
+        "group": "group norm",
+    }
+    history = study.history.drop_duplicates("run_id").set_index("run_id")
+    assert history.loc["old", "label"] == "batch (whole batch)"
+    table = comparison.norm_table(study).set_index("label")
+    assert list(table["statistics_group"]) == ["norm_batch 8", "whole batch", ""]
+    assert table.loc["batch (whole batch)", "runs"] == 2
+
+
+def test_the_findings_name_a_row_from_its_columns_not_its_label(tmp_path):
+    runs, histories = _runs_with(
+        [
+            {"norm": "batch", "norm_batch": size, "seed": 1, "acc": 0.6 + size / 100}
+            for size in (2, 8)
+        ]
+    )
+    table = comparison.norm_table(comparison.build_study(runs, histories))
+    assert comparison.findings(table)[0].startswith("**batch** norm (norm_batch 8) leads")
+    renamed = table.assign(label=["two", "eight"])  # what a label says is never read back
+    assert comparison.findings(renamed)[0].startswith("**batch** norm (norm_batch 8) leads")
+
+
+def test_recipe_value_prefers_the_resolved_recipe_and_falls_back_to_the_plain_param():
+    logged = {"optimizer": "per_norm", "resolved.optimizer": "muon", "pool": "max"}
+    assert comparison.recipe_value(logged, "optimizer") == "muon"
+    assert comparison.recipe_value(logged, "pool") == "max"  # an older run: resolved as plain
+    assert comparison.recipe_value(logged, "activation") is None
+    # only the recipe's parameters have a resolved value
+    assert comparison.recipe_value({"seed": "1", "resolved.seed": "2"}, "seed") == "1"
+
+
+def test_the_report_shows_each_runs_resolved_recipe(monkeypatch):
+    monkeypatch.setitem(config.RECIPES, "batch", {**config.RECIPES["batch"], "learning_rate": 0.1})
+    new = {"learning_rate": "0", "resolved.learning_rate": "0.1", "batch_size": "0"}
+    new |= {"resolved.batch_size": "256", "optimizer": "", "resolved.optimizer": "muon"}
+    old = {"learning_rate": "0.2", "batch_size": "128", "optimizer": "sgd"}
+    runs, histories = [], {}
+    for seed, (params, accuracy) in enumerate([(new, 0.8), (old, 0.7)], start=1):
+        run_id = f"batch-{seed}"
+        params = {"norm": "batch", "seed": str(seed), "val_digest": "d1", **params}
+        runs.append(RunRecord(run_id=run_id, tags={"step": "train"}, params=params))
+        histories[run_id] = [EpochMetrics(1, 1.0, accuracy, 1.0, accuracy, 0.1, 1.0, 1.0, accuracy)]
+    study = comparison.build_study(runs, histories, group_by=("learning_rate",))
+    row = comparison.norm_table(study).iloc[0]
+    assert (row["learning_rate"], row["batch_size"], row["optimizer"]) == (
+        "0.1/0.2",
+        "256/128",
+        "muon/sgd",
+    )
+    levers = comparison.lever_table(study).set_index("learning_rate")
+    assert levers.loc["0.1", "default"] and not levers.loc["0.2", "default"]
+
+
+def test_tracked_runs_reach_the_report_as_records(tracking_store):
+    import mlflow
+
+    from pipeline import tracking
+
+    mlflow.set_experiment("records")
+    with mlflow.start_run(run_name="train-batch-seed1") as trained:
+        mlflow.set_tags({"step": "train"})
+        mlflow.log_params({"norm": "batch", "seed": "1", "norm_batch": "8", "data": "'~/data'"})
+        mlflow.log_params({"optimizer": "sgd", "resolved.optimizer": "muon"})
+        mlflow.log_metric("test_acc", 0.7)
+    train_id = trained.info.run_id
+    with mlflow.start_run(run_name="evaluate-batch") as evaluated:
+        mlflow.set_tags({"step": "evaluate", "norm": "batch", "seed": "1"})
+        mlflow.set_tags({"source_run_id": train_id})
+        mlflow.log_metric("test_acc", 0.71)
+    records = {
+        record.run_id: record
+        for record in tracking.run_records(tracking.study_runs(experiment_name="records"))
+    }
+    train = records[train_id]
+    assert (train.run_name, train.status) == ("train-batch-seed1", "FINISHED")
+    assert train.params == {
+        "norm": "batch",
+        "seed": "1",
+        "norm_batch": "8",
+        "data": "'~/data'",
+        "optimizer": "sgd",
+        "resolved.optimizer": "muon",
+    }
+    assert train.metrics == {"test_acc": pytest.approx(0.7)}
+    assert train.tags["step"] == "train" and "source_run_id" not in train.tags
+    assert train.start_time.tzinfo is not None and train.start_time <= train.end_time
+    assert records[evaluated.info.run_id].params == {}  # nothing logged, nothing made up
+    study = comparison.build_study(
+        list(records.values()),
+        {train_id: [EpochMetrics(1, 1.0, 0.7, 1.0, 0.7, 0.1, 1.0, 1.0, 0.7)]},
+    )
+    assert study.train.loc[0, ["norm", "norm_batch", "optimizer"]].tolist() == ["batch", 8, "muon"]
+    assert study.train.loc[0, "run_minutes"] >= 0
+    assert study.evaluated.loc[0, ["source_run_id", "test_acc"]].tolist() == [train_id, 0.71]
+
+
+def test_untracked_runs_reach_the_report_as_records():
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "untracked.py"
+    spec = importlib.util.spec_from_file_location("untracked", path)
+    untracked = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(untracked)
+    runs = [
+        {
+            "run_id": f"runs-{seed}-{graphs}",
+            "params": {"norm": "batch", "seed": str(seed), "cuda_graphs": graphs},
+            "records": [
+                dataclasses.asdict(EpochMetrics(1, 1.0, acc, 1.0, acc, 0.1, 1.0, 1.0, acc))
+            ],
+            "process_seconds": 60.0,
+        }
+        for seed in (1, 2)
+        for graphs, acc in (("auto", 0.8), ("off", 0.7))
+    ]
+    table = untracked.lever_table(runs)
+    assert "| batch | auto | default | 2 | 1,2 | 80.00 ± 0.00 |" in table
+    assert "| batch | off |  | 2 | 1,2 | 70.00 ± 0.00 | -10.00 ± 0.00 (2 seeds) | no |" in table
