@@ -177,40 +177,31 @@ NORM_COLORS = {name: entry.color for name, entry in REGISTRY.items()}  # pipelin
 PANELS_PER_ROW = 4
 
 
-def line_colors(labels: Sequence[str]) -> dict[str, object]:
-    """A colour per line: a norm's registered colour, and for a norm drawn as several lines
-    (`batch (norm_batch 2)`, ..., `batch (whole batch)`: report.frame.norm_labels) shades of
-    it, lightest first, so that no line takes another norm's colour."""
+def line_colors(lines: Mapping[str, str]) -> dict[str, object]:
+    """A colour per line (`lines`: each line's name -> its norm, in drawing order): the norm's
+    registered colour, and for a norm drawn as several lines (a batch-dependence sweep's
+    statistics groups, `batch (norm_batch 2)`, ..., `batch (whole batch)`) shades of it,
+    lightest first, so that no line takes another norm's colour."""
     by_norm: dict[str, list[str]] = {}
-    for label in labels:
-        by_norm.setdefault(_norm_of(label), []).append(label)
+    for line, norm in lines.items():
+        by_norm.setdefault(norm, []).append(line)
     colors: dict[str, object] = {}
     for norm, mine in by_norm.items():
         base = NORM_COLORS.get(norm)
-        for index, label in enumerate(mine):
+        for index, line in enumerate(mine):
             if base is None or len(mine) == 1:
-                colors[label] = base
+                colors[line] = base
                 continue
             white = 0.65 * (len(mine) - 1 - index) / (len(mine) - 1)
-            colors[label] = tuple((1 - white) * c + white for c in to_rgb(base))
+            colors[line] = tuple((1 - white) * c + white for c in to_rgb(base))
     return colors
 
 
-def _norm_of(label: str) -> str:
-    return label.split(" (", 1)[0]
-
-
-def _norm_title(label: str) -> str:
-    """ "group norm", "batch norm (norm_batch 8)"."""
-    norm = _norm_of(label)
-    return f"{norm} norm{label.removeprefix(norm)}"
-
-
-def _band_by_norm(history: pd.DataFrame, metric: str) -> dict[str, pd.DataFrame]:
-    """Per norm and epoch: mean, min and max of `metric` over seeds."""
+def _band_by_line(history: pd.DataFrame, metric: str) -> dict[str, pd.DataFrame]:
+    """Per line (`history["label"]`) and epoch: mean, min and max of `metric` over seeds."""
     bands = {}
-    for norm, rows in history.groupby("norm", sort=False):
-        bands[norm] = rows.groupby("epoch")[metric].agg(["mean", "min", "max"]).sort_index()
+    for line, rows in history.groupby("label", sort=False):
+        bands[line] = rows.groupby("epoch")[metric].agg(["mean", "min", "max"]).sort_index()
     return bands
 
 
@@ -219,20 +210,20 @@ def _plot_band(axis, band: pd.DataFrame, *, label: str, color, scale: float = 1.
     axis.fill_between(band.index, scale * band["min"], scale * band["max"], color=color, alpha=0.2)
 
 
-def overlay_figure(history: pd.DataFrame, norms: Sequence[str]) -> Figure:
-    """Test accuracy and loss per epoch: one line per norm (mean), band = min-max over seeds.
-    `history["norm"]` and `norms` may hold report.frame.norm_labels (a norm per statistics
-    group), as may train_vs_test_figure's."""
+def overlay_figure(history: pd.DataFrame, lines: Mapping[str, str]) -> Figure:
+    """Test accuracy and loss per epoch: one line per entry of `lines` (its name -> its norm,
+    in drawing order; the report's: a norm, or a norm per statistics group), drawn from the
+    rows of `history` whose `label` is its name: the mean, band = min-max over seeds."""
     figure, (acc_axis, loss_axis) = plt.subplots(1, 2, figsize=(12, 4.5))
-    accuracy = _band_by_norm(history, "test_acc")
-    loss = _band_by_norm(history, "test_loss")
-    colors = line_colors(norms)
-    for norm in norms:
-        if norm not in accuracy:
+    accuracy = _band_by_line(history, "test_acc")
+    loss = _band_by_line(history, "test_loss")
+    colors = line_colors(lines)
+    for line in lines:
+        if line not in accuracy:
             continue
-        color = colors[norm]
-        _plot_band(acc_axis, accuracy[norm], label=norm, color=color, scale=100)
-        _plot_band(loss_axis, loss[norm], label=norm, color=color)
+        color = colors[line]
+        _plot_band(acc_axis, accuracy[line], label=line, color=color, scale=100)
+        _plot_band(loss_axis, loss[line], label=line, color=color)
     acc_axis.set(xlabel="epoch", ylabel="test accuracy (%)", title="Test accuracy")
     loss_axis.set(xlabel="epoch", ylabel="test loss", title="Test loss")
     for axis in (acc_axis, loss_axis):
@@ -243,10 +234,14 @@ def overlay_figure(history: pd.DataFrame, norms: Sequence[str]) -> Figure:
     return figure
 
 
-def train_vs_test_figure(history: pd.DataFrame, norms: Sequence[str]) -> Figure:
-    """Train vs test accuracy per epoch, one panel per norm (up to PANELS_PER_ROW a row),
-    bands over seeds."""
-    panels = [n for n in norms if n in set(history["norm"])] or list(norms)
+def train_vs_test_figure(
+    history: pd.DataFrame, lines: Mapping[str, str], *, titles: Mapping[str, str] | None = None
+) -> Figure:
+    """Train vs test accuracy per epoch, one panel per entry of `lines` as in overlay_figure
+    (up to PANELS_PER_ROW a row), bands over seeds; each panel titled `titles[name]`, or
+    "<norm> norm"."""
+    drawn = set(history["label"])
+    panels = [line for line in lines if line in drawn] or list(lines)
     columns = min(len(panels), PANELS_PER_ROW)
     rows = -(-len(panels) // columns)
     figure, axes = plt.subplots(
@@ -254,14 +249,15 @@ def train_vs_test_figure(history: pd.DataFrame, norms: Sequence[str]) -> Figure:
     )
     for axis in axes.flat[len(panels) :]:
         axis.set_visible(False)
-    train = _band_by_norm(history, "train_acc")
-    test = _band_by_norm(history, "test_acc")
-    colors = line_colors(panels)
-    for axis, norm in zip(axes.flat, panels, strict=False):
-        if norm in train:
-            _plot_band(axis, train[norm], label="train", color="tab:gray", scale=100, style="s--")
-            _plot_band(axis, test[norm], label="test", color=colors[norm], scale=100)
-        axis.set(xlabel="epoch", title=_norm_title(norm))
+    train = _band_by_line(history, "train_acc")
+    test = _band_by_line(history, "test_acc")
+    colors = line_colors({line: lines[line] for line in panels})
+    for axis, line in zip(axes.flat, panels, strict=False):
+        if line in train:
+            _plot_band(axis, train[line], label="train", color="tab:gray", scale=100, style="s--")
+            _plot_band(axis, test[line], label="test", color=colors[line], scale=100)
+        title = (titles or {}).get(line, f"{lines[line]} norm")
+        axis.set(xlabel="epoch", title=title)
         whole_epochs(axis, sorted(set(history["epoch"])))
         axis.grid(alpha=0.3)
         axis.legend()

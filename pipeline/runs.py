@@ -427,7 +427,9 @@ def compare_runs(
 
 
 def _load_study(runs, *, source: str, group_by: tuple[str, ...] = ()) -> comparison.Study:
-    """Fetch what the report needs: epoch histories, misclassified grids, evaluation.json."""
+    """Fetch what the report needs: the runs as its records (`runs`: study_runs' DataFrame),
+    epoch histories, misclassified grids, evaluation.json."""
+    runs = tracking.run_records(runs)
     train_ids = list(comparison.step_runs(runs, "train")["run_id"])
     histories = {run_id: tracking.metric_history(run_id) for run_id in train_ids}
     grids = {}

@@ -13,6 +13,7 @@ import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import mlflow
 import mlflow.data
@@ -25,6 +26,9 @@ from pipeline import stores
 from pipeline.config import DEFAULT_EXPERIMENT
 from pipeline.engine import EpochMetrics
 from pipeline.executors import NODE_ENV, NODE_TAG
+
+if TYPE_CHECKING:
+    from pipeline.report.records import RunRecord
 
 log = logging.getLogger(__name__)
 
@@ -649,6 +653,43 @@ def _concat(first, second):
 
     frames = [frame for frame in (first, second) if len(frame)]
     return pd.concat(frames, ignore_index=True) if frames else first
+
+
+def run_records(runs) -> list[RunRecord]:
+    """`mlflow.search_runs`' rows (study_runs' DataFrame) as the report's plain records
+    (report.RunRecord): params, metrics and tags without their column prefixes, values that
+    a run did not log (NaN, None) left out, its name, status and start and end times."""
+    import pandas as pd
+
+    # The report's type, imported when used: a training imports tracking, not the report.
+    from pipeline.report.records import RunRecord
+
+    def logged(row, prefix: str) -> dict:
+        return {
+            name.removeprefix(prefix): value
+            for name, value in row.items()
+            if name.startswith(prefix) and value is not None and not pd.isna(value)
+        }
+
+    def moment(value):
+        return None if value is None or pd.isna(value) else pd.Timestamp(value).to_pydatetime()
+
+    records = []
+    for row in runs.to_dict("records"):
+        tags = logged(row, "tags.")
+        records.append(
+            RunRecord(
+                run_id=row["run_id"],
+                run_name=tags.get("mlflow.runName", ""),
+                status=row.get("status") or "",
+                params=logged(row, "params."),
+                metrics={name: float(value) for name, value in logged(row, "metrics.").items()},
+                tags=tags,
+                start_time=moment(row.get("start_time")),
+                end_time=moment(row.get("end_time")),
+            )
+        )
+    return records
 
 
 def log_table(frame, artifact_file: str, *, run_id: str) -> None:

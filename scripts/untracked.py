@@ -26,6 +26,7 @@ import shlex
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timezone
 from pathlib import Path
 
 STARTED = time.perf_counter()  # before torch's import: a run's process time includes it
@@ -33,7 +34,6 @@ STARTED = time.perf_counter()  # before torch's import: a run's process time inc
 REPOSITORY_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPOSITORY_ROOT))
 
-import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
 from pipeline import report, training  # noqa: E402
@@ -146,22 +146,22 @@ def read_runs(path: Path, *, label: str | None = None) -> list[dict]:
 
 def lever_table(runs: list[dict], *, group_by: tuple[str, ...] = ("cuda_graphs",)) -> str:
     """`compare --group-by ...`'s lever table over untracked runs: the same report code, fed
-    the rows `mlflow.search_runs` would return for them."""
-    rows = [
-        {
-            "run_id": run["run_id"],
-            "tags.step": "train",
-            "tags.mlflow.runName": f"train-{run['params']['norm']}-seed{run['params']['seed']}",
-            "start_time": pd.Timestamp(0, unit="s", tz="UTC"),
-            "end_time": pd.Timestamp(run["process_seconds"], unit="s", tz="UTC"),
-            **{f"params.{name}": value for name, value in run["params"].items()},
-        }
+    the records tracking.run_records makes of tracked runs."""
+    records = [
+        report.RunRecord(
+            run_id=run["run_id"],
+            run_name=f"train-{run['params']['norm']}-seed{run['params']['seed']}",
+            params=run["params"],
+            tags={"step": "train"},
+            start_time=datetime.fromtimestamp(0, timezone.utc),
+            end_time=datetime.fromtimestamp(run["process_seconds"], timezone.utc),
+        )
         for run in runs
     ]
     histories = {
         run["run_id"]: [EpochMetrics(**record) for record in run["records"]] for run in runs
     }
-    study = report.build_study(pd.DataFrame(rows), histories, group_by=group_by)
+    study = report.build_study(records, histories, group_by=group_by)
     table = report.readable_lever_table(report.lever_table(study), group_by)
     return report.markdown_table(table)
 

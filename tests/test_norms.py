@@ -83,7 +83,6 @@ def test_a_norm_registered_in_one_place_reaches_help_validation_and_the_report(t
                            recipe={{"batch_size": 64, "learning_rate": 0.05}})
         norms.REGISTRY["scaled"] = entry
 
-        import pandas as pd
         from click.testing import CliRunner
         from pipeline import config, plots, report
         from pipeline.cli import cli
@@ -99,10 +98,11 @@ def test_a_norm_registered_in_one_place_reaches_help_validation_and_the_report(t
         trained = config.TrainConfig(norm="scaled")
         rows, histories = [], {{}}
         for norm in ("scaled", "batch"):
-            rows.append({{"run_id": norm, "tags.step": "train", "params.norm": norm,
-                         "params.seed": "1", "tags.mlflow.runName": "train-" + norm}})
+            rows.append(report.RunRecord(run_id=norm, run_name="train-" + norm,
+                                         tags={{"step": "train"}},
+                                         params={{"norm": norm, "seed": "1"}}))
             histories[norm] = [EpochMetrics(1, 1.0, 0.5, 1.0, 0.5, 0.1, 1.0, 1.0, 0.5)]
-        study = report.build_study(pd.DataFrame(rows), histories)
+        study = report.build_study(rows, histories)
         path = report.write_report(study, __import__("pathlib").Path({str(tmp_path)!r}))
         print(json.dumps({{
             "help": " ".join(help_text.split()),

@@ -54,7 +54,7 @@ def test_training_curves_label_whole_epochs_only():
 
 def test_a_norm_drawn_as_several_lines_takes_shades_of_its_own_colour():
     labels = ["batch (norm_batch 2)", "batch (norm_batch 8)", "batch (whole batch)", "group"]
-    colors = plots.line_colors(labels)
+    colors = plots.line_colors({label: label.split()[0] for label in labels})
     assert colors["group"] == plots.NORM_COLORS["group"]
     batch = to_rgb(plots.NORM_COLORS["batch"])
     assert colors["batch (whole batch)"] == pytest.approx(batch)  # the last: the full colour
@@ -63,14 +63,22 @@ def test_a_norm_drawn_as_several_lines_takes_shades_of_its_own_colour():
     assert len({tuple(c) for c in colors.values()}) == 4  # no line shares a colour
 
 
+def test_a_lines_norm_is_given_never_read_from_its_name():
+    colors = plots.line_colors({"small groups": "batch", "group (as named)": "layer"})
+    assert colors["small groups"] == plots.NORM_COLORS["batch"]
+    assert colors["group (as named)"] == plots.NORM_COLORS["layer"]
+
+
 def test_train_vs_test_wraps_its_panels_into_rows_of_four():
     labels = [f"batch (norm_batch {size})" for size in (2, 4, 8, 16, 32)] + ["group"]
+    lines = {label: label.split()[0] for label in labels}
     rows = [
-        {"norm": label, "epoch": epoch, "train_acc": 0.5, "test_acc": 0.6}
+        {"label": label, "epoch": epoch, "train_acc": 0.5, "test_acc": 0.6}
         for label in labels
         for epoch in (1, 2)
     ]
-    figure = plots.train_vs_test_figure(pd.DataFrame(rows), labels)
+    titles = {label: label.replace(" (", " norm (") for label in labels[:-1]}
+    figure = plots.train_vs_test_figure(pd.DataFrame(rows), lines, titles=titles)
     shown = [axis for axis in figure.axes if axis.get_visible()]
     assert [axis.get_title() for axis in shown] == [
         "batch norm (norm_batch 2)",
@@ -78,6 +86,6 @@ def test_train_vs_test_wraps_its_panels_into_rows_of_four():
         "batch norm (norm_batch 8)",
         "batch norm (norm_batch 16)",
         "batch norm (norm_batch 32)",
-        "group norm",
+        "group norm",  # no title given: the norm's
     ]
     assert len(figure.axes) == 8 and figure.get_size_inches()[1] == pytest.approx(8)

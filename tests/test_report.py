@@ -1,5 +1,6 @@
-"""compare's report offline: runs as `mlflow.search_runs` returns them -> the study frame ->
-tables, findings, report.md and report.html (no MLflow store, no subprocess)."""
+"""compare's report offline: runs as plain records (report.RunRecord, what tracking.run_records
+makes of MLflow's) -> the study frame -> tables, findings, report.md and report.html (no
+subprocess; one test goes through a temporary MLflow store)."""
 
 from __future__ import annotations
 
@@ -16,35 +17,38 @@ from PIL import Image
 from pipeline import config
 from pipeline import report as comparison
 from pipeline.engine import EpochMetrics
+from pipeline.report import RunRecord
+
+START = pd.Timestamp("2026-01-01 12:00", tz="UTC").to_pydatetime()
 
 
 def _fake_study(tmp_path: Path, finals: dict[str, list[float]]) -> comparison.Study:
-    """Train/evaluate rows as mlflow.search_runs returns them, with two-epoch histories."""
+    """Train/evaluate runs as records, with two-epoch histories."""
     rows, histories, evaluations, grids = [], {}, {}, {}
     for norm, accuracies in finals.items():
         for seed, accuracy in enumerate(accuracies, start=1):
             run_id = f"{norm}{seed}"
             rows.append(
-                {
-                    "run_id": run_id,
-                    "status": "FINISHED",
-                    "tags.step": "train",
-                    "tags.mlflow.runName": f"train-{norm}-seed{seed}",
-                    "params.norm": norm,
-                    "params.seed": str(seed),
-                    "params.epochs": "2",
-                    "params.groups": "4",
-                    "params.data": "'~/data'",
-                    "params.val_size": "40",
-                    "params.val_digest": "d1",
-                    # per-norm recipes: each norm's resolved values
-                    "params.optimizer": "muon" if norm == "batch" else "sgd",
-                    "params.pool": "avg" if norm == "layer" else "max",
-                    # search_runs' times; the runs of seed s take 10 + s minutes
-                    "start_time": pd.Timestamp("2026-01-01 12:00", tz="UTC"),
-                    "end_time": pd.Timestamp("2026-01-01 12:10", tz="UTC")
-                    + pd.Timedelta(minutes=seed),
-                }
+                RunRecord(
+                    run_id=run_id,
+                    run_name=f"train-{norm}-seed{seed}",
+                    tags={"step": "train"},
+                    params={
+                        "norm": norm,
+                        "seed": str(seed),
+                        "epochs": "2",
+                        "groups": "4",
+                        "data": "'~/data'",
+                        "val_size": "40",
+                        "val_digest": "d1",
+                        # per-norm recipes: each norm's resolved values
+                        "optimizer": "muon" if norm == "batch" else "sgd",
+                        "pool": "avg" if norm == "layer" else "max",
+                    },
+                    # the runs of seed s take 10 + s minutes
+                    start_time=START,
+                    end_time=START + pd.Timedelta(minutes=10 + seed),
+                )
             )
             # Validation half a point below test, and no higher at its first epoch.
             histories[run_id] = [
@@ -54,14 +58,11 @@ def _fake_study(tmp_path: Path, finals: dict[str, list[float]]) -> comparison.St
                 ),
             ]
             rows.append(
-                {
-                    "run_id": f"eval-{run_id}",
-                    "status": "FINISHED",
-                    "tags.step": "evaluate",
-                    "tags.mlflow.runName": f"evaluate-cifar10-{norm}-v{seed}",
-                    "tags.norm": norm,
-                    "tags.seed": str(seed),
-                }
+                RunRecord(
+                    run_id=f"eval-{run_id}",
+                    run_name=f"evaluate-cifar10-{norm}-v{seed}",
+                    tags={"step": "evaluate", "norm": norm, "seed": str(seed)},
+                )
             )
             evaluations[f"eval-{run_id}"] = {
                 "per_class_accuracy": {"cat": accuracy, "dog": accuracy / 2}
@@ -70,7 +71,7 @@ def _fake_study(tmp_path: Path, finals: dict[str, list[float]]) -> comparison.St
             Image.fromarray(np.full((20, 30, 3), 40 * seed, dtype=np.uint8)).save(grid)
             grids[run_id] = grid
     return comparison.build_study(
-        pd.DataFrame(rows), histories, evaluations=evaluations, misclassified=grids, source="test"
+        rows, histories, evaluations=evaluations, misclassified=grids, source="test"
     )
 
 
@@ -167,30 +168,21 @@ def _lever_runs(
     key: str = "whiten",
     *,
     digests: dict[str, str] | None = None,
-) -> tuple[pd.DataFrame, dict]:
+) -> tuple[list[RunRecord], dict]:
     """Train runs of (norm, value of `key`) with per-seed final validation accuracies (test
-    one point above), as search_runs rows; every run has translate=4 and validates on split
-    "d1" unless `digests` names another for its run id."""
-    rows, histories = [], {}
+    one point above), as records; every run has translate=4 and validates on split "d1" unless
+    `digests` names another for its run id."""
+    runs, histories = [], {}
     for (norm, value), accuracies in finals.items():
         for seed, accuracy in enumerate(accuracies, start=1):
             run_id = f"{norm}-{value}-{seed}"
-            rows.append(
-                {
-                    "run_id": run_id,
-                    "status": "FINISHED",
-                    "tags.step": "train",
-                    "params.norm": norm,
-                    "params.seed": str(seed),
-                    f"params.{key}": value,
-                    "params.translate": "4",
-                    "params.val_digest": (digests or {}).get(run_id, "d1"),
-                }
-            )
+            params = {"norm": norm, "seed": str(seed), key: value, "translate": "4"}
+            params["val_digest"] = (digests or {}).get(run_id, "d1")
+            runs.append(RunRecord(run_id=run_id, tags={"step": "train"}, params=params))
             histories[run_id] = [
                 EpochMetrics(1, 1.0, accuracy, 1.0, accuracy + 0.01, 0.1, 1.0, 1.0, accuracy)
             ]
-    return pd.DataFrame(rows), histories
+    return runs, histories
 
 
 def test_paired_gain_and_the_adoption_rule_on_a_hand_worked_case():
@@ -280,14 +272,14 @@ def test_a_lever_that_trains_where_the_default_did_not_is_adopted(monkeypatch):
         {("none", "0.2"): [0.7570, 0.6818], ("none", "0.05"): [0.7580, 0.7532, 0.7374]},
         key="learning_rate",
     )
-    diverged = {
-        **runs.iloc[0].to_dict(),
-        "run_id": "none-0.2-3",
-        "params.seed": "3",
-        "status": "FAILED",
-        "tags.diverged": "training diverged at epoch 2 (loss nan); lower learning_rate",
-    }
-    runs = pd.concat([runs, pd.DataFrame([diverged])], ignore_index=True)
+    diverged = dataclasses.replace(
+        runs[0],
+        run_id="none-0.2-3",
+        params={**runs[0].params, "seed": "3"},
+        status="FAILED",
+        tags={**runs[0].tags, "diverged": "training diverged at epoch 2 (loss nan); lower lr"},
+    )
+    runs = [*runs, diverged]
     study = comparison.build_study(runs, histories, group_by=("learning_rate",))
     table = comparison.lever_table(study).set_index("learning_rate")
     assert table.loc["0.05", "paired_seeds"] == 2 and table.loc["0.05", "rescued_seeds"] == "3"
@@ -336,23 +328,22 @@ def test_tta_table_compares_evaluations_of_the_same_models(tmp_path):
     for seed, (flip, translate) in enumerate([(0.80, 0.81), (0.82, 0.825)], start=1):
         for tta, accuracy in (("flip-translate", translate), ("flip", flip)):
             evaluations.append(
-                {
-                    "run_id": f"eval-{seed}-{tta}",
-                    "status": "FINISHED",
-                    "tags.step": "evaluate",
-                    "tags.norm": "batch",
-                    "tags.seed": str(seed),
-                    "tags.source_run_id": f"batch-False-{seed}",
-                    "params.tta": tta,
-                    "metrics.test_acc": accuracy,
-                }
+                RunRecord(
+                    run_id=f"eval-{seed}-{tta}",
+                    tags={
+                        "step": "evaluate",
+                        "norm": "batch",
+                        "seed": str(seed),
+                        "source_run_id": f"batch-False-{seed}",
+                    },
+                    params={"tta": tta},
+                    metrics={"test_acc": accuracy},
+                )
             )
     payloads = {
-        e["run_id"]: {"per_class_accuracy": {"cat": e["metrics.test_acc"]}} for e in evaluations
+        e.run_id: {"per_class_accuracy": {"cat": e.metrics["test_acc"]}} for e in evaluations
     }
-    study = comparison.build_study(
-        pd.concat([runs, pd.DataFrame(evaluations)]), histories, evaluations=payloads
-    )
+    study = comparison.build_study([*runs, *evaluations], histories, evaluations=payloads)
     # per class, each model counts once, evaluated as its training run evaluated (flip)
     assert sorted(study.per_class["run_id"]) == ["eval-1-flip", "eval-2-flip"]
     assert comparison.per_class_table(study).loc["cat", "batch"] == pytest.approx(0.81)
@@ -367,31 +358,35 @@ def test_tta_table_compares_evaluations_of_the_same_models(tmp_path):
     assert "## Levers" not in report  # no group_by given
 
 
-def _runs_with(rows_spec: list[dict]) -> tuple[pd.DataFrame, dict]:
-    """Train rows (norm, seed, final test accuracy, params) with one-epoch histories."""
+def _runs_with(rows_spec: list[dict]) -> tuple[list[RunRecord], dict]:
+    """Train runs (norm, seed, final test accuracy, params) with one-epoch histories."""
     rows, histories = [], {}
     for spec in rows_spec:
         run_id = f"{spec['norm']}-{spec.get('norm_batch', 0)}-{spec['seed']}"
         rows.append(
-            {
-                "run_id": run_id,
-                "status": spec.get("status", "FINISHED"),
-                "tags.step": "train",
-                "tags.mlflow.runName": f"train-{spec['norm']}-seed{spec['seed']}",
-                "tags.diverged": spec.get("diverged"),
-                "params.norm": spec["norm"],
-                "params.seed": str(spec["seed"]),
-                "params.batch_size": "128",
-                "params.norm_batch": str(spec.get("norm_batch", 0)),
-                "params.val_digest": "d1",
-            }
+            RunRecord(
+                run_id=run_id,
+                run_name=f"train-{spec['norm']}-seed{spec['seed']}",
+                status=spec.get("status", "FINISHED"),
+                tags={
+                    "step": "train",
+                    **({"diverged": spec["diverged"]} if "diverged" in spec else {}),
+                },
+                params={
+                    "norm": spec["norm"],
+                    "seed": str(spec["seed"]),
+                    "batch_size": "128",
+                    "norm_batch": str(spec.get("norm_batch", 0)),
+                    "val_digest": "d1",
+                },
+            )
         )
         if not spec.get("diverged"):
             accuracy, loss = spec["acc"], spec.get("loss", 1.0)
             histories[run_id] = [
                 EpochMetrics(1, loss, accuracy, loss, accuracy, 0.1, 1.0, 1.0, accuracy)
             ]
-    return pd.DataFrame(rows), histories
+    return rows, histories
 
 
 def test_the_report_draws_the_batch_dependence_when_statistics_groups_vary(tmp_path):
@@ -474,3 +469,159 @@ def test_a_diverged_run_is_named_by_the_findings_and_counted_in_no_mean(tmp_path
     text = comparison.write_report(study, tmp_path / "out").read_text()
     assert "- none diverged (loss NaN): run `train-none-seed2`" in text
     assert "- none did not train: run `train-none-seed4`" in text
+
+
+# --------------------------------------------------------------------------- the study's input
+
+
+def test_the_study_frame_carries_norm_norm_batch_and_label_as_columns():
+    specs = [
+        {"norm": "batch", "norm_batch": 8, "seed": 1, "acc": 0.7},
+        {"norm": "batch", "seed": 1, "acc": 0.75},
+        {"norm": "group", "norm_batch": 0, "seed": 1, "acc": 0.72},
+    ]
+    runs, histories = _runs_with(specs)
+    # a run from before norm_batch existed: the whole batch, as 0
+    runs.append(
+        RunRecord(run_id="old", tags={"step": "train"}, params={"norm": "batch", "seed": "2"})
+    )
+    histories["old"] = histories["batch-0-1"]
+    study = comparison.build_study(runs, histories)
+    train = study.train.set_index("run_id")
+    assert train["norm_batch"].to_dict() == {
+        "batch-8-1": 8,
+        "batch-0-1": 0,
+        "group-0-1": 0,
+        "old": 0,
+    }
+    assert train.loc["batch-8-1", "statistics_group"] == "norm_batch 8"
+    assert train.loc["old", "statistics_group"] == "whole batch"
+    assert train.loc["group-0-1", "statistics_group"] == ""  # group's runs are one row
+    for run in train.itertuples():
+        assert run.label == comparison.row_label(run.norm, run.statistics_group)
+    assert study.lines.to_dict("records") == [
+        {"label": "batch (norm_batch 8)", "norm": "batch", "statistics_group": "norm_batch 8"},
+        {"label": "batch (whole batch)", "norm": "batch", "statistics_group": "whole batch"},
+        {"label": "group", "norm": "group", "statistics_group": ""},
+    ]
+    assert study.line_names("{norm} norm") == {
+        "batch (norm_batch 8)": "batch norm (norm_batch 8)",
+        "batch (whole batch)": "batch norm (whole batch)",
+        "group": "group norm",
+    }
+    history = study.history.drop_duplicates("run_id").set_index("run_id")
+    assert history.loc["old", "label"] == "batch (whole batch)"
+    table = comparison.norm_table(study).set_index("label")
+    assert list(table["statistics_group"]) == ["norm_batch 8", "whole batch", ""]
+    assert table.loc["batch (whole batch)", "runs"] == 2
+
+
+def test_the_findings_name_a_row_from_its_columns_not_its_label(tmp_path):
+    runs, histories = _runs_with(
+        [
+            {"norm": "batch", "norm_batch": size, "seed": 1, "acc": 0.6 + size / 100}
+            for size in (2, 8)
+        ]
+    )
+    table = comparison.norm_table(comparison.build_study(runs, histories))
+    assert comparison.findings(table)[0].startswith("**batch** norm (norm_batch 8) leads")
+    renamed = table.assign(label=["two", "eight"])  # what a label says is never read back
+    assert comparison.findings(renamed)[0].startswith("**batch** norm (norm_batch 8) leads")
+
+
+def test_recipe_value_prefers_the_resolved_recipe_and_falls_back_to_the_plain_param():
+    logged = {"optimizer": "per_norm", "resolved.optimizer": "muon", "pool": "max"}
+    assert comparison.recipe_value(logged, "optimizer") == "muon"
+    assert comparison.recipe_value(logged, "pool") == "max"  # an older run: resolved as plain
+    assert comparison.recipe_value(logged, "activation") is None
+    # only the recipe's parameters have a resolved value
+    assert comparison.recipe_value({"seed": "1", "resolved.seed": "2"}, "seed") == "1"
+
+
+def test_the_report_shows_each_runs_resolved_recipe(monkeypatch):
+    monkeypatch.setitem(config.RECIPES, "batch", {**config.RECIPES["batch"], "learning_rate": 0.1})
+    new = {"learning_rate": "0", "resolved.learning_rate": "0.1", "batch_size": "0"}
+    new |= {"resolved.batch_size": "256", "optimizer": "", "resolved.optimizer": "muon"}
+    old = {"learning_rate": "0.2", "batch_size": "128", "optimizer": "sgd"}
+    runs, histories = [], {}
+    for seed, (params, accuracy) in enumerate([(new, 0.8), (old, 0.7)], start=1):
+        run_id = f"batch-{seed}"
+        params = {"norm": "batch", "seed": str(seed), "val_digest": "d1", **params}
+        runs.append(RunRecord(run_id=run_id, tags={"step": "train"}, params=params))
+        histories[run_id] = [EpochMetrics(1, 1.0, accuracy, 1.0, accuracy, 0.1, 1.0, 1.0, accuracy)]
+    study = comparison.build_study(runs, histories, group_by=("learning_rate",))
+    row = comparison.norm_table(study).iloc[0]
+    assert (row["learning_rate"], row["batch_size"], row["optimizer"]) == (
+        "0.1/0.2",
+        "256/128",
+        "muon/sgd",
+    )
+    levers = comparison.lever_table(study).set_index("learning_rate")
+    assert levers.loc["0.1", "default"] and not levers.loc["0.2", "default"]
+
+
+def test_tracked_runs_reach_the_report_as_records(tracking_store):
+    import mlflow
+
+    from pipeline import tracking
+
+    mlflow.set_experiment("records")
+    with mlflow.start_run(run_name="train-batch-seed1") as trained:
+        mlflow.set_tags({"step": "train"})
+        mlflow.log_params({"norm": "batch", "seed": "1", "norm_batch": "8", "data": "'~/data'"})
+        mlflow.log_params({"optimizer": "sgd", "resolved.optimizer": "muon"})
+        mlflow.log_metric("test_acc", 0.7)
+    train_id = trained.info.run_id
+    with mlflow.start_run(run_name="evaluate-batch") as evaluated:
+        mlflow.set_tags({"step": "evaluate", "norm": "batch", "seed": "1"})
+        mlflow.set_tags({"source_run_id": train_id})
+        mlflow.log_metric("test_acc", 0.71)
+    records = {
+        record.run_id: record
+        for record in tracking.run_records(tracking.study_runs(experiment_name="records"))
+    }
+    train = records[train_id]
+    assert (train.run_name, train.status) == ("train-batch-seed1", "FINISHED")
+    assert train.params == {
+        "norm": "batch",
+        "seed": "1",
+        "norm_batch": "8",
+        "data": "'~/data'",
+        "optimizer": "sgd",
+        "resolved.optimizer": "muon",
+    }
+    assert train.metrics == {"test_acc": pytest.approx(0.7)}
+    assert train.tags["step"] == "train" and "source_run_id" not in train.tags
+    assert train.start_time.tzinfo is not None and train.start_time <= train.end_time
+    assert records[evaluated.info.run_id].params == {}  # nothing logged, nothing made up
+    study = comparison.build_study(
+        list(records.values()),
+        {train_id: [EpochMetrics(1, 1.0, 0.7, 1.0, 0.7, 0.1, 1.0, 1.0, 0.7)]},
+    )
+    assert study.train.loc[0, ["norm", "norm_batch", "optimizer"]].tolist() == ["batch", 8, "muon"]
+    assert study.train.loc[0, "run_minutes"] >= 0
+    assert study.evaluated.loc[0, ["source_run_id", "test_acc"]].tolist() == [train_id, 0.71]
+
+
+def test_untracked_runs_reach_the_report_as_records():
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "untracked.py"
+    spec = importlib.util.spec_from_file_location("untracked", path)
+    untracked = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(untracked)
+    runs = [
+        {
+            "run_id": f"runs-{seed}-{graphs}",
+            "params": {"norm": "batch", "seed": str(seed), "cuda_graphs": graphs},
+            "records": [
+                dataclasses.asdict(EpochMetrics(1, 1.0, acc, 1.0, acc, 0.1, 1.0, 1.0, acc))
+            ],
+            "process_seconds": 60.0,
+        }
+        for seed in (1, 2)
+        for graphs, acc in (("auto", 0.8), ("off", 0.7))
+    ]
+    table = untracked.lever_table(runs)
+    assert "| batch | auto | default | 2 | 1,2 | 80.00 ± 0.00 |" in table
+    assert "| batch | off |  | 2 | 1,2 | 70.00 ± 0.00 | -10.00 ± 0.00 (2 seeds) | no |" in table

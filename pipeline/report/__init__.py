@@ -1,29 +1,32 @@
-"""Runs -> a side-by-side report of the norms (no MLflow here): `frame` turns the runs
-DataFrame into a Study, `tables` makes its tables and findings, `render` writes report.md
-and report.html.
+"""Runs -> a side-by-side report of the norms (no MLflow here): `records` is what the report
+reads of a run, `frame` turns the runs into a Study, `tables`, `levers` and `findings` make its
+tables and what is said about them, `render` writes report.md and report.html.
 """
 
-from pipeline.report.frame import Study, build_study, step_runs
+from pipeline.report.findings import divergence_notes, findings
+from pipeline.report.frame import Study, build_study, row_label, step_runs
+from pipeline.report.levers import (
+    PairedGain,
+    lever_table,
+    paired_gain,
+    readable_lever_table,
+    tta_table,
+)
+from pipeline.report.records import RunRecord, recipe_value
 from pipeline.report.render import write_report
 from pipeline.report.tables import (
-    PairedGain,
     batch_dependence,
-    divergence_notes,
-    findings,
-    lever_table,
     markdown_table,
     norm_table,
-    paired_gain,
     per_class_table,
     percent,
-    readable_lever_table,
     readable_norm_table,
     run_summary,
-    tta_table,
 )
 
 __all__ = [
     "PairedGain",
+    "RunRecord",
     "Study",
     "batch_dependence",
     "divergence_notes",
@@ -37,6 +40,8 @@ __all__ = [
     "percent",
     "readable_lever_table",
     "readable_norm_table",
+    "recipe_value",
+    "row_label",
     "run_summary",
     "step_runs",
     "tta_table",

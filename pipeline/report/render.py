@@ -28,41 +28,65 @@ from pipeline.plots import (  # noqa: E402
     per_class_figure,
     train_vs_test_figure,
 )
+from pipeline.report.findings import divergence_notes, findings  # noqa: E402
 from pipeline.report.frame import Study  # noqa: E402
-from pipeline.report.tables import (  # noqa: E402
+from pipeline.report.levers import (  # noqa: E402
     ADOPT_MIN_SEEDS,
     ADOPT_STANDARD_ERRORS,
-    _spread,
-    batch_dependence,
-    divergence_notes,
-    findings,
     lever_table,
+    readable_lever_table,
+    readable_tta_table,
+    tta_table,
+)
+from pipeline.report.tables import (  # noqa: E402
+    batch_dependence,
     markdown_table,
     norm_table,
     per_class_table,
     percent,
     readable_batch_dependence,
-    readable_lever_table,
     readable_norm_table,
-    readable_tta_table,
     run_summary,
-    tta_table,
+    spread,
 )
 
 
 def write_report(study: Study, directory: Path) -> Path:
-    """Write report.md, norms.csv/.md, runs.csv, per_class_accuracy.csv and plots/*.png into
-    `directory`; returns the report's path."""
+    """Write report.md (and report.html), norms.csv/.md, runs.csv, the optional sections' CSVs
+    and plots/*.png into `directory`; returns the report's path.
+
+    Each section is a function of the study and the directory that writes its files and
+    returns its Markdown lines, none where it has nothing to show.
+    """
     directory.mkdir(parents=True, exist_ok=True)
+    sections = [
+        _results_section,
+        _batch_dependence_section,
+        _lever_section,
+        _tta_section,
+        _curves_section,
+        _misclassified_section,
+        _per_class_section,
+        _runs_section,
+    ]
+    text = "\n".join(line for section in sections for line in section(study, directory))
+    report = directory / "report.md"
+    report.write_text(text)
+    # MLflow's Markdown viewer shows relative images as text; its HTML viewer renders this copy,
+    # with the figures inlined.
+    (directory / "report.html").write_text(markdown_to_html(text, base=directory))
+    return report
+
+
+def _results_section(study: Study, directory: Path) -> list[str]:
+    """The title, the per-norm table (norms.csv, norms.md, runs.csv) and the findings."""
     summary = run_summary(study)
     table = norm_table(study)
-    classes = per_class_table(study)
     table.to_csv(directory / "norms.csv", index=False)
     summary.to_csv(directory / "runs.csv", index=False)
     readable = readable_norm_table(table)
     (directory / "norms.md").write_text(markdown_table(readable) + "\n")
-
-    sections = [
+    return [
         "# Normalization study: side by side",
         "",
         f"Compared: {study.source or 'selected runs'}; {len(summary)} train runs "
@@ -88,123 +112,143 @@ def write_report(study: Study, directory: Path) -> Path:
         *[f"- {note}" for note in [*findings(table), *divergence_notes(study)]],
         "",
     ]
+
+
+def _batch_dependence_section(study: Study, directory: Path) -> list[str]:
     dependence = batch_dependence(study)
-    if dependence is not None:
-        points, references = dependence
-        points.to_csv(directory / "batch_dependence.csv", index=False)
-        _save(
-            batch_dependence_figure(points, references),
-            directory / "plots" / "batch_dependence.png",
-        )
-        sections += [
-            "## Batch-size dependence",
-            "",
-            "![final test accuracy against images per statistics group]"
-            "(plots/batch_dependence.png)",
-            "",
-            markdown_table(readable_batch_dependence(points, references)),
-            "",
-            "Final test accuracy against the images each batch-statistics group holds "
-            "(`norm_batch`; the whole batch where it is 0), with the optimizer batch, schedule "
-            "and step count of the recipe: only the statistics change (Wu & He, Group "
-            "Normalization, 2018, Figure 1). Line: mean over the runs, band: their min-max; "
-            "norms without batch statistics are flat dashed references. Reported on the test "
-            "split, not chosen on. Machine-readable: [batch_dependence.csv](batch_dependence.csv).",
-            "",
-        ]
-    if study.group_by:
-        levers = lever_table(study)
-        levers.to_csv(directory / "levers.csv", index=False)
-        keys = ", ".join(f"`{key}`" for key in study.group_by)
-        sections += [
-            f"## Levers: runs grouped by {keys}",
-            "",
-            markdown_table(readable_lever_table(levers, study.group_by)),
-            "",
-            "Ranked per norm by final validation accuracy, mean ± standard error over seeds. "
-            "Val gain: the mean difference in points from the norm's default recipe (the row "
-            "marked *default*: every grouped parameter at `train`'s default), paired on the "
-            "seeds both ran on the same validation split, ± its standard error. *Adopt?*: yes "
-            f"only where that gain exceeds {ADOPT_STANDARD_ERRORS:g} standard errors over "
-            f"{ADOPT_MIN_SEEDS} or more seeds. The test accuracy is reported beside it and "
-            "chooses nothing. Machine-readable: [levers.csv](levers.csv).",
-            "",
-        ]
-    if "tta" in study.evaluated and study.evaluated["tta"].nunique() > 1:
-        ttas = tta_table(study)
-        ttas.to_csv(directory / "tta.csv", index=False)
-        sections += [
-            "## Test-time augmentation",
-            "",
-            markdown_table(readable_tta_table(ttas)),
-            "",
-            "From the evaluate runs: test accuracy per `tta`, mean ± standard error over the "
-            f"evaluated models; gain over `tta={TrainConfig().tta}` on the same models, ± its "
-            "standard error. On the test split: reported, not a basis for choosing a `tta`. "
-            "Machine-readable: [tta.csv](tta.csv).",
-            "",
-        ]
-    if not study.history.empty:
-        # One line per row of the table: a batch-dependence sweep's statistics groups apart.
-        curves = study.history.assign(norm=study.history["label"])
-        _save(overlay_figure(curves, study.labels), directory / "plots" / "test_curves.png")
-        _save(
-            train_vs_test_figure(curves, study.labels),
-            directory / "plots" / "train_vs_test.png",
-        )
-        sections += [
-            "## Test accuracy and loss per epoch",
-            "",
-            "![test accuracy and loss per epoch](plots/test_curves.png)",
-            "",
-            "## Train vs test",
-            "",
-            "![train vs test accuracy per norm](plots/train_vs_test.png)",
-            "",
-        ]
-    if study.misclassified:
-        _save(
-            misclassified_figure(study.misclassified, study.norms),
-            directory / "plots" / "misclassified.png",
-        )
-        sections += [
-            "## Misclassified test images",
-            "",
-            "The first seed of each norm, side by side:",
-            "",
-            "![misclassified test images per norm](plots/misclassified.png)",
-            "",
-        ]
-    if not classes.empty:
-        classes.to_csv(directory / "per_class_accuracy.csv")
-        _save(per_class_figure(classes), directory / "plots" / "per_class_accuracy.png")
-        shown = (100 * classes).round(2)
-        sections += [
-            "## Per-class test accuracy (%)",
-            "",
-            markdown_table(shown, index=True),
-            "",
-            "![per-class accuracy per norm](plots/per_class_accuracy.png)",
-            "",
-            "From the evaluate runs' evaluation.json: "
-            "[per_class_accuracy.csv](per_class_accuracy.csv).",
-            "",
-        ]
+    if dependence is None:
+        return []
+    points, references = dependence
+    points.to_csv(directory / "batch_dependence.csv", index=False)
+    _save(
+        batch_dependence_figure(points, references),
+        directory / "plots" / "batch_dependence.png",
+    )
+    return [
+        "## Batch-size dependence",
+        "",
+        "![final test accuracy against images per statistics group](plots/batch_dependence.png)",
+        "",
+        markdown_table(readable_batch_dependence(points, references)),
+        "",
+        "Final test accuracy against the images each batch-statistics group holds "
+        "(`norm_batch`; the whole batch where it is 0), with the optimizer batch, schedule "
+        "and step count of the recipe: only the statistics change (Wu & He, Group "
+        "Normalization, 2018, Figure 1). Line: mean over the runs, band: their min-max; "
+        "norms without batch statistics are flat dashed references. Reported on the test "
+        "split, not chosen on. Machine-readable: [batch_dependence.csv](batch_dependence.csv).",
+        "",
+    ]
+
+
+def _lever_section(study: Study, directory: Path) -> list[str]:
+    if not study.group_by:
+        return []
+    levers = lever_table(study)
+    levers.to_csv(directory / "levers.csv", index=False)
+    keys = ", ".join(f"`{key}`" for key in study.group_by)
+    return [
+        f"## Levers: runs grouped by {keys}",
+        "",
+        markdown_table(readable_lever_table(levers, study.group_by)),
+        "",
+        "Ranked per norm by final validation accuracy, mean ± standard error over seeds. "
+        "Val gain: the mean difference in points from the norm's default recipe (the row "
+        "marked *default*: every grouped parameter at `train`'s default), paired on the "
+        "seeds both ran on the same validation split, ± its standard error. *Adopt?*: yes "
+        f"only where that gain exceeds {ADOPT_STANDARD_ERRORS:g} standard errors over "
+        f"{ADOPT_MIN_SEEDS} or more seeds. The test accuracy is reported beside it and "
+        "chooses nothing. Machine-readable: [levers.csv](levers.csv).",
+        "",
+    ]
+
+
+def _tta_section(study: Study, directory: Path) -> list[str]:
+    if "tta" not in study.evaluated or study.evaluated["tta"].nunique() < 2:
+        return []
+    ttas = tta_table(study)
+    ttas.to_csv(directory / "tta.csv", index=False)
+    return [
+        "## Test-time augmentation",
+        "",
+        markdown_table(readable_tta_table(ttas)),
+        "",
+        "From the evaluate runs: test accuracy per `tta`, mean ± standard error over the "
+        f"evaluated models; gain over `tta={TrainConfig().tta}` on the same models, ± its "
+        "standard error. On the test split: reported, not a basis for choosing a `tta`. "
+        "Machine-readable: [tta.csv](tta.csv).",
+        "",
+    ]
+
+
+def _curves_section(study: Study, directory: Path) -> list[str]:
+    if study.history.empty:
+        return []
+    # One line per row of the table: a batch-dependence sweep's statistics groups apart.
+    lines = dict(zip(study.lines["label"], study.lines["norm"], strict=True))
+    _save(overlay_figure(study.history, lines), directory / "plots" / "test_curves.png")
+    _save(
+        train_vs_test_figure(study.history, lines, titles=study.line_names("{norm} norm")),
+        directory / "plots" / "train_vs_test.png",
+    )
+    return [
+        "## Test accuracy and loss per epoch",
+        "",
+        "![test accuracy and loss per epoch](plots/test_curves.png)",
+        "",
+        "## Train vs test",
+        "",
+        "![train vs test accuracy per norm](plots/train_vs_test.png)",
+        "",
+    ]
+
+
+def _misclassified_section(study: Study, directory: Path) -> list[str]:
+    if not study.misclassified:
+        return []
+    _save(
+        misclassified_figure(study.misclassified, study.norms),
+        directory / "plots" / "misclassified.png",
+    )
+    return [
+        "## Misclassified test images",
+        "",
+        "The first seed of each norm, side by side:",
+        "",
+        "![misclassified test images per norm](plots/misclassified.png)",
+        "",
+    ]
+
+
+def _per_class_section(study: Study, directory: Path) -> list[str]:
+    classes = per_class_table(study)
+    if classes.empty:
+        return []
+    classes.to_csv(directory / "per_class_accuracy.csv")
+    _save(per_class_figure(classes), directory / "plots" / "per_class_accuracy.png")
+    return [
+        "## Per-class test accuracy (%)",
+        "",
+        markdown_table((100 * classes).round(2), index=True),
+        "",
+        "![per-class accuracy per norm](plots/per_class_accuracy.png)",
+        "",
+        "From the evaluate runs' evaluation.json: "
+        "[per_class_accuracy.csv](per_class_accuracy.csv).",
+        "",
+    ]
+
+
+def _runs_section(study: Study, directory: Path) -> list[str]:
+    summary = run_summary(study)
     runs = summary[["run_name", "run_id", "norm", "seed"]].copy()
     runs["final val acc %"] = [percent(v) for v in summary["final_val_acc"]]
     runs["best val acc %"] = [percent(v) for v in summary["best_val_acc"]]
     runs["final test acc %"] = [percent(v) for v in summary["final_test_acc"]]
     runs["final train acc %"] = [percent(v) for v in summary["final_train_acc"]]
     runs["epoch s"] = [f"{v:.1f}" for v in summary["epoch_seconds"]]
-    runs["run min"] = [_spread(v) for v in summary["run_minutes"]]
-    sections += ["## Runs", "", markdown_table(runs), ""]
-    text = "\n".join(sections)
-    report = directory / "report.md"
-    report.write_text(text)
-    # MLflow's Markdown viewer shows relative images as text; its HTML viewer renders this copy,
-    # with the figures inlined.
-    (directory / "report.html").write_text(markdown_to_html(text, base=directory))
-    return report
+    runs["run min"] = [spread(v) for v in summary["run_minutes"]]
+    return ["## Runs", "", markdown_table(runs), ""]
 
 
 def markdown_to_html(text: str, *, base: Path) -> str:
