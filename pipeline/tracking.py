@@ -13,7 +13,6 @@ import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import mlflow
 import mlflow.data
@@ -26,9 +25,7 @@ from pipeline import stores
 from pipeline.config import DEFAULT_EXPERIMENT
 from pipeline.engine import EpochMetrics
 from pipeline.executors import NODE_ENV, NODE_TAG
-
-if TYPE_CHECKING:
-    from pipeline.report.records import RunRecord
+from pipeline.records import RunRecord
 
 log = logging.getLogger(__name__)
 
@@ -657,12 +654,9 @@ def _concat(first, second):
 
 def run_records(runs) -> list[RunRecord]:
     """`mlflow.search_runs`' rows (study_runs' DataFrame) as the report's plain records
-    (report.RunRecord): params, metrics and tags without their column prefixes, values that
+    (records.RunRecord): params, metrics and tags without their column prefixes, values that
     a run did not log (NaN, None) left out, its name, status and start and end times."""
     import pandas as pd
-
-    # The report's type, imported when used: a training imports tracking, not the report.
-    from pipeline.report.records import RunRecord
 
     def logged(row, prefix: str) -> dict:
         return {

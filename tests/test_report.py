@@ -565,14 +565,15 @@ def test_tracked_runs_reach_the_report_as_records(tracking_store):
 
     from pipeline import tracking
 
-    mlflow.set_experiment("records")
-    with mlflow.start_run(run_name="train-batch-seed1") as trained:
+    # An experiment by id, not set_experiment: MLflow's active experiment would outlive the test.
+    experiment = mlflow.create_experiment("records")
+    with mlflow.start_run(experiment_id=experiment, run_name="train-batch-seed1") as trained:
         mlflow.set_tags({"step": "train"})
         mlflow.log_params({"norm": "batch", "seed": "1", "norm_batch": "8", "data": "'~/data'"})
         mlflow.log_params({"optimizer": "sgd", "resolved.optimizer": "muon"})
         mlflow.log_metric("test_acc", 0.7)
     train_id = trained.info.run_id
-    with mlflow.start_run(run_name="evaluate-batch") as evaluated:
+    with mlflow.start_run(experiment_id=experiment, run_name="evaluate-batch") as evaluated:
         mlflow.set_tags({"step": "evaluate", "norm": "batch", "seed": "1"})
         mlflow.set_tags({"source_run_id": train_id})
         mlflow.log_metric("test_acc", 0.71)

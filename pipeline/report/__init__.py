@@ -3,6 +3,7 @@ reads of a run, `frame` turns the runs into a Study, `tables`, `levers` and `fin
 tables and what is said about them, `render` writes report.md and report.html.
 """
 
+from pipeline.records import RunRecord, recipe_value
 from pipeline.report.findings import divergence_notes, findings
 from pipeline.report.frame import Study, build_study, row_label, step_runs
 from pipeline.report.levers import (
@@ -12,7 +13,6 @@ from pipeline.report.levers import (
     readable_lever_table,
     tta_table,
 )
-from pipeline.report.records import RunRecord, recipe_value
 from pipeline.report.render import write_report
 from pipeline.report.tables import (
     batch_dependence,

@@ -20,7 +20,7 @@ import pandas as pd
 
 from pipeline.config import BATCH_STATISTICS_NORMS, NORMS, TTA_BEFORE_PARAM, TrainConfig
 from pipeline.engine import EpochMetrics
-from pipeline.report.records import RunRecord, recipe_value
+from pipeline.records import RunRecord, recipe_value
 
 # tracking.DIVERGED_TAG (the report does not import tracking.py, which imports MLflow).
 DIVERGED_TAG = "diverged"

@@ -1,9 +1,9 @@
 """What the report reads of a run, as one plain record: tracked runs (tracking.run_records
 converts MLflow's) and tracking-free ones (scripts/untracked.py) reach the report the same way.
 
-The report owns this type and tracking.py adapts MLflow to it, so the report never sees
-MLflow's column names (`params.norm`, `metrics.test_acc`) and runs where MLflow is not installed.
-Standard library only: tracking.py imports it.
+tracking.py adapts MLflow to it, so the report never sees MLflow's column names (`params.norm`,
+`metrics.test_acc`) and runs where MLflow is not installed. Standard library only, at the bottom
+of the package: `train` logs `RESOLVED_PARAMS`, the report and `registry show` read them.
 """
 
 from __future__ import annotations
