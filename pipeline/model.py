@@ -30,7 +30,7 @@ NUM_CLASSES = 10
 GROUPED_LAYERS = ("C2", "C3", "C4", "C5", "C7", "C8", "C9")
 
 # Output channels per conv. Parameters go where resolution is low (8x8 costs a sixteenth of the
-# compute of 32x32 per weight), compute where it buys accuracy: the ablation in docs/results.md.
+# compute of 32x32 per weight), compute where it buys accuracy: the ablation in docs/history.md.
 WIDTHS = {
     "C1": 16,
     "C2": 24,
@@ -183,6 +183,30 @@ class ConvBlock(nn.Sequential):
         return x + out if self.residual else out
 
 
+def _checked_widths(
+    norm: str, widths: dict[str, int], *, groups: int, conv_groups: int, norm_batch: int
+) -> dict[str, int]:
+    """Every conv's output channels, `widths` over `WIDTHS`, once the norm, its groups, the
+    conv groups and `norm_batch` are checked against them."""
+    check_choice("norm", norm, NORMS)
+    if norm_batch and norm not in BATCH_STATISTICS_NORMS:
+        raise ConfigError(
+            f"norm_batch needs a norm with batch statistics "
+            f"({', '.join(BATCH_STATISTICS_NORMS)}); got norm={norm}"
+        )
+    unknown = sorted(set(widths) - (set(WIDTHS) - {"c10"}))
+    if unknown:
+        layers = ", ".join(name for name in WIDTHS if name != "c10")
+        raise ConfigError(
+            f"widths: {', '.join(unknown)} is not a conv layer whose width can change ({layers})"
+        )
+    widths = {**WIDTHS, **widths}
+    if norm_entry(norm).groups:
+        check_groups(groups, widths)
+    check_conv_groups(conv_groups, widths)
+    return widths
+
+
 class Net(nn.Sequential):
     """The CIFAR-10 classifier: one module per entry of `LAYER_PLAN`, in order, each used once."""
 
@@ -202,26 +226,19 @@ class Net(nn.Sequential):
         pool: str = "max",
         norm_batch: int = 0,
     ) -> None:
-        check_choice("norm", norm, NORMS)
-        if norm_batch and norm not in BATCH_STATISTICS_NORMS:
-            raise ConfigError(
-                f"norm_batch needs a norm with batch statistics "
-                f"({', '.join(BATCH_STATISTICS_NORMS)}); got norm={norm}"
-            )
-        unknown = sorted(set(widths or {}) - (set(WIDTHS) - {"c10"}))
-        if unknown:
-            layers = ", ".join(name for name in WIDTHS if name != "c10")
-            raise ConfigError(
-                f"widths: {', '.join(unknown)} is not a conv layer whose width can change "
-                f"({layers})"
-            )
-        widths = {**WIDTHS, **(widths or {})}
-        entry = norm_entry(norm)
-        if entry.groups:
-            check_groups(groups, widths)
-        check_conv_groups(conv_groups, widths)
+        widths = _checked_widths(
+            norm, widths or {}, groups=groups, conv_groups=conv_groups, norm_batch=norm_batch
+        )
         if standardize is None:
-            standardize = entry.standardize
+            standardize = norm_entry(norm).standardize
+        block = {
+            "norm": norm,
+            "groups": groups,
+            "dropout": dropout,
+            "order": order,
+            "activation": activation,
+            "norm_batch": norm_batch,
+        }
         layers: list[tuple[str, nn.Module]] = []
         channels = 3
         for name in LAYER_PLAN:
@@ -234,29 +251,19 @@ class Net(nn.Sequential):
                 layers.append((name, nn.Conv2d(channels, widths[name], kernel_size=1)))
                 channels = widths[name]
             else:
-                kernel_size = 3 if name.startswith("C") else 1
                 grouped = name in GROUPED_LAYERS
-                layers.append(
-                    (
-                        name,
-                        ConvBlock(
-                            channels,
-                            widths[name],
-                            kernel_size,
-                            norm=norm,
-                            groups=groups,
-                            dropout=dropout,
-                            # A whitening C1 keeps its filters as set: no standardization.
-                            standardize=standardize and not (whiten and name == "C1"),
-                            order=order,
-                            # Where channels match, the block adds its input: no parameter.
-                            residual=residual and grouped and channels == widths[name],
-                            conv_groups=conv_groups if grouped else 1,
-                            activation=activation,
-                            norm_batch=norm_batch,
-                        ),
-                    )
+                conv = ConvBlock(
+                    channels,
+                    widths[name],
+                    3 if name.startswith("C") else 1,
+                    # A whitening C1 keeps its filters as set: no standardization.
+                    standardize=standardize and not (whiten and name == "C1"),
+                    # Where channels match, the block adds its input: no parameter.
+                    residual=residual and grouped and channels == widths[name],
+                    conv_groups=conv_groups if grouped else 1,
+                    **block,
                 )
+                layers.append((name, conv))
                 channels = widths[name]
         layers.append(("flatten", nn.Flatten()))
         super().__init__(OrderedDict(layers))

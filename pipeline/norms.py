@@ -222,7 +222,7 @@ ENTRIES = (
         "tab:blue",
         standardize=False,
         # Muon gained +1.36 +- 0.19 validation points over SGD, paired over 3 seeds, every seed
-        # gaining (docs/results.md#third-round-muon-the-activation-and-the-pooling); SiLU +0.62
+        # gaining (docs/history.md#third-round-muon-the-activation-and-the-pooling); SiLU +0.62
         # +- 0.12 over ReLU on top of Muon, 3 seeds (average pooling +0.40 +- 0.08, smaller).
         recipe={"optimizer": "muon", "activation": "silu"},
         batch_statistics=True,

@@ -139,19 +139,7 @@ def build_training(
             f"(got {recipe.batch_size})"
         )
     generator = torch.Generator().manual_seed(recipe.seed)
-    optimizer = optim.make_optimizer(
-        model,
-        learning_rate=recipe.learning_rate,
-        momentum=recipe.momentum,
-        weight_decay=recipe.weight_decay,
-        optimizer=recipe.optimizer,
-        muon_lr=recipe.muon_lr,
-        muon_momentum=recipe.muon_momentum,
-        muon_renormalize=recipe.muon_renormalize,
-    )
-    scheduler = optim.make_scheduler(
-        optimizer, epochs=recipe.epochs, steps_per_epoch=steps, warmup_epochs=recipe.warmup_epochs
-    )
+    optimizer, scheduler = _optimizer_and_schedule(model, recipe, steps_per_epoch=steps)
     average = None
     if recipe.ema > 0:
         decay = get_ema_multi_avg_fn(recipe.ema)
@@ -171,11 +159,11 @@ def build_training(
     evaluated = model if average is None else average.module
     graphed = None
     if cuda_graphs:
+        device = next(model.parameters()).device
         graphed = GraphedForward(
             evaluated,
             forward=engine.tta_logits,
-            batch_size=eval_batch_size
-            or devices.eval_batch_size_for(next(model.parameters()).device),
+            batch_size=eval_batch_size or devices.eval_batch_size_for(device),
             tta=recipe.tta,
             autocast_dtype=autocast_dtype,
         )
@@ -189,6 +177,29 @@ def build_training(
         eval_batch_size=eval_batch_size,
         graphed=graphed,
     )
+
+
+def _optimizer_and_schedule(
+    model: nn.Module, recipe: TrainConfig, *, steps_per_epoch: int
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    """The recipe's optimizer (SGD, or Muon for the conv filters) and its one-cycle schedule."""
+    optimizer = optim.make_optimizer(
+        model,
+        learning_rate=recipe.learning_rate,
+        momentum=recipe.momentum,
+        weight_decay=recipe.weight_decay,
+        optimizer=recipe.optimizer,
+        muon_lr=recipe.muon_lr,
+        muon_momentum=recipe.muon_momentum,
+        muon_renormalize=recipe.muon_renormalize,
+    )
+    scheduler = optim.make_scheduler(
+        optimizer,
+        epochs=recipe.epochs,
+        steps_per_epoch=steps_per_epoch,
+        warmup_epochs=recipe.warmup_epochs,
+    )
+    return optimizer, scheduler
 
 
 def fit(

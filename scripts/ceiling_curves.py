@@ -1,5 +1,5 @@
 """Test and train accuracy per epoch of finished `train` runs, overlaid: the 20-epoch runs of
-the study against the longer runs that measure the model's ceiling (docs/results.md).
+the study against the longer runs that measure the model's ceiling (docs/history.md).
 
     python scripts/ceiling_curves.py --out docs/ceiling.png RUN_ID [RUN_ID ...]
 
