@@ -6,7 +6,8 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -60,6 +61,48 @@ class Evaluation:
     accuracy: float
     predictions: torch.Tensor  # (N,) int64 on the CPU
     labels: torch.Tensor  # (N,) int64 on the CPU
+    logits: torch.Tensor | None = None  # (N, classes) float32 on the CPU, the TTA average
+
+
+@dataclass(frozen=True)
+class TestBatchStatistics:
+    """`bn_stats=test-batch`: every batch norm layer normalizes with the statistics of the
+    batch it sees (Schneider et al., 2020; Nado et al., 2020), never its running ones. The
+    batches have a size of their own, `batch_size`, over a shuffle of the split seeded by
+    `seed` (an image-folder split is stored class by class: one class is not a test batch);
+    the last partial batch joins the one before, and each TTA view is normalized on its own.
+    Group and layer norm are per image, so it changes nothing for them."""
+
+    batch_size: int
+    seed: int
+
+    def batches(self, count: int) -> list[torch.Tensor]:
+        """The indices of each batch: a seeded permutation of range(count), in batches of
+        `batch_size`, the remainder merged into the last full one."""
+        order = torch.randperm(count, generator=torch.Generator().manual_seed(self.seed))
+        starts = list(range(0, count, self.batch_size))
+        if len(starts) > 1 and count - starts[-1] < self.batch_size:
+            starts.pop()  # the partial batch joins the one before
+        ends = [*starts[1:], count]
+        return [order[start:end] for start, end in zip(starts, ends, strict=True)]
+
+
+@contextmanager
+def batch_statistics(model: nn.Module) -> Iterator[int]:
+    """Within it, the model's batch norm layers (every `nn.BatchNorm2d`, ghost batch norm
+    included) normalize with their input's statistics in eval mode, and update nothing: their
+    running statistics are set aside (a layer without them takes batch statistics, as torch's
+    BatchNorm does) and put back on exit. Yields how many layers it switched."""
+    kinds = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+    layers = [m for m in model.modules() if isinstance(m, kinds)]
+    kept = [(layer.running_mean, layer.running_var) for layer in layers]
+    try:
+        for layer in layers:
+            layer.running_mean, layer.running_var = None, None
+        yield len(layers)
+    finally:
+        for layer, (mean, var) in zip(layers, kept, strict=True):
+            layer.running_mean, layer.running_var = mean, var
 
 
 # --------------------------------------------------------------------------- loops
@@ -208,40 +251,70 @@ def evaluate(
     autocast_dtype: torch.dtype | None = None,
     tta: str = DEFAULT_TTA,
     graphed: GraphedForward | None = None,
+    test_batch: TestBatchStatistics | None = None,
 ) -> Evaluation:
     """Loss and accuracy on `split`, with test-time augmentation `tta` (see `tta_logits`), in
     batches of `batch_size` (default: `eval_batch_size_for` the split's device). `graphed`, a
     `GraphedForward` of `model` with the same `tta`, replays the forward passes as a CUDA
-    graph (its batch size is then the evaluation's)."""
+    graph (its batch size is then the evaluation's). `test_batch` normalizes batch norm with
+    the statistics of each test batch instead (its own batches; see `TestBatchStatistics`);
+    predictions and logits come back in the split's order either way."""
     check_choice("tta", tta, TTA_MODES)
     if graphed is not None:
         if graphed.model is not model or graphed.tta != tta:
             raise ValueError("graphed must be a GraphedForward of this model and tta")
+        if test_batch is not None:
+            raise ValueError("a graphed forward pads its batches: no test-batch statistics")
         batch_size = graphed.batch_size
     batch_size = batch_size or eval_batch_size_for(split.images.device)
     if isinstance(model, nn.Module) and hasattr(model, "eval") and not _is_graph_module(model):
         model.eval()
-    device = split.images.device
-    loss_sum = torch.zeros((), device=device)
-    predictions = []
-    for images, labels in eval_batches(split, batch_size=batch_size, normalize=normalize):
-        if graphed is not None:
-            logits = graphed(images)
-        else:
-            with torch.autocast(
-                device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None
-            ):
-                logits = tta_logits(model, images, tta)
-        loss_sum += nn.functional.cross_entropy(logits, labels, reduction="sum")
-        predictions.append(logits.argmax(dim=1))
-    predicted = torch.cat(predictions).cpu()
+    if test_batch is None:
+        batches = eval_batches(split, batch_size=batch_size, normalize=normalize)
+        logits, loss = _logits(
+            model, batches, autocast_dtype=autocast_dtype, tta=tta, graphed=graphed
+        )
+    else:
+        indices = test_batch.batches(len(split))
+        batches = ((normalize(split.images[i]), split.labels[i]) for i in indices)
+        with batch_statistics(model):
+            shuffled, loss = _logits(model, batches, autocast_dtype=autocast_dtype, tta=tta)
+        logits = torch.empty_like(shuffled)
+        logits[torch.cat(indices).to(logits.device)] = shuffled
+    predicted = logits.argmax(dim=1).cpu()
     labels = split.labels.cpu()
     return Evaluation(
-        loss=loss_sum.item() / len(split),
+        loss=loss.item() / len(split),
         accuracy=(predicted == labels).float().mean().item(),
         predictions=predicted,
         labels=labels,
+        logits=logits.cpu(),
     )
+
+
+def _logits(
+    model: nn.Module,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    *,
+    autocast_dtype: torch.dtype | None,
+    tta: str,
+    graphed: GraphedForward | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fp32 TTA logits of every batch, in order, on the batches' device, and the summed
+    cross-entropy, added batch by batch on the device (no host read)."""
+    parts, loss_sum = [], None
+    for images, labels in batches:
+        if graphed is not None:
+            logits = graphed(images).clone()  # the graph's output buffer is reused
+        else:
+            with torch.autocast(
+                images.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None
+            ):
+                logits = tta_logits(model, images, tta)
+        loss = nn.functional.cross_entropy(logits, labels, reduction="sum")
+        loss_sum = loss if loss_sum is None else loss_sum + loss
+        parts.append(logits)
+    return torch.cat(parts), loss_sum
 
 
 def tta_logits(model: nn.Module, images: torch.Tensor, tta: str) -> torch.Tensor:

@@ -427,3 +427,54 @@ def test_cuda_graphs_resolve_to_on_for_cuda_only():
             autocast_dtype=None,
             cuda_graph=True,
         )
+
+
+# --------------------------------------------------------------------------- test-batch statistics
+
+
+def test_test_batches_cover_the_split_once_in_a_seeded_order_the_remainder_joining_the_last():
+    batches = engine.TestBatchStatistics(batch_size=32, seed=3).batches(100)
+    assert [len(b) for b in batches] == [32, 32, 36]
+    assert sorted(torch.cat(batches).tolist()) == list(range(100))
+    again = engine.TestBatchStatistics(batch_size=32, seed=3).batches(100)
+    assert all(torch.equal(a, b) for a, b in zip(batches, again, strict=True))
+    other = engine.TestBatchStatistics(batch_size=32, seed=4).batches(100)
+    assert not torch.equal(batches[0], other[0])
+    assert [len(b) for b in engine.TestBatchStatistics(batch_size=64, seed=0).batches(20)] == [20]
+
+
+def test_batch_statistics_normalize_with_the_batch_and_leave_the_running_ones_alone():
+    torch.manual_seed(0)
+    layer = torch.nn.BatchNorm2d(3).eval()
+    layer.running_mean.fill_(5.0)
+    images = torch.randn(8, 3, 4, 4) * 2 + 1
+    with torch.no_grad(), engine.batch_statistics(layer) as switched:
+        ours = layer(images)
+    expected = torch.nn.functional.batch_norm(
+        images, None, None, layer.weight, layer.bias, training=True, eps=layer.eps
+    )
+    assert switched == 1 and torch.allclose(ours, expected, atol=1e-6)
+    assert torch.equal(layer.running_mean, torch.full((3,), 5.0))  # put back, not updated
+    assert not torch.allclose(layer(images), expected, atol=1e-3)  # running stats again
+
+
+def test_evaluate_with_test_batch_statistics_returns_the_splits_order():
+    _, test, normalize = _splits()
+    torch.manual_seed(1)
+    batch_norm = Net(norm="batch", groups=4)
+    whole = engine.TestBatchStatistics(batch_size=len(test), seed=7)
+    result = engine.evaluate(batch_norm, test, normalize=normalize, tta="none", test_batch=whole)
+    batch_norm.train()  # one batch: train mode's forward over the whole split, in its order
+    with torch.no_grad():
+        expected = batch_norm(normalize(test.images)).float()
+    assert torch.allclose(result.logits, expected, atol=1e-4)
+    assert torch.equal(result.predictions, expected.argmax(dim=1))
+    running = engine.evaluate(batch_norm, test, normalize=normalize, tta="none")
+    assert not torch.allclose(running.logits, result.logits, atol=1e-3)
+    # Group norm is per image: test-batch statistics change nothing.
+    group_norm = Net(norm="group", groups=4)
+    small = engine.TestBatchStatistics(batch_size=16, seed=7)
+    plain = engine.evaluate(group_norm, test, normalize=normalize)
+    shuffled = engine.evaluate(group_norm, test, normalize=normalize, test_batch=small)
+    assert torch.allclose(plain.logits, shuffled.logits, atol=1e-5)
+    assert torch.equal(plain.predictions, shuffled.predictions)
