@@ -7,6 +7,7 @@ and the MLflow param (`learning_rate`, `batch_size`, `norm`, `groups`, ...).
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from pipeline.errors import ConfigError
@@ -73,105 +74,250 @@ PER_NORM_VALUES: dict[str, int | float | str] = {
 NORM_BATCH_CHOICE = "0 (the whole batch)"
 
 
+def setting(
+    default: object,
+    help: str = "",
+    *,
+    check: Callable[[str, object], None] | None = None,
+    choices: tuple[str, ...] = (),
+    click_choice: bool = False,
+) -> dataclasses.Field:
+    """A TrainConfig field: its default, its check and its help, the one declaration of a
+    setting; the click options (cli.train_options) and MLproject follow from it.
+
+    `choices` are checked here (`norm must be one of ...`) unless `click_choice`, where click
+    refuses other values already (`'adam' is not one of ...`); a RECIPES parameter's click
+    choices add its "per norm" value."""
+    if choices and check is None:
+
+        def check(name: str, value: object) -> None:
+            check_choice(name, value, choices)
+
+    metadata = {"help": help, "check": check, "choices": choices, "click_choice": click_choice}
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+def int_range(low: int, high: int | None = None, *, also: str = "") -> Callable:
+    return lambda name, value: check_int_range(name, value, low=low, high=high, also=also)
+
+
+def float_range(
+    low: float, high: float, *, open_low: bool = False, open_high: bool = False, also: str = ""
+) -> Callable:
+    return lambda name, value: check_float_range(
+        name, value, low=low, high=high, open_low=open_low, open_high=open_high, also=also
+    )
+
+
+def _check_data(name: str, value: object) -> None:
+    if not str(value).strip():
+        raise ConfigError(f"{name} must be a CIFAR-10 directory, an image-folder tree or a .tar.gz")
+
+
+_BF16_NORMS = ", ".join(name for name, entry in REGISTRY.items() if entry.bf16) or "none yet"
+_STANDARDIZED = ", ".join(name for name, entry in REGISTRY.items() if entry.standardize)
+_NORM_HELP = "; ".join(f"{name}: {entry.description}" for name, entry in REGISTRY.items()) + "."
+
+
+def _shown(value: int | float | str) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def recipe_help(name: str) -> str:
+    """`0: the norm's recipe (batch 128, group 256, layer 128, ...)`, for a RECIPES parameter."""
+    values = ", ".join(f"{norm} {_shown(recipe[name])}" for norm, recipe in RECIPES.items())
+    return f"{_shown(PER_NORM_VALUES[name])}: the norm's recipe ({values})."
+
+
 @dataclass(frozen=True)
 class TrainConfig:
-    """Everything `train` needs; defaults are the recipe the results (docs/results.md) come from."""
+    """Everything `train` needs; defaults are the recipe the results (docs/results.md) come from.
 
-    norm: str = "batch"
-    groups: int = 4
-    epochs: int = MAX_EPOCHS
-    batch_size: int = PER_NORM  # 0: the norm's recipe (RECIPES)
-    # Images per batch-statistics group ("ghost" batches); 0: the whole batch.
-    norm_batch: int = 0
-    learning_rate: float = float(PER_NORM)  # the one-cycle peak; 0: the norm's recipe (RECIPES)
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    dropout: float = 0.0
-    label_smoothing: float = 0.1
-    warmup_epochs: float = 2.0
-    ema: float = 0.0
-    cutout: int = 0
-    translate: int = 4
-    whiten: bool = False
-    widths: str = ""  # overrides of the layers' output channels, e.g. "C2=32,C7=24"
-    order: str = "norm-act"
-    standardize: str = "auto"
-    residual: bool = False
-    conv_groups: int = 1
-    activation: str = "auto"  # auto: the norm's recipe (RECIPES)
-    pool: str = "auto"  # auto: the norm's recipe (RECIPES)
-    optimizer: str = "auto"  # auto: the norm's recipe (RECIPES)
-    muon_lr: float = 0.03  # optimizer=muon: the filters' peak learning rate (one-cycle too)
-    muon_momentum: float = 0.9
-    muon_renormalize: bool = True  # reset each filter tensor's norm to sqrt(out) every step
-    tta: str = DEFAULT_TTA
-    val_size: int = DEFAULT_VAL_SIZE  # training images held out for validation; 0: none
-    seed: int = 1
-    data: str = DEFAULT_DATA
-    stats: str = ""
-    device: str = "auto"
-    precision: str = "auto"
-    compile: str = "off"
-    cuda_graphs: str = "auto"
-    registered_model: str = REGISTERED_MODEL
-    resume: str = ""
+    A setting is one `setting(...)` here: `train`'s click option is made from it, MLproject
+    passes what it does not declare through (`--key value`), and it is logged under its name.
+    """
+
+    norm: str = setting("batch", _NORM_HELP, choices=NORMS)
+    groups: int = setting(4, "Groups for norm=group.", check=int_range(1))
+    epochs: int = setting(
+        MAX_EPOCHS,
+        f"1..{MAX_EPOCHS}; up to {MAX_MEASUREMENT_EPOCHS} to measure the model's ceiling "
+        "(such runs are tagged beyond_budget and never registered).",
+        check=int_range(1, MAX_MEASUREMENT_EPOCHS),
+    )
+    batch_size: int = setting(
+        PER_NORM,
+        f"Images per training step; {recipe_help('batch_size')}",
+        check=int_range(2, 8192, also=PER_NORM_CHOICE),
+    )
+    norm_batch: int = setting(  # checked with batch_size (check_norm_batch)
+        0,
+        "Images per batch-statistics group (ghost batches): each group of a training batch "
+        "normalized by its own statistics, as per-GPU batch norm; 0: the whole batch. Must "
+        "divide batch_size; only for a norm with batch statistics "
+        f"({', '.join(BATCH_STATISTICS_NORMS)}).",
+    )
+    learning_rate: float = setting(
+        float(PER_NORM),
+        f"Peak of the one-cycle schedule; {recipe_help('learning_rate')}",
+        check=float_range(0.0, 10.0, open_low=True, also=PER_NORM_CHOICE),
+    )
+    momentum: float = setting(0.9, check=float_range(0.0, 1.0, open_high=True))
+    weight_decay: float = setting(5e-4, "On conv weights only.", check=float_range(0.0, 1.0))
+    dropout: float = setting(0.0, check=float_range(0.0, 1.0, open_high=True))
+    label_smoothing: float = setting(0.1, check=float_range(0.0, 1.0, open_high=True))
+    warmup_epochs: float = setting(2.0, check=float_range(0.0, float(MAX_EPOCHS)))
+    ema: float = setting(
+        0.0,
+        "Per-step decay of a moving average of the weights, which is what gets evaluated "
+        "and logged; 0 turns it off.",
+        check=float_range(0.0, 1.0, open_high=True),
+    )
+    cutout: int = setting(
+        0,
+        "Side in pixels of the square blanked in each training image; 0 turns it off.",
+        check=int_range(0, 32),
+    )
+    translate: int = setting(
+        4,
+        "Largest random shift in pixels of each training image; 0 turns it off.",
+        check=int_range(0, 16),
+    )
+    whiten: bool = setting(
+        False, "Start C1 from PCA whitening filters of the training images' patches."
+    )
+    widths: str = setting(
+        "",
+        "Output channels of some layers instead of the defaults, e.g. C2=32,C7=24 (the model "
+        "stays within 50,000 parameters).",
+        check=lambda name, value: parse_widths(value),
+    )
+    order: str = setting(
+        "norm-act",
+        "conv -> norm -> ReLU, or conv -> ReLU -> norm.",
+        choices=ORDERS,
+        click_choice=True,
+    )
+    standardize: str = setting(
+        "auto",
+        f"Weight standardization of the convs; auto: the norm's default, on for {_STANDARDIZED}.",
+        choices=STANDARDIZE,
+        click_choice=True,
+    )
+    residual: bool = setting(
+        False,
+        "Add each 3x3 layer's input to its output where their channels match (C4->C5, "
+        "C7->C8->C9 by default): no parameter or layer added.",
+    )
+    conv_groups: int = setting(
+        1,
+        "Grouped 3x3 convs C2..C9 (1: dense); the 1x1 layers c3 and c6 mix the groups.",
+        check=int_range(1, 64),
+    )
+    activation: str = setting(
+        "auto",
+        f"The non-linearity of every conv block (no parameters); {recipe_help('activation')}",
+        choices=ACTIVATIONS,
+        click_choice=True,
+    )
+    pool: str = setting(
+        "auto",
+        f"P1 and P2: 2x2 max or average pooling; {recipe_help('pool')}",
+        choices=POOLS,
+        click_choice=True,
+    )
+    optimizer: str = setting(
+        "auto",
+        "sgd: SGD with Nesterov momentum for everything; muon: Muon for the conv filters but "
+        "the c10 head (muon_lr, muon_momentum), the same SGD for norms, biases and the head; "
+        f"{recipe_help('optimizer')}",
+        choices=OPTIMIZERS,
+        click_choice=True,
+    )
+    muon_lr: float = setting(
+        0.03,
+        "optimizer=muon: the filters' peak learning rate (the one-cycle schedule scales it).",
+        check=float_range(0.0, 10.0, open_low=True),
+    )
+    muon_momentum: float = setting(
+        0.9,
+        "optimizer=muon: the filters' Nesterov momentum.",
+        check=float_range(0.0, 1.0, open_high=True),
+    )
+    muon_renormalize: bool = setting(
+        True, "optimizer=muon: reset each filter tensor's norm to sqrt(out channels) every step."
+    )
+    tta: str = setting(
+        DEFAULT_TTA,
+        f"Test-time augmentation: {', '.join(TTA_MODES)}. How each epoch's validation and test "
+        "accuracy are computed.",
+        choices=TTA_MODES,
+    )
+    val_size: int = setting(
+        DEFAULT_VAL_SIZE,
+        "Training images held out for validation, drawn per class with a seed of their own "
+        "(the same images in every run of a dataset); choices rank by them. 0: none.",
+        check=int_range(0, 1_000_000),
+    )
+    seed: int = setting(1, check=int_range(0, 2**31 - 1))
+    data: str = setting(
+        DEFAULT_DATA,
+        "CIFAR-10 directory (downloaded there when missing), image-folder tree or .tar.gz.",
+        check=_check_data,
+    )
+    stats: str = setting(
+        "", "stats.json path or runs:/<id>/stats.json; empty computes (and caches) them."
+    )
+    device: str = setting("auto", "auto (cuda > mps > cpu), cpu, cuda or mps.", choices=DEVICES)
+    precision: str = setting(
+        "auto",
+        "auto: fp32, or bf16 autocast for the norms measured to hold their accuracy in it "
+        f"({_BF16_NORMS}) on a CPU with native bf16 (AVX512-BF16, AMX); bf16: autocast always.",
+        choices=PRECISIONS,
+        click_choice=True,
+    )
+    compile: str = setting(
+        "off",
+        "torch.compile the model: faster steps after a warm-up of a minute or more per run.",
+        choices=COMPILE_MODES,
+        click_choice=True,
+    )
+    cuda_graphs: str = setting(
+        "auto",
+        "Replay the training step and the evaluation's forward passes as CUDA graphs; "
+        "auto: on for a CUDA device (not with compile on), off elsewhere.",
+        choices=CUDA_GRAPHS,
+        click_choice=True,
+    )
+    registered_model: str = setting(
+        REGISTERED_MODEL,
+        "Registry name ({norm} is filled in); an empty string disables registration.",
+    )
+    resume: str = setting(
+        "",
+        "Run id of an interrupted train run to continue, with that run's settings (a setting "
+        "given as well must equal the run's).",
+    )
 
     def __post_init__(self) -> None:
         check_choice("norm", self.norm, NORMS)
-        check_int_range("groups", self.groups, low=1)
-        check_int_range("epochs", self.epochs, low=1, high=MAX_MEASUREMENT_EPOCHS)
         for name, value in RECIPES[self.norm].items():
             if _asks_for_recipe(getattr(self, name), PER_NORM_VALUES[name]):
                 object.__setattr__(self, name, value)
-        check_int_range("batch_size", self.batch_size, low=2, high=8192, also=PER_NORM_CHOICE)
-        check_norm_batch(self.norm_batch, norm=self.norm, batch_size=self.batch_size)
-        check_float_range(
-            "learning_rate",
-            self.learning_rate,
-            low=0.0,
-            high=10.0,
-            open_low=True,
-            also=PER_NORM_CHOICE,
-        )
-        check_float_range("momentum", self.momentum, low=0.0, high=1.0, open_high=True)
-        check_float_range("weight_decay", self.weight_decay, low=0.0, high=1.0)
-        check_float_range("dropout", self.dropout, low=0.0, high=1.0, open_high=True)
-        check_float_range(
-            "label_smoothing", self.label_smoothing, low=0.0, high=1.0, open_high=True
-        )
-        check_float_range("warmup_epochs", self.warmup_epochs, low=0.0, high=float(MAX_EPOCHS))
-        check_float_range("ema", self.ema, low=0.0, high=1.0, open_high=True)
-        check_int_range("cutout", self.cutout, low=0, high=32)
-        check_int_range("translate", self.translate, low=0, high=16)
-        check_bool("whiten", self.whiten)
-        object.__setattr__(self, "widths", _widths_string(parse_widths(self.widths)))
-        check_choice("order", self.order, ORDERS)
         object.__setattr__(self, "standardize", str(self.standardize).lower())
-        check_choice("standardize", self.standardize, STANDARDIZE)
-        check_bool("residual", self.residual)
-        check_int_range("conv_groups", self.conv_groups, low=1, high=64)
-        check_choice("activation", self.activation, ACTIVATIONS)
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if field.type == "bool":
+                check_bool(field.name, value)
+            elif field.metadata["check"]:
+                field.metadata["check"](field.name, value)
+        check_norm_batch(self.norm_batch, norm=self.norm, batch_size=self.batch_size)
         if not REGISTRY[self.norm].activation and self.activation != "relu":
             raise ConfigError(
                 f"activation does not apply to norm={self.norm}, which brings its own "
                 f"(got activation={self.activation}; leave it at auto or relu)"
             )
-        check_choice("pool", self.pool, POOLS)
-        check_choice("optimizer", self.optimizer, OPTIMIZERS)
-        check_float_range("muon_lr", self.muon_lr, low=0.0, high=10.0, open_low=True)
-        check_float_range("muon_momentum", self.muon_momentum, low=0.0, high=1.0, open_high=True)
-        check_bool("muon_renormalize", self.muon_renormalize)
-        check_choice("tta", self.tta, TTA_MODES)
-        check_int_range("val_size", self.val_size, low=0, high=1_000_000)
-        check_int_range("seed", self.seed, low=0, high=2**31 - 1)
-        check_choice("device", self.device, DEVICES)
-        check_choice("precision", self.precision, PRECISIONS)
-        check_choice("compile", self.compile, COMPILE_MODES)
-        check_choice("cuda_graphs", self.cuda_graphs, CUDA_GRAPHS)
-        if not str(self.data).strip():
-            raise ConfigError(
-                "data must be a CIFAR-10 directory, an image-folder tree or a .tar.gz"
-            )
+        object.__setattr__(self, "widths", _widths_string(parse_widths(self.widths)))
         if self.beyond_budget:
             object.__setattr__(self, "registered_model", "")
         if "{norm}" in self.registered_model:
@@ -203,6 +349,57 @@ class TrainConfig:
     def as_params(self) -> dict[str, str]:
         """The run parameters as MLflow records them (strings, one name per knob)."""
         return {f.name: _param_string(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+    @classmethod
+    def from_params(cls, params: dict[str, str], **overrides) -> TrainConfig:
+        """The config a run's logged params (strings) describe; a field the run did not log
+        (it predates the field) takes its default, `tta` the one runs evaluated with then."""
+        values = {"tta": TTA_BEFORE_PARAM}
+        for field in dataclasses.fields(cls):
+            if field.name in params:
+                values[field.name] = parse_setting(field.name, _unquoted(params[field.name]))
+        return cls(**{**values, **overrides})
+
+
+def parse_setting(name: str, text: str) -> object:
+    """A setting's value from its string (a logged param, a grid's value), as its TrainConfig
+    field takes it; the field validates it."""
+    kind = next(f.type for f in dataclasses.fields(TrainConfig) if f.name == name)
+    try:
+        if kind == "bool":
+            lowered = text.lower()
+            if lowered not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError
+            return lowered in ("true", "1", "yes")
+        if kind == "int":
+            return int(text)
+        if kind == "float":
+            return float(text)
+    except ValueError:
+        raise ConfigError(f"{name} takes {kind} values (got {text!r})") from None
+    return text
+
+
+def _unquoted(text: str) -> str:
+    """A param `mlflow run` logged shell-quoted (an empty value as '') as the value itself."""
+    if text.startswith("'") and text.endswith("'") and len(text) >= 2:
+        return text[1:-1].replace("'\"'\"'", "'")
+    return text
+
+
+def train_run_name(norm: str, seed: int | str, overrides: dict[str, str] | None = None) -> str:
+    """`train-group-seed2`, and a sweep trial's overrides after it (`-groups=8`): the one
+    place a training's run name is made (the UI's run list tells the runs apart by it)."""
+    base = f"train-{norm}-seed{seed}"
+    if not overrides:
+        return base
+    return base + "-" + ",".join(f"{key}={value}" for key, value in overrides.items())
+
+
+def model_label(*, run_id: str, name: str | None = None, version: str | None = None) -> str:
+    """`cifar10-layer-v3` for a registered version, else the run id's first 8 characters:
+    how an evaluation names the model it evaluates."""
+    return f"{name}-v{version}" if version else run_id[:8]
 
 
 @dataclass(frozen=True)
@@ -258,16 +455,6 @@ def check_norm_batch(norm_batch: int, *, norm: str, batch_size: int) -> None:
         raise ConfigError(
             f"norm_batch must divide batch_size {batch_size} into equal groups (got {norm_batch})"
         )
-
-
-def recipe_help(name: str) -> str:
-    """`0: the norm's recipe (batch 128, group 256, layer 128, ...)`, for a RECIPES parameter."""
-    values = ", ".join(f"{norm} {_shown(recipe[name])}" for norm, recipe in RECIPES.items())
-    return f"{_shown(PER_NORM_VALUES[name])}: the norm's recipe ({values})."
-
-
-def _shown(value: int | float | str) -> str:
-    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def _asks_for_recipe(given: object, per_norm: int | float | str) -> bool:

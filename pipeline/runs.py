@@ -20,9 +20,17 @@ import torch
 
 from pipeline import data as datasets
 from pipeline import device as devices
-from pipeline import engine, plots, tracking, training
+from pipeline import engine, model_registry, plots, tracking, training
 from pipeline import report as comparison
-from pipeline.config import MAX_EPOCHS, TTA_BEFORE_PARAM, EvalConfig, TrainConfig
+from pipeline.config import (
+    MAX_EPOCHS,
+    TTA_BEFORE_PARAM,
+    ConfigError,
+    EvalConfig,
+    TrainConfig,
+    model_label,
+    train_run_name,
+)
 from pipeline.data import DatasetStats
 from pipeline.model import RawImageClassifier, receptive_fields, summary
 from pipeline.norms import REGISTRY
@@ -31,6 +39,9 @@ from pipeline.step_runs import PROJECT_DIR, finish_resumed_step
 log = logging.getLogger(__name__)
 
 Echo = Callable[[str], None]
+# The settings whose "per norm" value (0, auto) a run resolves, logged as `resolved.<name>`
+# with the precision and device it ran with (`registry show` and the report read them).
+RESOLVED_SETTINGS = ("optimizer", "activation", "pool", "batch_size", "learning_rate", "muon_lr")
 
 
 @contextlib.contextmanager
@@ -102,137 +113,198 @@ def prepare_stats(data: str, *, echo: Echo = log.info) -> None:
     echo(f"mean {stats.mean}  std {stats.std}")
 
 
+def resumed_config(run_id: str, *, given: dict[str, object]) -> TrainConfig:
+    """The config `train --resume` continues `run_id` with: the run's own, read from its
+    logged params (data included); a setting in `given` that resolves otherwise than the
+    run's fails in one line naming each."""
+    tracking.check_store()
+    params = tracking.run_params(run_id)
+    if "norm" not in params:
+        raise ConfigError(f"resume: run {run_id} is not a train run (it has no norm param)")
+    config = TrainConfig.from_params(params, resume=run_id)
+    asked = TrainConfig.from_params(params, **{**given, "resume": run_id})
+    differ = [
+        f"{name}={given[name]} (the run's: {getattr(config, name)})"
+        for name in given
+        if getattr(asked, name) != getattr(config, name)
+    ]
+    if differ:
+        raise ConfigError(
+            f"resume {run_id} continues with the run's own settings; given otherwise: "
+            + ", ".join(differ)
+        )
+    return config
+
+
 def train_model(config: TrainConfig, *, echo: Echo = log.info) -> str:
-    """Train, log and register one model; returns the run id."""
+    """Train, log and register one model: prepare, fit, log; returns the run id."""
     # A missing device, or cuda_graphs=on without CUDA, fails before the store is touched.
     device = devices.resolve_device(config.device)
     devices.resolve_cuda_graphs(config.cuda_graphs, device, compile=config.compile)
     tracking.check_store()
     setup = training.prepare_training(config, load_stats=load_stats)
     resume_state = tracking.load_checkpoint(config.resume) if config.resume else None
-    model, dataset = setup.model, setup.dataset
-    fields = receptive_fields(model)
-    run_name = f"train-{config.norm}-seed{config.seed}"
-    norm_tags = _norm_tags(config.norm, str(config.groups))
-    tags = {"step": "train", **norm_tags}
-    if setup.cuda_graphs_note and setup.device.type == "cuda":
-        tags["cuda_graphs_note"] = setup.cuda_graphs_note  # why this run on CUDA is not graphed
+    run_name = train_run_name(config.norm, config.seed)
+    tags = _train_tags(config, setup)
     if config.beyond_budget:
-        tags["beyond_budget"] = "true"
         echo(
             f"epochs={config.epochs} is past the study's {MAX_EPOCHS}-epoch budget: "
             "a measurement, not registered"
         )
     tracking.set_system_metrics_interval(setup.device.type)
     with tracking.run(
-        run_name=run_name,
-        tags=tags,
-        resume_run_id=config.resume or None,
-        system_metrics=True,
+        run_name=run_name, tags=tags, resume_run_id=config.resume or None, system_metrics=True
     ) as run_id:
-        tracking.log_params(
-            {
-                **config.as_params(),
-                "num_params": str(setup.parameters),
-                "receptive_field": str(fields[-3].receptive_field),  # after C9, before GAP
-                "device": str(setup.device),
-                "autocast": _precision_name(setup.autocast_dtype),
-                "cuda_graphs_used": str(setup.cuda_graphs).lower(),
-                "cpu_capability": devices.cpu_capability(),
-                # Which training images validate: runs on other splits are never paired.
-                "val_seed": str(setup.validation.seed) if setup.validation else "",
-                "val_digest": setup.validation.digest if setup.validation else "",
-                "train_images": str(len(setup.splits.train)),
-            }
-        )
-        _log_training_data(dataset)
-        tracking.log_text(summary(model), "model_summary.txt")
-        tracking.log_dict(
-            {row.layer: dataclasses.asdict(row) for row in fields}, "receptive_field.json"
-        )
-        tracking.log_text(setup.stats.to_json(), "stats.json")
+        _log_setup(config, setup)
         echo(
             f"run {run_id}: {config.norm} norm, {setup.parameters:,} parameters, on {setup.device}"
             + (", CUDA graphs" if setup.cuda_graphs else "")
         )
         if "cuda_graphs_note" in tags:
             echo(f"not graphed: {setup.cuda_graphs_note}")
-
-        def on_epoch_end(record: engine.EpochMetrics, state: engine.TrainingState) -> None:
-            # An epoch's metrics and its checkpoint are logged together or not at all: Ctrl-C
-            # or SIGTERM arriving in between waits until both are written.
-            with _signals_deferred():
-                tracking.log_epoch(record)
-                tracking.log_checkpoint(state.state_dict())
-            echo(record.describe(config.epochs))
-
-        started = time.perf_counter()
-        try:
-            records = training.fit(
-                setup, config, resume_from=resume_state, on_epoch_end=on_epoch_end
-            )
-        except FloatingPointError as error:
-            # compare reads FAILED runs with this tag, so the report says which diverged.
-            tracking.set_tags({tracking.DIVERGED_TAG: str(error)})
-            raise
-        if records:
-            tracking.log_metrics({"train_seconds": time.perf_counter() - started})
-        history = tracking.metric_history(run_id)
+        history = _fit(config, setup, resume_state=resume_state, run_id=run_id, echo=echo)
         final = engine.evaluate(
-            model,
+            setup.model,
             setup.splits.test,
             normalize=setup.splits.normalize,
             autocast_dtype=setup.autocast_dtype,
             tta=config.tta,
         )
-        tracking.log_figure(plots.training_curves(history, title=run_name), "plots/curves.png")
-        tracking.log_figure(
-            plots.misclassified_grid(
-                dataset.test_images,
-                final.labels.numpy(),
-                final.predictions.numpy(),
-                dataset.classes,
-                title=f"{run_name}: misclassified test images",
-            ),
-            "plots/misclassified.png",
-        )
-        served = RawImageClassifier(
-            training.portable_model(model, config),
-            mean=setup.stats.mean,
-            std=setup.stats.std,
-            classes=dataset.classes,
-        )
-        example = dataset.test_images[:1].transpose(0, 3, 1, 2).copy()  # one image, NCHW uint8
-        model_uri = tracking.log_model(served, input_example=example, classes=dataset.classes)
+        _log_results(setup, history, final, run_name=run_name)
+        model_uri = _log_model(config, setup)
         if config.registered_model:
-            val = f"validation {history[-1].val_acc:.2%}, " if _has_val(history) else ""
-            version = tracking.register_model(
-                model_uri,
-                name=config.registered_model,
-                run_id=run_id,
-                model_description=_model_description(config, setup),
-                version_description=(
-                    f"Accuracy after its {config.epochs} epochs: {val}test "
-                    f"{final.accuracy:.2%}; seed {config.seed}; trained by run {run_id}."
-                ),
-                tags={
-                    **norm_tags,
-                    "seed": str(config.seed),
-                    # The champion is chosen on val_acc; test_acc is reported, never chosen on.
-                    **({"val_acc": f"{history[-1].val_acc:.4f}"} if _has_val(history) else {}),
-                    "test_acc": f"{final.accuracy:.4f}",
-                },
-            )
-            champion = tracking.update_champion(config.registered_model)
-            echo(
-                f"registered {config.registered_model} version {version} "
-                f"(champion: version {champion})"
-            )
+            _register(config, setup, history, final, model_uri=model_uri, run_id=run_id, echo=echo)
     val = f"validation {100 * history[-1].val_acc:.2f}%, " if _has_val(history) else ""
     echo(f"final {val}test accuracy {100 * final.accuracy:.2f}% (run {run_id})")
     if config.resume and finish_resumed_step(run_id, PROJECT_DIR):
         echo("a study's step, finished by the code that started it: the next study reuses it")
     return run_id
+
+
+def _train_tags(config: TrainConfig, setup: training.TrainingSetup) -> dict[str, str]:
+    tags = {"step": "train", **_norm_tags(config.norm, str(config.groups))}
+    if setup.cuda_graphs_note and setup.device.type == "cuda":
+        tags["cuda_graphs_note"] = setup.cuda_graphs_note  # why this run on CUDA is not graphed
+    if config.beyond_budget:
+        tags["beyond_budget"] = "true"
+    return tags
+
+
+def resolved_recipe(config: TrainConfig, setup: training.TrainingSetup) -> dict[str, str]:
+    """What the run trained with, "auto" and 0 resolved: `mlflow run` logs the -P values
+    (`optimizer auto`) before this code starts, and a param cannot change afterwards."""
+    recipe = {name: str(getattr(config, name)) for name in RESOLVED_SETTINGS}
+    precision = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(setup.autocast_dtype, "fp32")
+    return {**recipe, "precision": precision, "device": str(setup.device)}
+
+
+def _log_setup(config: TrainConfig, setup: training.TrainingSetup) -> None:
+    """The run's params (the config's, then what the set-up resolved), data, model and stats."""
+    fields = receptive_fields(setup.model)
+    tracking.log_params(
+        {
+            **config.as_params(),
+            "num_params": str(setup.parameters),
+            "receptive_field": str(fields[-3].receptive_field),  # after C9, before GAP
+            "device": str(setup.device),
+            "autocast": _precision_name(setup.autocast_dtype),
+            "cuda_graphs_used": str(setup.cuda_graphs).lower(),
+            "cpu_capability": devices.cpu_capability(),
+            # Which training images validate: runs on other splits are never paired.
+            "val_seed": str(setup.validation.seed) if setup.validation else "",
+            "val_digest": setup.validation.digest if setup.validation else "",
+            "train_images": str(len(setup.splits.train)),
+        }
+    )
+    tracking.log_resolved(resolved_recipe(config, setup))
+    _log_training_data(setup.dataset)
+    tracking.log_text(summary(setup.model), "model_summary.txt")
+    tracking.log_dict(
+        {row.layer: dataclasses.asdict(row) for row in fields}, "receptive_field.json"
+    )
+    tracking.log_text(setup.stats.to_json(), "stats.json")
+
+
+def _fit(
+    config: TrainConfig,
+    setup: training.TrainingSetup,
+    *,
+    resume_state: dict | None,
+    run_id: str,
+    echo: Echo,
+) -> list[engine.EpochMetrics]:
+    """training.fit with each epoch logged as it ends; returns the run's whole history."""
+
+    def on_epoch_end(record: engine.EpochMetrics, state: engine.TrainingState) -> None:
+        # An epoch's metrics and its checkpoint are logged together or not at all: Ctrl-C
+        # or SIGTERM arriving in between waits until both are written.
+        with _signals_deferred():
+            tracking.log_epoch(record)
+            tracking.log_checkpoint(state.state_dict())
+        echo(record.describe(config.epochs))
+
+    started = time.perf_counter()
+    try:
+        records = training.fit(setup, config, resume_from=resume_state, on_epoch_end=on_epoch_end)
+    except FloatingPointError as error:
+        # compare reads FAILED runs with this tag, so the report says which diverged.
+        tracking.set_tags({tracking.DIVERGED_TAG: str(error)})
+        raise
+    if records:
+        tracking.log_metrics({"train_seconds": time.perf_counter() - started})
+    return tracking.metric_history(run_id)
+
+
+def _log_results(setup, history, final, *, run_name: str) -> None:
+    """The curves and the misclassified test images."""
+    dataset = setup.dataset
+    tracking.log_figure(plots.training_curves(history, title=run_name), "plots/curves.png")
+    tracking.log_figure(
+        plots.misclassified_grid(
+            dataset.test_images,
+            final.labels.numpy(),
+            final.predictions.numpy(),
+            dataset.classes,
+            title=f"{run_name}: misclassified test images",
+        ),
+        "plots/misclassified.png",
+    )
+
+
+def _log_model(config: TrainConfig, setup: training.TrainingSetup) -> str:
+    """The served model (raw uint8 images in, logits out); returns its URI."""
+    dataset = setup.dataset
+    served = RawImageClassifier(
+        training.portable_model(setup.model, config),
+        mean=setup.stats.mean,
+        std=setup.stats.std,
+        classes=dataset.classes,
+    )
+    example = dataset.test_images[:1].transpose(0, 3, 1, 2).copy()  # one image, NCHW uint8
+    return tracking.log_model(served, input_example=example, classes=dataset.classes)
+
+
+def _register(config, setup, history, final, *, model_uri: str, run_id: str, echo: Echo) -> None:
+    val = f"validation {history[-1].val_acc:.2%}, " if _has_val(history) else ""
+    version = model_registry.register_model(
+        model_uri,
+        name=config.registered_model,
+        run_id=run_id,
+        model_description=_model_description(config, setup),
+        version_description=(
+            f"Accuracy after its {config.epochs} epochs: {val}test "
+            f"{final.accuracy:.2%}; seed {config.seed}; trained by run {run_id}."
+        ),
+        tags={
+            **_norm_tags(config.norm, str(config.groups)),
+            "seed": str(config.seed),
+            # The champion is chosen on val_acc; test_acc is reported, never chosen on.
+            **({"val_acc": f"{history[-1].val_acc:.4f}"} if _has_val(history) else {}),
+            "test_acc": f"{final.accuracy:.4f}",
+        },
+    )
+    champion = model_registry.update_champion(config.registered_model)
+    echo(f"registered {config.registered_model} version {version} (champion: version {champion})")
 
 
 def _model_description(config: TrainConfig, setup: training.TrainingSetup) -> str:
@@ -275,22 +347,13 @@ def evaluate_model(config: EvalConfig, *, echo: Echo = log.info) -> str:
         stats = load_stats(config.stats or f"runs:/{source.run_id}/stats.json", dataset)
         normalize = datasets.Normalizer(stats, device=device, memory_format=torch.contiguous_format)
     test_split = datasets.to_device(dataset.test_images, dataset.test_labels, device=device)
-    label = f"{source.name}-v{source.version}" if source.version else source.run_id[:8]
-    tags = {"step": "evaluate", "source_run_id": source.run_id, "model_uri": config.model_uri}
-    if device.type == "cuda":
-        # torch.export's program is run as loaded; only train's own model is captured.
-        tags["cuda_graphs_note"] = "an exported model is not captured; it runs eagerly"
-    if source.version:
-        tags.update({"model_name": source.name or "", "model_version": source.version})
+    label = model_label(run_id=source.run_id, name=source.name, version=source.version)
     source_params = tracking.run_params(source.run_id)
-    if "norm" in source_params:
-        tags.update(_norm_tags(source_params["norm"], source_params.get("groups", "")))
-    if "seed" in source_params:
-        tags["seed"] = source_params["seed"]
     trained_tta = source_params.get("tta", TTA_BEFORE_PARAM)
     config = dataclasses.replace(config, tta=config.tta or trained_tta)
     # A model evaluated other than as it was trained says so in its name (the UI's run list).
     run_name = f"evaluate-{label}" + ("" if config.tta == trained_tta else f"-tta-{config.tta}")
+    tags = _evaluate_tags(config, source, source_params, device=device)
     with tracking.run(run_name=run_name, tags=tags) as run_id:
         tracking.log_params(config.as_params())
         tracking.log_dataset(
@@ -308,51 +371,66 @@ def evaluate_model(config: EvalConfig, *, echo: Echo = log.info) -> str:
             batch_size=config.batch_size or None,
             tta=config.tta,
         )
-        labels, predictions = result.labels.numpy(), result.predictions.numpy()
-        matrix = plots.confusion_matrix(labels, predictions, len(dataset.classes))
-        per_class = plots.per_class_accuracy(matrix)
-        tracking.log_metrics(
-            {
-                "test_acc": result.accuracy,
-                "test_loss": result.loss,
-                **{
-                    f"class_acc/{name}": float(a)
-                    for name, a in zip(dataset.classes, per_class, strict=True)
-                },
-            }
-        )
-        tracking.log_dict(
-            {
-                "test_acc": result.accuracy,
-                "test_loss": result.loss,
-                "per_class_accuracy": dict(
-                    zip(dataset.classes, map(float, per_class), strict=True)
-                ),
-                "confusion_matrix": matrix.tolist(),
-                "classes": list(dataset.classes),
-            },
-            "evaluation.json",
-        )
-        tracking.log_figure(
-            plots.confusion_matrix_figure(
-                matrix, dataset.classes, title=f"{label}: confusion matrix"
-            ),
-            "plots/confusion_matrix.png",
-        )
-        tracking.log_figure(
-            plots.misclassified_grid(
-                dataset.test_images,
-                labels,
-                predictions,
-                dataset.classes,
-                title=f"{label}: misclassified test images",
-            ),
-            "plots/misclassified.png",
-        )
+        per_class = _log_evaluation(result, dataset, label=label)
     echo(f"test accuracy {100 * result.accuracy:.2f}%  loss {result.loss:.4f} (run {run_id})")
     for name, accuracy in zip(dataset.classes, per_class, strict=True):
         echo(f"  {name:<12} {100 * accuracy:6.2f}%")
     return run_id
+
+
+def _evaluate_tags(config: EvalConfig, source, source_params: dict, *, device) -> dict[str, str]:
+    """The evaluation's tags: what it evaluates, and the training's norm and seed."""
+    tags = {"step": "evaluate", "source_run_id": source.run_id, "model_uri": config.model_uri}
+    if device.type == "cuda":
+        # torch.export's program is run as loaded; only train's own model is captured.
+        tags["cuda_graphs_note"] = "an exported model is not captured; it runs eagerly"
+    if source.version:
+        tags.update({"model_name": source.name or "", "model_version": source.version})
+    if "norm" in source_params:
+        tags.update(_norm_tags(source_params["norm"], source_params.get("groups", "")))
+    if "seed" in source_params:
+        tags["seed"] = source_params["seed"]
+    return tags
+
+
+def _log_evaluation(result, dataset: datasets.ArrayDataset, *, label: str):
+    """Metrics, evaluation.json and the figures of one evaluation; returns per-class accuracy."""
+    labels, predictions = result.labels.numpy(), result.predictions.numpy()
+    matrix = plots.confusion_matrix(labels, predictions, len(dataset.classes))
+    per_class = plots.per_class_accuracy(matrix)
+    by_class = dict(zip(dataset.classes, map(float, per_class), strict=True))
+    tracking.log_metrics(
+        {
+            "test_acc": result.accuracy,
+            "test_loss": result.loss,
+            **{f"class_acc/{name}": accuracy for name, accuracy in by_class.items()},
+        }
+    )
+    tracking.log_dict(
+        {
+            "test_acc": result.accuracy,
+            "test_loss": result.loss,
+            "per_class_accuracy": by_class,
+            "confusion_matrix": matrix.tolist(),
+            "classes": list(dataset.classes),
+        },
+        "evaluation.json",
+    )
+    tracking.log_figure(
+        plots.confusion_matrix_figure(matrix, dataset.classes, title=f"{label}: confusion matrix"),
+        "plots/confusion_matrix.png",
+    )
+    tracking.log_figure(
+        plots.misclassified_grid(
+            dataset.test_images,
+            labels,
+            predictions,
+            dataset.classes,
+            title=f"{label}: misclassified test images",
+        ),
+        "plots/misclassified.png",
+    )
+    return per_class
 
 
 def compare_runs(
@@ -409,6 +487,13 @@ def compare_runs(
         for name, frame in tables.items():
             tracking.log_table(frame, f"comparison/tables/{name}.json", run_id=target)
         tracking.set_tags({"report_run_id": target})
+    _echo_comparison(study_data, keys, echo=echo)
+    echo(f"report: runs:/{target}/comparison/report.md (compare run {run_id})")
+    return target
+
+
+def _echo_comparison(study_data: comparison.Study, keys: tuple[str, ...], *, echo: Echo) -> None:
+    """The norms' accuracies, the findings and (with group_by) the lever table, for a person."""
     table = comparison.norm_table(study_data)
     for row in table.itertuples(index=False):
         val = comparison.percent(row.final_val_acc_mean, row.final_val_acc_se)
@@ -422,8 +507,6 @@ def compare_runs(
     if keys:
         levers = comparison.readable_lever_table(comparison.lever_table(study_data), keys)
         echo(comparison.markdown_table(levers))
-    echo(f"report: runs:/{target}/comparison/report.md (compare run {run_id})")
-    return target
 
 
 def _load_study(runs, *, source: str, group_by: tuple[str, ...] = ()) -> comparison.Study:

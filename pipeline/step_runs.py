@@ -197,23 +197,7 @@ class StepRuns:
         then `end` ends it.
         """
         entry = project_entry_point(self.project_dir, entry_point, run_name=run_name)
-        declared = entry.get("parameters") or {}
-        values: dict[str, str] = {}
-        for name, spec in declared.items():
-            default = spec.get("default") if isinstance(spec, dict) else None
-            if name in parameters:
-                values[name] = str(parameters[name])
-            elif default is not None:
-                values[name] = str(default)
-            else:
-                raise TrackingError(f"step {run_name}: no value for parameter {name!r}")
-        extra = {name: str(value) for name, value in parameters.items() if name not in declared}
-        command = str(entry["command"]).format(
-            **{name: shlex.quote(value) for name, value in values.items()}
-        )
-        command = " ".join(
-            [command, *(f"--{shlex.quote(k)} {shlex.quote(v)}" for k, v in extra.items())]
-        )
+        command, logged = _entry_command(entry, parameters, run_name=run_name)
         run_tags = {
             "mlflow.source.name": str(self.project_dir),
             "mlflow.source.type": "PROJECT",
@@ -230,7 +214,7 @@ class StepRuns:
         try:
             created = client.create_run(self.experiment_id, run_name=run_name, tags=run_tags)
             run_id = created.info.run_id
-            client.log_batch(run_id, params=[Param(k, v) for k, v in {**values, **extra}.items()])
+            client.log_batch(run_id, params=[Param(k, v) for k, v in logged.items()])
         except MlflowException as error:
             message = str(error.message).splitlines()[0]
             raise TrackingError(f"step {run_name}: {message}") from None
@@ -281,6 +265,32 @@ def project_entry_point(project_dir: Path, entry_point: str, *, run_name: str = 
         raise TrackingError(
             f"{what}no entry point {entry_point!r} in {project_dir / 'MLproject'} ({error})"
         ) from None
+
+
+def _entry_command(
+    entry: dict, parameters: dict[str, str], *, run_name: str
+) -> tuple[str, dict[str, str]]:
+    """The entry point's command with `parameters` filled in as `mlflow run` fills them: a
+    declared one into its `{name}` (its default where not given), any other appended as
+    `--name value`; and the params the run logs (every one of both)."""
+    declared = entry.get("parameters") or {}
+    values: dict[str, str] = {}
+    for name, spec in declared.items():
+        default = spec.get("default") if isinstance(spec, dict) else None
+        if name in parameters:
+            values[name] = str(parameters[name])
+        elif default is not None:
+            values[name] = str(default)
+        else:
+            raise TrackingError(f"step {run_name}: no value for parameter {name!r}")
+    extra = {name: str(value) for name, value in parameters.items() if name not in declared}
+    command = str(entry["command"]).format(
+        **{name: shlex.quote(value) for name, value in values.items()}
+    )
+    command = " ".join(
+        [command, *(f"--{shlex.quote(k)} {shlex.quote(v)}" for k, v in extra.items())]
+    )
+    return command, {**values, **extra}
 
 
 def _git_tags(project_dir: Path) -> dict[str, str]:

@@ -27,7 +27,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.config import ConfigError, TrainConfig, check_choice, check_int_range
+from pipeline.config import (
+    ConfigError,
+    TrainConfig,
+    check_choice,
+    check_int_range,
+    parse_setting,
+    train_run_name,
+)
 
 MODES = ("grid", "one-at-a-time")
 MAX_TRIALS = 500
@@ -45,10 +52,7 @@ class Trial:
     @property
     def name(self) -> str:
         """`train-group-seed2-groups=8`: the run name, telling trials apart in the UI."""
-        base = f"train-{self.config.norm}-seed{self.config.seed}"
-        if not self.overrides:
-            return base
-        return base + "-" + ",".join(f"{key}={value}" for key, value in self.overrides.items())
+        return train_run_name(self.config.norm, self.config.seed, self.overrides)
 
 
 Grid = dict[str, list[str]]
@@ -141,20 +145,10 @@ def _yaml_value(value) -> str:
 
 def convert(key: str, value: str):
     """A grid value as the TrainConfig field `key` takes it (the field validates it)."""
-    kind = TrainConfig.__annotations__[key]
     try:
-        if kind == "bool":
-            lowered = value.lower()
-            if lowered not in ("true", "false", "1", "0", "yes", "no"):
-                raise ValueError
-            return lowered in ("true", "1", "yes")
-        if kind == "int":
-            return int(value)
-        if kind == "float":
-            return float(value)
-    except ValueError:
-        raise ConfigError(f"grid: {key} takes {kind} values (got {value!r})") from None
-    return value
+        return parse_setting(key, value)
+    except ConfigError as error:
+        raise ConfigError(f"grid: {error}") from None
 
 
 def trials(

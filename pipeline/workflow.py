@@ -19,7 +19,8 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline import tracking
+from pipeline import model_registry, tracking
+from pipeline import sweep as sweeps
 from pipeline.config import (
     ConfigError,
     EvalConfig,
@@ -27,6 +28,8 @@ from pipeline.config import (
     check_choice,
     check_float_range,
     check_int_range,
+    model_label,
+    train_run_name,
 )
 from pipeline.executors import (
     EXECUTORS,
@@ -125,6 +128,118 @@ def check_executor(settings: ExecutorSettings) -> None:
         )
 
 
+# --------------------------------------------------------------------------- parent runs
+
+
+def study(
+    norms: Sequence[str],
+    seeds: int,
+    *,
+    options: dict,
+    executor: ExecutorSettings,
+    command: str,
+    echo: Callable[[str], None] = log.info,
+) -> tuple[str, list[StepResult]]:
+    """The whole study under a parent run: its configs checked before the run starts, its
+    steps the run's children; returns the parent's id and the steps' results."""
+    options = {**options, "data": step_data(options["data"])}
+    configs = study_configs(norms, seeds, **options)
+    description = (
+        f"The study: {', '.join(norms)} norm x seeds 1..{seeds}: prepare-stats, "
+        f"{len(configs)} trainings ({configs[0].epochs} epochs each, `{executor.name}` "
+        f"executor, {executor.parallel} at a time), an evaluation of each registered "
+        "model, then the side-by-side comparison (artifacts `comparison/report.html`)."
+    )
+    return _in_parent_run(
+        "study",
+        tags={"step": "main", "norms": ",".join(norms), "seeds": str(seeds)},
+        params={"norm": ",".join(norms), "seeds": str(seeds), **_strings(executor, options)},
+        description=f"{description}\n\nCommand: `{command}`",
+        steps=lambda: run_study(configs, executor=executor, echo=echo),
+    )
+
+
+def sweep(
+    grid: str,
+    *,
+    mode: str,
+    norms: Sequence[str],
+    seeds: int,
+    max_trials: int,
+    options: dict,
+    executor: ExecutorSettings,
+    command: str,
+    echo: Callable[[str], None] = log.info,
+) -> tuple[str, list[StepResult]]:
+    """A sweep under a parent run: every trial checked before the run starts, a `train` child
+    per trial, then the lever table; returns the parent's id and the steps' results."""
+    options = {**options, "data": step_data(options["data"])}
+    trials, swept = sweeps.trials(
+        grid, norms=norms, seeds=seeds, mode=mode, max_trials=max_trials, **options
+    )
+    check_models([trial.config for trial in trials])
+    what = f"{len(trials)} trainings over {', '.join(swept)} ({mode})"
+    description = (
+        f"A sweep over {', '.join(swept)} ({mode}): {len(trials)} trainings of "
+        f"{', '.join(norms)} norm x seeds 1..{seeds}, then the lever table, ranked on "
+        "validation accuracy with the adoption rule (artifacts `comparison/report.html`)."
+    )
+    params = {"grid": grid, "mode": mode, "norm": ",".join(norms), "seeds": str(seeds)}
+    params.update(_strings(executor, {"max_trials": max_trials, **options}))
+    return _in_parent_run(
+        "sweep",
+        tags={"step": "sweep", "norms": ",".join(norms), "swept": ",".join(swept)},
+        params=params,
+        description=f"{description}\n\nCommand: `{command}`",
+        steps=lambda: run_sweep(trials, swept=swept, executor=executor, echo=echo),
+        started=lambda run_id: echo(f"sweep {run_id}: {what}"),
+    )
+
+
+def _in_parent_run(
+    name: str,
+    *,
+    tags: dict[str, str],
+    params: dict[str, str],
+    description: str,
+    steps: Callable[[], list[StepResult]],
+    started: Callable[[str], None] = lambda run_id: None,
+) -> tuple[str, list[StepResult]]:
+    """The parent run of a study or a sweep: its params and description, its steps run as
+    its children, and steps.json (each child's name, entry point, run and reuse)."""
+    tracking.check_store()
+    with tracking.run(run_name=name, tags=tags) as run_id:
+        tracking.log_params(params)
+        started(run_id)
+        tracking.describe_run(description)
+        results = steps()
+        rows = [
+            {
+                "name": result.step.name,
+                "entry_point": result.step.entry_point,
+                "run_id": result.run_id,
+                "reused": result.reused,
+                **({"diverged": result.diverged} if result.diverged else {}),
+            }
+            for result in results
+        ]
+        tracking.log_dict({"steps": rows}, "steps.json")
+    return run_id, results
+
+
+def _strings(executor: ExecutorSettings, options: dict) -> dict[str, str]:
+    """A parent run's params: where its steps run (the Ray settings only for Ray), then the
+    options its trainings share."""
+    params = {"parallel": str(executor.parallel), "executor": executor.name}
+    if executor.name == "ray":
+        params.update(
+            ray_address=executor.ray_address,
+            cpus_per_trial=str(executor.cpus_per_trial),
+            gpus_per_trial=str(executor.gpus_per_trial),
+        )
+    return {**params, **{key: str(value) for key, value in options.items()}}
+
+
 def run_study(
     configs: Sequence[TrainConfig],
     *,
@@ -146,7 +261,7 @@ def _study_steps(runner: StepRunner, configs: Sequence[TrainConfig]) -> list[Ste
     trained = runner.execute(
         [
             Step(
-                f"train-{config.norm}-seed{config.seed}",
+                train_run_name(config.norm, config.seed),
                 "train",
                 dataclasses.replace(config, stats=stats).as_params(),
             )
@@ -156,7 +271,7 @@ def _study_steps(runner: StepRunner, configs: Sequence[TrainConfig]) -> list[Ste
 
     evaluations = []
     for config, result in zip(configs, trained, strict=True):
-        model_uri = tracking.registered_model_uri(result.run_id, config.registered_model)
+        model_uri = model_registry.registered_model_uri(result.run_id, config.registered_model)
         evaluation = EvalConfig(model_uri=model_uri, data=config.data, device=config.device)
         evaluations.append(
             Step(
@@ -228,8 +343,8 @@ def _model_label(model_uri: str, run_id: str) -> str:
     """`cifar10-layer-v3` for models:/cifar10-layer/3, as the evaluate run names itself."""
     if model_uri.startswith("models:/"):
         name, version = model_uri[len("models:/") :].split("/", 1)
-        return f"{name}-v{version}"
-    return run_id[:8]
+        return model_label(run_id=run_id, name=name, version=version)
+    return model_label(run_id=run_id)
 
 
 class StepRunner:

@@ -329,3 +329,46 @@ def test_a_diverged_training_is_one_line_tagged_and_named_by_compare(
     )
     assert code == 1 and "no finished train runs to compare" in stderr
     assert "(1 diverged)" in stderr
+
+
+def test_a_training_logs_its_resolved_recipe_and_resume_takes_the_runs_own_settings(
+    tracking_store, image_folder, monkeypatch, capsys
+):
+    """`resolved.<name>` params say what "auto" and 0 became; `--resume` alone continues the
+    run with its logged settings (its data, not the default path), and a setting given as
+    well that differs from the run's is refused in one line."""
+    arguments = ["--epochs=1", "--batch-size=32", f"--val-size={VAL_SIZE}", "--registered-model="]
+    cli.cli.main(["train", *arguments, f"--data={image_folder}"], standalone_mode=False)
+    client = MlflowClient()
+    (run,) = _runs(client)
+    params = run.data.params
+    assert params["optimizer"] == "muon"  # logged resolved where no `mlflow run` logged it
+    resolved = {key: value for key, value in params.items() if key.startswith("resolved.")}
+    assert resolved == {
+        "resolved.optimizer": "muon",
+        "resolved.activation": "silu",
+        "resolved.pool": "max",
+        "resolved.batch_size": "32",
+        "resolved.learning_rate": params["learning_rate"],
+        "resolved.muon_lr": "0.03",
+        "resolved.precision": resolved["resolved.precision"],
+        "resolved.device": "cpu",
+    }
+    assert resolved["resolved.precision"] in ("fp32", "bf16")
+    run_id = run.info.run_id
+
+    code, stderr = run_in_process(monkeypatch, capsys, "train", f"--resume={run_id}", "--epochs=3")
+    assert code == 1
+    assert stderr.strip().splitlines()[-1] == (
+        f"error: resume {run_id} continues with the run's own settings; given otherwise: "
+        "epochs=3 (the run's: 1)"
+    )
+    assert client.get_run(run_id).info.status == "FINISHED"
+
+    # the same values given again, or none at all: the run's settings, its data included
+    cli.cli.main(
+        ["train", f"--resume={run_id}", "--batch-size=32", "--optimizer=auto"],
+        standalone_mode=False,
+    )
+    assert [r.info.run_id for r in _runs(client)] == [run_id]
+    assert client.get_run(run_id).info.status == "FINISHED"

@@ -1,6 +1,7 @@
 """The project's files agree with each other: MLproject <-> click options, conda.yaml <->
 pyproject.toml."""
 
+import dataclasses
 import re
 import shlex
 
@@ -11,6 +12,7 @@ import yaml
 from conftest import REPO
 
 from pipeline.cli import cli
+from pipeline.config import TrainConfig
 
 MLPROJECT = yaml.safe_load((REPO / "MLproject").read_text())
 ENTRY_POINTS = MLPROJECT["entry_points"]
@@ -22,23 +24,84 @@ def _command_name(entry: dict) -> str:
     return words[3]
 
 
-@pytest.mark.parametrize("entry_point", sorted(ENTRY_POINTS))
-def test_mlproject_parameters_are_the_click_options(entry_point):
+def _same_default(declared, default) -> bool:
+    if isinstance(default, int | float) and not isinstance(default, bool):
+        return float(declared) == float(default)
+    return str(declared) == str(default)
+
+
+def _disagreements(entry_point: str) -> list[str]:
+    """What an entry point's parameters and its command's click options disagree on: a
+    parameter with no option, not passed on, or with another default; an option MLflow could
+    not pass an undeclared `-P name=value` to (`--name value`)."""
     entry = ENTRY_POINTS[entry_point]
     command = cli.commands[_command_name(entry)]
     options = {p.name: p for p in command.params if isinstance(p, click.Option)}
-    parameters = entry.get("parameters", {})
-    assert set(parameters) == set(options), "MLproject and CLI disagree on names"
-    for name, spec in parameters.items():
+    problems = []
+    for name, spec in (entry.get("parameters") or {}).items():
+        if name not in options:
+            problems.append(f"{entry_point}: parameter {name} is no option of the command")
+            continue
         # One spelling everywhere: parameter `learning_rate` is option `--learning-rate`.
-        assert f"--{name.replace('_', '-')}" in options[name].opts
-        assert f"{{{name}}}" in entry["command"], f"{name} is not passed on"
+        if f"--{name.replace('_', '-')}" not in options[name].opts:
+            problems.append(f"{entry_point}: {name} has no option --{name.replace('_', '-')}")
+        if f"{{{name}}}" not in entry["command"]:
+            problems.append(f"{entry_point}: parameter {name} is not passed on")
         if isinstance(spec, dict) and "default" in spec:
-            default = options[name].default
-            if isinstance(default, int | float) and not isinstance(default, bool):
-                assert float(spec["default"]) == float(default), name
-            else:
-                assert str(spec["default"]) == str(default), name
+            if not _same_default(spec["default"], options[name].default):
+                problems.append(
+                    f"{entry_point}: {name} defaults to {spec['default']!r} in MLproject, "
+                    f"{options[name].default!r} on the command line"
+                )
+    for name, option in options.items():
+        if f"--{name}" not in option.opts:
+            problems.append(f"{entry_point}: an undeclared -P {name}=... finds no --{name}")
+    return problems
+
+
+@pytest.mark.parametrize("entry_point", sorted(ENTRY_POINTS))
+def test_mlproject_parameters_are_the_click_options(entry_point):
+    assert _disagreements(entry_point) == []
+
+
+# The train settings a study or sweep sets itself (each norm, each seed), or names one run.
+NOT_PASSED = {"main": {"norm", "seed", "resume"}, "sweep": {"norm", "seed", "resume"}}
+
+
+@pytest.mark.parametrize("command_name", ["train", "main", "sweep"])
+def test_every_train_setting_is_an_option_with_the_config_default(command_name):
+    """TrainConfig's fields are the settings: each is an option of `train`, `main` and
+    `sweep` (but those they set themselves), with the field's default."""
+    options = {p.name: p for p in cli.commands[command_name].params}
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    problems = []
+    for name, field in fields.items():
+        if name in NOT_PASSED.get(command_name, ()):
+            continue
+        if name not in options:
+            problems.append(f"{command_name}: setting {name} has no option")
+        elif not (command_name == "sweep" and name == "registered_model"):
+            if not _same_default(field.default, options[name].default):
+                problems.append(
+                    f"{command_name}: {name} defaults to {options[name].default!r}, the "
+                    f"config to {field.default!r}"
+                )
+    if command_name == "train":
+        extra = sorted(set(options) - set(fields))
+        problems += [f"train: option {name} is no TrainConfig field" for name in extra]
+    assert problems == []
+
+
+def test_the_agreement_tests_name_what_disagrees(monkeypatch):
+    """A parameter the command lacks, or one with another default, is named."""
+    entry = ENTRY_POINTS["train"]
+    parameters = {**entry["parameters"], "lr_typo": {"type": "float", "default": 1}}
+    parameters["epochs"] = {"type": "float", "default": 7}
+    monkeypatch.setitem(ENTRY_POINTS, "train", {**entry, "parameters": parameters})
+    assert _disagreements("train") == [
+        "train: epochs defaults to 7 in MLproject, 20 on the command line",
+        "train: parameter lr_typo is no option of the command",
+    ]
 
 
 def test_conda_environment_lists_what_the_package_needs():
