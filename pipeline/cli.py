@@ -32,6 +32,7 @@ from pipeline.data import DataError
 from pipeline.executors import EXECUTORS, ExecutorSettings
 from pipeline.model import summary
 from pipeline.norms import REGISTRY
+from pipeline.records import recipe_value
 
 log = logging.getLogger("pipeline")
 
@@ -483,7 +484,7 @@ def registry_show(name: str) -> None:
     for row in rows:
         params = tracking.run_params(row["run_id"]) if row["run_id"] else {}
         for key in _RESOLVED_COLUMNS:
-            row[key] = tracking.resolved_param(params, key)
+            row[key] = recipe_value(params, key) or ""
         metrics = tracking.run_metrics(row["run_id"]) if row["run_id"] else {}
         for key in ("train_acc", "test_loss", "train_seconds"):
             row[key] = f"{metrics[key]:.4f}" if key in metrics else ""

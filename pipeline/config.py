@@ -49,9 +49,9 @@ DEFAULT_DATA = "~/.cache/cifar10"  # where torchvision downloads CIFAR-10 when i
 # of its own (each norm's entry in pipeline/norms.py holds it, the rest is norms.SHARED_RECIPE).
 # Each value was chosen on the validation split by `sweep` + `compare`'s lever table over 3
 # seeds, adopted only where its paired gain exceeded twice its standard error: batch 128 for
-# batch and layer norm, 256 for group norm (docs/results.md#the-recipe-re-decided-on-validation);
+# batch and layer norm, 256 for group norm (docs/history.md#the-recipe-re-decided-on-validation);
 # Muon for batch, group and layer norm, SiLU for batch and group norm and average pooling for
-# layer norm (docs/results.md#third-round-muon-the-activation-and-the-pooling). The resolved
+# layer norm (docs/history.md#third-round-muon-the-activation-and-the-pooling). The resolved
 # value is what a run logs as its param.
 RECIPES: dict[str, dict[str, int | float | str]] = {
     name: {**SHARED_RECIPE, **entry.recipe} for name, entry in REGISTRY.items()

@@ -17,15 +17,10 @@ from datetime import datetime
 # logged as `resolved.<name>` beside the option as given. Runs from before logged the resolved
 # value as the plain param.
 RESOLVED_PREFIX = "resolved."
-RESOLVED_PARAMS = (
-    "optimizer",
-    "activation",
-    "pool",
-    "batch_size",
-    "learning_rate",
-    "muon_lr",
-    "precision",
-)
+# The settings a run resolves from its config ("auto" and 0 to the norm's recipe), then what
+# its set-up resolved: the precision and the device it ran on.
+RESOLVED_SETTINGS = ("optimizer", "activation", "pool", "batch_size", "learning_rate", "muon_lr")
+RESOLVED_PARAMS = (*RESOLVED_SETTINGS, "precision", "device")
 
 
 @dataclass(frozen=True)

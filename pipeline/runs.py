@@ -34,14 +34,12 @@ from pipeline.config import (
 from pipeline.data import DatasetStats
 from pipeline.model import RawImageClassifier, receptive_fields, summary
 from pipeline.norms import REGISTRY
+from pipeline.records import RESOLVED_SETTINGS
 from pipeline.step_runs import PROJECT_DIR, finish_resumed_step
 
 log = logging.getLogger(__name__)
 
 Echo = Callable[[str], None]
-# The settings whose "per norm" value (0, auto) a run resolves, logged as `resolved.<name>`
-# with the precision and device it ran with (`registry show` and the report read them).
-RESOLVED_SETTINGS = ("optimizer", "activation", "pool", "batch_size", "learning_rate", "muon_lr")
 
 
 @contextlib.contextmanager

@@ -25,13 +25,11 @@ from pipeline import stores
 from pipeline.config import DEFAULT_EXPERIMENT
 from pipeline.engine import EpochMetrics
 from pipeline.executors import NODE_ENV, NODE_TAG
-from pipeline.records import RunRecord
+from pipeline.records import RESOLVED_PREFIX, RunRecord
 
 log = logging.getLogger(__name__)
 
 MODEL_ARTIFACT = "model"
-# A training's recipe as it ran, "auto" and 0 resolved: `resolved.optimizer`, ...
-RESOLVED_PREFIX = "resolved."
 
 
 class TrackingError(RuntimeError):
@@ -214,11 +212,6 @@ def log_resolved(values: dict[str, str]) -> None:
     """`resolved.<name>` params: what a setting logged as given (`optimizer auto`, which
     `mlflow run` logs before our code starts and which cannot change) resolved to."""
     log_params({f"{RESOLVED_PREFIX}{name}": value for name, value in values.items()})
-
-
-def resolved_param(params: dict[str, str], name: str) -> str:
-    """A run's `resolved.<name>`, or its plain param where it predates them."""
-    return params.get(f"{RESOLVED_PREFIX}{name}", params.get(name, ""))
 
 
 def set_tags(tags: dict[str, str]) -> None:

@@ -176,3 +176,19 @@ def test_no_mlflow_plugin_is_registered_by_this_package():
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     groups = project.get("entry-points", {})
     assert not [group for group in groups if group.startswith("mlflow.")]
+
+
+def test_every_module_of_the_package_sits_in_a_declared_layer():
+    """`lint-imports` checks only the modules its layers name: a module left out of them could
+    import upwards unseen, so every module and subpackage of `pipeline` must be named."""
+    contracts = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["importlinter"]
+    [layers] = [c["layers"] for c in contracts["contracts"] if c["type"] == "layers"]
+    declared = {name.strip() for layer in layers for name in re.split(r"[|:]", layer)}
+    package = REPO / "pipeline"
+    top = {
+        f"pipeline.{path.stem if path.is_file() else path.name}"
+        for path in package.iterdir()
+        if (path.suffix == ".py" and path.stem != "__init__") or (path / "__init__.py").is_file()
+    }
+    assert sorted(top - declared) == []
+    assert sorted(declared - top) == []
