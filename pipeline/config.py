@@ -247,6 +247,12 @@ class TrainConfig:
     muon_renormalize: bool = setting(
         True, "optimizer=muon: reset each filter tensor's norm to sqrt(out channels) every step."
     )
+    muon_ns_steps: int = setting(
+        5,
+        "optimizer=muon: Newton-Schulz iterations that orthogonalize each filter's update "
+        "(Jordan, 2024, and torch.optim.Muon: 5).",
+        check=int_range(1, 10),
+    )
     tta: str = setting(
         DEFAULT_TTA,
         f"Test-time augmentation: {', '.join(TTA_MODES)}. How each epoch's validation and test "

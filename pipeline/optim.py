@@ -22,12 +22,14 @@ def make_optimizer(
     muon_lr: float = 0.03,
     muon_momentum: float = 0.9,
     muon_renormalize: bool = True,
+    muon_ns_steps: int = 5,
 ) -> torch.optim.Optimizer:
     """SGD with Nesterov momentum; weight decay on conv weights only, never on norms or biases.
     On CUDA the fused kernel, which reads a tensor learning rate on the device (no sync).
 
     `optimizer="muon"`: `MuonSGD`, Muon for every conv filter but the classifier head c10 (at
-    `muon_lr`, `muon_momentum`), the same SGD for the rest; one schedule scales both rates.
+    `muon_lr`, `muon_momentum`, `muon_ns_steps` Newton-Schulz iterations), the same SGD for
+    the rest; one schedule scales both rates.
     """
     check_choice("optimizer", optimizer, OPTIMIZERS)
     fused = True if all(p.is_cuda for p in model.parameters()) else None
@@ -51,6 +53,7 @@ def make_optimizer(
             lr=learning_rate,
             momentum=momentum,
             renormalize=muon_renormalize,
+            ns_steps=muon_ns_steps,
             fused=fused,
         )
     decay = [p for p in model.parameters() if p.ndim > 1]

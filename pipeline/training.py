@@ -192,6 +192,7 @@ def _optimizer_and_schedule(
         muon_lr=recipe.muon_lr,
         muon_momentum=recipe.muon_momentum,
         muon_renormalize=recipe.muon_renormalize,
+        muon_ns_steps=recipe.muon_ns_steps,
     )
     scheduler = optim.make_scheduler(
         optimizer,

@@ -9,9 +9,10 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from pipeline import training
-from pipeline.config import TrainConfig
+from pipeline.config import ConfigError, TrainConfig
 
 PINNED = json.loads((Path(__file__).parent / "pinned_training.json").read_text())
 
@@ -36,3 +37,29 @@ def test_a_tiny_fp32_training_gives_the_pinned_metrics(norm, image_folder, monke
         for record in records
     ]
     assert measured == [pytest.approx(epoch, rel=1e-3) for epoch in PINNED[norm]]
+
+
+def test_muon_ns_steps_reaches_the_optimizer_and_changes_what_trains():
+    """A setting added by docs/normalizations.md#adding-a-setting: one field in config.py, used
+    by the builder; its option (`--muon-ns-steps`, `--muon_ns_steps`) follows."""
+    from click.testing import CliRunner
+
+    from pipeline.cli import cli
+    from pipeline.model import Net
+
+    weights = {}
+    for steps in (5, 3):
+        recipe = TrainConfig(norm="batch", optimizer="muon", muon_ns_steps=steps, epochs=1)
+        torch.manual_seed(0)
+        model = Net(norm="batch")
+        built = training.build_training(model, recipe, train_images=512)
+        [muon] = [g for g in built.state.optimizer.param_groups if g.get("muon")]
+        assert muon["ns_steps"] == steps
+        images, labels = torch.randn(8, 3, 32, 32), torch.arange(8) % 10
+        built.step(images, labels)
+        weights[steps] = model.C2.conv.weight.detach().clone()
+    assert not torch.equal(weights[5], weights[3])
+    with pytest.raises(ConfigError, match="muon_ns_steps must be"):
+        TrainConfig(muon_ns_steps=0)
+    help_text = CliRunner().invoke(cli, ["train", "--help"]).output
+    assert "--muon-ns-steps" in help_text and "Newton-Schulz" in help_text
