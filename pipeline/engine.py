@@ -16,8 +16,8 @@ from torch.optim.swa_utils import AveragedModel
 from tqdm.auto import tqdm
 
 from pipeline import graphs
+from pipeline.batches import DeviceSplit, Normalizer, eval_batches, train_batches
 from pipeline.config import DEFAULT_TTA, TTA_MODES, TrainConfig, check_choice
-from pipeline.data import DeviceSplit, Normalizer, eval_batches, train_batches
 from pipeline.device import eval_batch_size_for
 from pipeline.graphs import GraphedForward
 

@@ -284,7 +284,7 @@ class Net(nn.Sequential):
 class RawImageClassifier(nn.Module):
     """What a registered model serves: uint8 RGB images `(N, 3, 32, 32)`, values 0-255, in;
     class logits `(N, classes)` out. The training split's per-channel mean and std normalise
-    inside, with the arithmetic of training's `data.Normalizer`, so a user needs neither the
+    inside, with the arithmetic of training's `batches.Normalizer`, so a user needs neither the
     run's stats.json nor this package's preprocessing."""
 
     takes_raw_images = True  # (a class attribute survives pickling by value: see tracking)

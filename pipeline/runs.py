@@ -18,9 +18,9 @@ from pathlib import Path
 
 import torch
 
+from pipeline import batches, engine, model_registry, plots, tracking, training
 from pipeline import data as datasets
 from pipeline import device as devices
-from pipeline import engine, model_registry, plots, tracking, training
 from pipeline import report as comparison
 from pipeline.config import (
     MAX_EPOCHS,
@@ -343,8 +343,8 @@ def evaluate_model(config: EvalConfig, *, echo: Echo = log.info) -> str:
         normalize = _raw_images  # it normalises inside, as it was trained
     else:  # a model logged before the models took raw images wants them normalised
         stats = load_stats(config.stats or f"runs:/{source.run_id}/stats.json", dataset)
-        normalize = datasets.Normalizer(stats, device=device, memory_format=torch.contiguous_format)
-    test_split = datasets.to_device(dataset.test_images, dataset.test_labels, device=device)
+        normalize = batches.Normalizer(stats, device=device, memory_format=torch.contiguous_format)
+    test_split = batches.to_device(dataset.test_images, dataset.test_labels, device=device)
     label = model_label(run_id=source.run_id, name=source.name, version=source.version)
     source_params = tracking.run_params(source.run_id)
     trained_tta = source_params.get("tta", TTA_BEFORE_PARAM)

@@ -15,9 +15,9 @@ import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
+from pipeline import batches, engine, optim
 from pipeline import data as datasets
 from pipeline import device as devices
-from pipeline import engine, optim
 from pipeline.config import VAL_SEED, ConfigError, TrainConfig
 from pipeline.data import DataError, DatasetStats
 from pipeline.graphs import GraphedForward
@@ -78,7 +78,7 @@ def prepare_training(
     dataset = datasets.load_dataset(config.data)
     stats = load_stats(config.stats, dataset)
     memory_format = devices.memory_format_for(config.norm, device)
-    normalize = datasets.Normalizer(stats, device=device, memory_format=memory_format)
+    normalize = batches.Normalizer(stats, device=device, memory_format=memory_format)
     images, labels = dataset.train_images, dataset.train_labels
     validation, val_split = None, None
     if config.val_size:
@@ -91,9 +91,9 @@ def prepare_training(
         )
         held = np.zeros(len(labels), dtype=bool)
         held[validation.indices] = True
-        val_split = datasets.to_device(images[held], labels[held], device=device)
+        val_split = batches.to_device(images[held], labels[held], device=device)
         images, labels = images[~held], labels[~held]
-    train_split = datasets.to_device(images, labels, device=device)
+    train_split = batches.to_device(images, labels, device=device)
     model = model.to(device=device, memory_format=memory_format)
     if config.whiten:
         model.init_whitening(normalize(train_split.images[:WHITENING_IMAGES]))
@@ -102,7 +102,7 @@ def prepare_training(
     cuda_graphs, cuda_graphs_note = devices.resolve_cuda_graphs(
         config.cuda_graphs, device, compile=config.compile
     )
-    test_split = datasets.to_device(dataset.test_images, dataset.test_labels, device=device)
+    test_split = batches.to_device(dataset.test_images, dataset.test_labels, device=device)
     return TrainingSetup(
         model=model,
         parameters=count_parameters(model),

@@ -45,6 +45,7 @@ from pathlib import Path
 
 import torch
 
+from pipeline import batches
 from pipeline import data as datasets
 from pipeline import device as devices
 from pipeline.config import ConfigError, TrainConfig, parse_norms
@@ -273,7 +274,7 @@ def run_benchmark(arguments: argparse.Namespace, *, command: str) -> str:
             f"--batch-size must be at most the training split's {train_count} images "
             f"(got {batch_size})"
         )
-    train_split = datasets.to_device(dataset.train_images, dataset.train_labels, device=device)
+    train_split = batches.to_device(dataset.train_images, dataset.train_labels, device=device)
 
     speed = throughput.measure(
         dataset,
@@ -324,7 +325,7 @@ def run_benchmark(arguments: argparse.Namespace, *, command: str) -> str:
         )
     graph_speeds: list[graphs.GraphSpeed] = []
     if arguments.graphs:
-        test_split = datasets.to_device(dataset.test_images, dataset.test_labels, device=device)
+        test_split = batches.to_device(dataset.test_images, dataset.test_labels, device=device)
         graph_speeds = graphs.measure(
             train_split,
             test_split,

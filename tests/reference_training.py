@@ -10,15 +10,15 @@ import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from pipeline import data, optim
+from pipeline import batches, optim
 
 
 def reference_batches(
-    split: data.DeviceSplit,
+    split: batches.DeviceSplit,
     *,
     batch_size: int,
     generator: torch.Generator,
-    normalize: data.Normalizer,
+    normalize: batches.Normalizer,
     translate: int = 4,
     flip: bool = True,
     cutout: int = 0,
@@ -55,9 +55,9 @@ def reference_batches(
 
 def reference_fit(
     model: nn.Module,
-    train: data.DeviceSplit,
+    train: batches.DeviceSplit,
     *,
-    normalize: data.Normalizer,
+    normalize: batches.Normalizer,
     epochs: int,
     batch_size: int,
     learning_rate: float,

@@ -8,6 +8,7 @@ from conftest import CLASSES, TEST_PER_CLASS, TRAIN_PER_CLASS, make_split_arrays
 from PIL import Image
 from reference_training import reference_batches
 
+from pipeline import batches as batching
 from pipeline import data
 from pipeline.data import DataError, DatasetStats
 
@@ -154,20 +155,20 @@ def test_stats_match_numpy_and_round_trip_through_json():
 
 def _split(count=16):
     arrays = make_split_arrays()
-    return data.to_device(
+    return batching.to_device(
         arrays["train_images"][:count], arrays["train_labels"][:count], device=torch.device("cpu")
     )
 
 
 def _identity_normalizer():
     stats = DatasetStats(mean=(0.0, 0.0, 0.0), std=(1 / 255, 1 / 255, 1 / 255))
-    return data.Normalizer(stats, device=torch.device("cpu"), memory_format=torch.channels_last)
+    return batching.Normalizer(stats, device=torch.device("cpu"), memory_format=torch.channels_last)
 
 
 def test_batches_without_augmentation_are_the_normalised_images_in_shuffled_order():
     split = _split()
     batches = list(
-        data.train_batches(
+        batching.train_batches(
             split,
             batch_size=8,
             generator=torch.Generator().manual_seed(0),
@@ -190,7 +191,7 @@ def test_batches_without_augmentation_are_the_normalised_images_in_shuffled_orde
 def test_augmented_images_are_shifted_or_mirrored_copies_of_their_source():
     split = _split(8)
     generator = torch.Generator().manual_seed(1)
-    (images, labels), *_ = data.train_batches(
+    (images, labels), *_ = batching.train_batches(
         split, batch_size=8, generator=generator, normalize=_identity_normalizer(), translate=4
     )
     padded = torch.nn.functional.pad(split.images.float(), (4, 4, 4, 4))
@@ -216,7 +217,7 @@ def test_batches_are_reproducible_from_the_generator_seed():
     def first_batch(seed):
         generator = torch.Generator().manual_seed(seed)
         return next(
-            data.train_batches(
+            batching.train_batches(
                 _split(), batch_size=8, generator=generator, normalize=_identity_normalizer()
             )
         )[0]
@@ -264,10 +265,10 @@ def test_cutout_blanks_one_square_per_image_to_the_mean():
     split = _split(8)
     generator = torch.Generator().manual_seed(2)
     stats = DatasetStats(mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
-    normalize = data.Normalizer(
+    normalize = batching.Normalizer(
         stats, device=torch.device("cpu"), memory_format=torch.channels_last
     )
-    (images, _), *_ = data.train_batches(
+    (images, _), *_ = batching.train_batches(
         split,
         batch_size=8,
         generator=generator,
@@ -295,7 +296,7 @@ def test_an_epoch_drawn_ahead_gives_the_batches_and_generator_of_drawing_batch_b
         batch_size=8, normalize=_identity_normalizer(), translate=translate, cutout=cutout
     )
     ours, theirs = torch.Generator().manual_seed(9), torch.Generator().manual_seed(9)
-    drawn = list(data.train_batches(split, generator=ours, flip=flip, **options))
+    drawn = list(batching.train_batches(split, generator=ours, flip=flip, **options))
     expected = list(reference_batches(split, generator=theirs, flip=flip, **options))
     assert len(drawn) == len(expected) == 5
     for (images, labels), (want_images, want_labels) in zip(drawn, expected, strict=True):

@@ -6,7 +6,7 @@ from conftest import make_split_arrays
 from reference_training import reference_fit
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from pipeline import data, engine, optim, training
+from pipeline import batches, data, engine, optim, training
 from pipeline import device as devices
 from pipeline.config import ConfigError, TrainConfig
 from pipeline.model import Net
@@ -16,12 +16,12 @@ CPU = torch.device("cpu")
 
 def _splits(count=None):
     arrays = make_split_arrays()
-    train = data.to_device(
+    train = batches.to_device(
         arrays["train_images"][:count], arrays["train_labels"][:count], device=CPU
     )
-    test = data.to_device(arrays["test_images"], arrays["test_labels"], device=CPU)
+    test = batches.to_device(arrays["test_images"], arrays["test_labels"], device=CPU)
     stats = data.compute_stats(arrays["train_images"])
-    return train, test, data.Normalizer(stats, device=CPU, memory_format=torch.channels_last)
+    return train, test, batches.Normalizer(stats, device=CPU, memory_format=torch.channels_last)
 
 
 def _fit(model, *, count=None, resume_from=None, on_epoch_end=None, **recipe):

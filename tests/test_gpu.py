@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import make_split_arrays
 
-from pipeline import data, engine, graphs, optim, training
+from pipeline import batches, data, engine, graphs, optim, training
 from pipeline import device as devices
 from pipeline.config import TrainConfig
 from pipeline.model import Net
@@ -31,11 +31,11 @@ def cuda(monkeypatch):
 
 def _splits(device, *, norm="batch"):
     arrays = make_split_arrays()
-    train = data.to_device(arrays["train_images"], arrays["train_labels"], device=device)
-    test = data.to_device(arrays["test_images"], arrays["test_labels"], device=device)
+    train = batches.to_device(arrays["train_images"], arrays["train_labels"], device=device)
+    test = batches.to_device(arrays["test_images"], arrays["test_labels"], device=device)
     stats = data.compute_stats(arrays["train_images"])
     memory_format = devices.memory_format_for(norm, device)
-    return train, test, data.Normalizer(stats, device=device, memory_format=memory_format)
+    return train, test, batches.Normalizer(stats, device=device, memory_format=memory_format)
 
 
 def _trainer(norm, device, *, cuda_graph, ema=0.0, steps_per_epoch=10):
@@ -68,7 +68,7 @@ def _batches(train, normalize, *, seed=3):
 
     def epochs():
         while True:
-            yield from data.train_batches(
+            yield from batches.train_batches(
                 train, batch_size=24, generator=generator, normalize=normalize
             )
 

@@ -9,6 +9,7 @@ import torch
 
 from benchmarks.throughput import Measurement, format_rate, measure_training
 from benchmarks.timing import progress
+from pipeline import batches
 from pipeline import data as datasets
 from pipeline import device as devices
 from pipeline.config import MAX_EPOCHS
@@ -22,7 +23,7 @@ class CompileCost:
 
 
 def measure(
-    train_split: datasets.DeviceSplit,
+    train_split: batches.DeviceSplit,
     stats: datasets.DatasetStats,
     *,
     norms: list[str],

@@ -9,9 +9,9 @@ from dataclasses import dataclass
 import torch
 
 from benchmarks.timing import progress, synchronize, timed
+from pipeline import batches, engine
 from pipeline import data as datasets
 from pipeline import device as devices
-from pipeline import engine
 from pipeline.config import TTA_MODES, TrainConfig
 from pipeline.model import Net
 
@@ -32,7 +32,7 @@ class EvaluationCost:
 
 
 def measure_evaluation(
-    test_split: datasets.DeviceSplit,
+    test_split: batches.DeviceSplit,
     stats: datasets.DatasetStats,
     *,
     norm: str,
@@ -47,10 +47,10 @@ def measure_evaluation(
     device = test_split.images.device
     torch.manual_seed(seed)
     model = Net(norm=norm, groups=DEFAULTS.groups).to(device, memory_format=memory_format)
-    normalize = datasets.Normalizer(stats, device=device, memory_format=memory_format)
-    warmup = datasets.DeviceSplit(test_split.images[:batch_size], test_split.labels[:batch_size])
+    normalize = batches.Normalizer(stats, device=device, memory_format=memory_format)
+    warmup = batches.DeviceSplit(test_split.images[:batch_size], test_split.labels[:batch_size])
 
-    def run(split: datasets.DeviceSplit) -> None:
+    def run(split: batches.DeviceSplit) -> None:
         engine.evaluate(
             model,
             split,
@@ -90,7 +90,7 @@ def measure(
     eval_batch_size = devices.eval_batch_size_for(device)
     # The default evaluation batch, and the GPU's 1,024 beside it where the default differs.
     eval_batch_sizes = sorted({eval_batch_size, EVAL_BATCH_SIZE_BEFORE})
-    test_split = datasets.to_device(dataset.test_images, dataset.test_labels, device=device)
+    test_split = batches.to_device(dataset.test_images, dataset.test_labels, device=device)
     for norm, tta, size in itertools.product(norms, TTA_MODES, eval_batch_sizes):
         progress(f"{norm}: evaluation of {test_count:,} test images, tta={tta}, batch {size}")
         evaluation_costs.append(

@@ -11,9 +11,9 @@ import torch
 
 from benchmarks.throughput import format_rate, measure_training
 from benchmarks.timing import progress, synchronize, timed
+from pipeline import batches, engine, graphs
 from pipeline import data as datasets
 from pipeline import device as devices
-from pipeline import engine, graphs
 from pipeline.config import TrainConfig
 from pipeline.model import Net
 
@@ -32,8 +32,8 @@ class GraphSpeed:
 
 
 def measure(
-    train_split: datasets.DeviceSplit,
-    test_split: datasets.DeviceSplit,
+    train_split: batches.DeviceSplit,
+    test_split: batches.DeviceSplit,
     stats: datasets.DatasetStats,
     *,
     norms: list[str],
@@ -94,7 +94,7 @@ def measure(
 
 
 def measure_evaluation(
-    test_split: datasets.DeviceSplit,
+    test_split: batches.DeviceSplit,
     stats: datasets.DatasetStats,
     *,
     norm: str,
@@ -110,7 +110,7 @@ def measure_evaluation(
     torch.manual_seed(seed)
     model = Net(norm=norm, groups=TrainConfig().groups)
     model = model.to(device, memory_format=memory_format).eval()
-    normalize = datasets.Normalizer(stats, device=device, memory_format=memory_format)
+    normalize = batches.Normalizer(stats, device=device, memory_format=memory_format)
     graphed = graphs.GraphedForward(
         model,
         forward=engine.tta_logits,

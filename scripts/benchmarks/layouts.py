@@ -14,12 +14,13 @@ from benchmarks.throughput import (
     measure_training,
 )
 from benchmarks.timing import progress
+from pipeline import batches
 from pipeline import data as datasets
 from pipeline import device as devices
 
 
 def measure(
-    train_split: datasets.DeviceSplit,
+    train_split: batches.DeviceSplit,
     stats: datasets.DatasetStats,
     *,
     norms: list[str],

@@ -14,6 +14,7 @@ from PIL import Image
 from torch import nn
 
 from benchmarks.timing import progress, timed_steps
+from pipeline import batches as batching
 from pipeline import data as datasets
 from pipeline import device as devices
 from pipeline import engine, graphs, optim
@@ -154,7 +155,7 @@ def measure_reference(
 
 
 def measure_training(
-    train_split: datasets.DeviceSplit,
+    train_split: batching.DeviceSplit,
     stats: datasets.DatasetStats,
     *,
     norm: str,
@@ -178,7 +179,7 @@ def measure_training(
     model = model.to(device=device, memory_format=memory_format)
     if compile_model:
         model.compile()
-    normalize = datasets.Normalizer(stats, device=device, memory_format=memory_format)
+    normalize = batching.Normalizer(stats, device=device, memory_format=memory_format)
     generator = torch.Generator().manual_seed(seed)
     optimizer = optim.make_optimizer(
         model,
@@ -204,7 +205,7 @@ def measure_training(
         warmup_steps = max(warmup_steps, graphs.GRAPH_WARMUP_STEPS + 1)
 
     def epoch_batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        return datasets.train_batches(
+        return batching.train_batches(
             train_split, batch_size=batch_size, generator=generator, normalize=normalize
         )
 
@@ -240,7 +241,7 @@ def measure_training(
 def measure(
     dataset: datasets.ArrayDataset,
     stats: datasets.DatasetStats,
-    train_split: datasets.DeviceSplit,
+    train_split: batching.DeviceSplit,
     *,
     norms: list[str],
     device: torch.device,
