@@ -226,6 +226,6 @@ def portable_model(model: torch.nn.Module, config: TrainConfig) -> Net:
     """The trained weights in a plain model on the CPU, NCHW, as they are logged: a
     channels_last model's weights are strided views, which torch.export's archive writer warns
     about ("No complete tensor found"), and a compiled one is not what a user loads."""
-    plain = Net(**config.model_options())
+    plain = build_model(config)
     plain.load_state_dict(model.state_dict())
     return plain.eval()
