@@ -16,13 +16,12 @@ import traceback
 
 import click
 
-from pipeline import model_registry, runs, tracking, training, workflow
+from pipeline import evaluation, model_registry, runs, tracking, training, workflow
 from pipeline import sweep as sweeps
 from pipeline.config import (
     NORMS,
     PER_NORM_VALUES,
     STUDY_NORMS,
-    TTA_MODES,
     ConfigError,
     EvalConfig,
     TrainConfig,
@@ -100,12 +99,17 @@ STUDY_NORM_HELP = (
 
 
 def train_options(*, exclude: tuple[str, ...] = (), only: tuple[str, ...] = ()):
-    """The click options of TrainConfig's fields, made from their declarations (config.setting):
+    """The click options of TrainConfig's fields (see `config_options`)."""
+    return config_options(TrainConfig, exclude=exclude, only=only)
+
+
+def config_options(config, *, exclude: tuple[str, ...] = (), only: tuple[str, ...] = ()):
+    """The click options of a config's fields, made from their declarations (config.setting):
     `--muon-lr` and, as MLflow passes a parameter an entry point does not declare,
     `--muon_lr`; a RECIPES parameter defaults to its "per norm" value (0 or auto)."""
     fields = [
         field
-        for field in dataclasses.fields(TrainConfig)
+        for field in dataclasses.fields(config)
         if field.name not in exclude and (not only or field.name in only)
     ]
 
@@ -129,14 +133,6 @@ def _option_spec(field: dataclasses.Field) -> dict:
         per_norm = (PER_NORM_VALUES[field.name],) if field.name in PER_NORM_VALUES else ()
         spec["type"] = click.Choice((*per_norm, *field.metadata["choices"]), case_sensitive=False)
     return spec
-
-
-def tta_option(default: str, what: str):
-    return click.option(
-        "--tta",
-        default=default,
-        help=f"Test-time augmentation: {', '.join(TTA_MODES)}. {what}.",
-    )
 
 
 # --------------------------------------------------------------------------- prepare-stats
@@ -210,22 +206,11 @@ def _given(context: click.Context, options: dict) -> dict:
     required=True,
     help="runs:/<id>/model, models:/<name>/<version> or models:/<name>@<alias>.",
 )
-@train_options(only=("data",))
-@click.option("--stats", default="", help="Default: the training run's stats.json.")
-@click.option(
-    "--batch-size",
-    "--batch_size",
-    "batch_size",
-    type=int,
-    default=0,
-    show_default=True,
-    help="Images per forward pass; 0: 128 on the CPU, 1024 on a GPU.",
-)
-@train_options(only=("device",))
-@tta_option("", "Default: what the training run used")
+@config_options(EvalConfig, exclude=("model_uri",))
 def evaluate(**options) -> None:
-    """Evaluate a logged or registered model on the test split, in its own run."""
-    runs.evaluate_model(EvalConfig(**options), echo=click.echo)
+    """Evaluate a logged or registered model on the test split, in its own run: accuracy,
+    calibration and, with --corruptions, CIFAR-10-C."""
+    evaluation.evaluate_model(EvalConfig(**options), echo=click.echo)
 
 
 # --------------------------------------------------------------------------- main (the study)
@@ -303,17 +288,27 @@ def _command_line() -> str:
     help="Train seeds 1..SEEDS of each norm (the README's study uses 3).",
 )
 @executor_options
+@config_options(EvalConfig, only=workflow.STUDY_EVALUATION)
 @train_options(exclude=_NOT_STUDY_OPTIONS)
 def study(norm: str, seeds: int, **options) -> None:
     """The whole study: prepare-stats, train each norm x seed, evaluate each model, compare.
 
-    Every other option passes through to each train step. Each step is a child run of this
-    one; a step that already finished with the same parameters and code is reused.
+    The evaluation options reach each evaluate step (bn_stats=test-batch: a second evaluation
+    of each model whose norm has batch statistics); every other option passes through to each
+    train step. Each step is a child run of this one; a step that already finished with the
+    same parameters and code is reused.
     """
     norms = parse_norms(norm)
     executor = _executor_settings(options)
+    evaluation_options = {key: options.pop(key) for key in workflow.STUDY_EVALUATION}
     run_id, results = workflow.study(
-        norms, seeds, options=options, executor=executor, command=_command_line(), echo=click.echo
+        norms,
+        seeds,
+        options=options,
+        evaluation=evaluation_options,
+        executor=executor,
+        command=_command_line(),
+        echo=click.echo,
     )
     reused = sum(result.reused for result in results)
     click.echo(

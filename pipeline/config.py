@@ -82,8 +82,9 @@ def setting(
     choices: tuple[str, ...] = (),
     click_choice: bool = False,
 ) -> dataclasses.Field:
-    """A TrainConfig field: its default, its check and its help, the one declaration of a
-    setting; the click options (cli.train_options) and MLproject follow from it.
+    """A TrainConfig or EvalConfig field: its default, its check and its help, the one
+    declaration of a setting; the click options (cli.config_options) and MLproject follow
+    from it.
 
     `choices` are checked here (`norm must be one of ...`) unless `click_choice`, where click
     refuses other values already (`'adam' is not one of ...`); a RECIPES parameter's click
@@ -114,6 +115,9 @@ def _check_data(name: str, value: object) -> None:
         raise ConfigError(f"{name} must be a CIFAR-10 directory, an image-folder tree or a .tar.gz")
 
 
+_DATA_HELP = "CIFAR-10 directory (downloaded there when missing), image-folder tree or .tar.gz."
+_DEVICE_HELP = "auto (cuda > mps > cpu), cpu, cuda or mps."
+_EVAL_BATCH_HELP = "Images per forward pass; 0: 128 on the CPU, 1024 on a GPU."
 _BF16_NORMS = ", ".join(name for name, entry in REGISTRY.items() if entry.bf16) or "none yet"
 _STANDARDIZED = ", ".join(name for name, entry in REGISTRY.items() if entry.standardize)
 _NORM_HELP = "; ".join(f"{name}: {entry.description}" for name, entry in REGISTRY.items()) + "."
@@ -266,15 +270,11 @@ class TrainConfig:
         check=int_range(0, 1_000_000),
     )
     seed: int = setting(1, check=int_range(0, 2**31 - 1))
-    data: str = setting(
-        DEFAULT_DATA,
-        "CIFAR-10 directory (downloaded there when missing), image-folder tree or .tar.gz.",
-        check=_check_data,
-    )
+    data: str = setting(DEFAULT_DATA, _DATA_HELP, check=_check_data)
     stats: str = setting(
         "", "stats.json path or runs:/<id>/stats.json; empty computes (and caches) them."
     )
-    device: str = setting("auto", "auto (cuda > mps > cpu), cpu, cuda or mps.", choices=DEVICES)
+    device: str = setting("auto", _DEVICE_HELP, choices=DEVICES)
     precision: str = setting(
         "auto",
         "auto: fp32, or bf16 autocast for the norms measured to hold their accuracy in it "
@@ -311,12 +311,7 @@ class TrainConfig:
             if _asks_for_recipe(getattr(self, name), PER_NORM_VALUES[name]):
                 object.__setattr__(self, name, value)
         object.__setattr__(self, "standardize", str(self.standardize).lower())
-        for field in dataclasses.fields(self):
-            value = getattr(self, field.name)
-            if field.type == "bool":
-                check_bool(field.name, value)
-            elif field.metadata["check"]:
-                field.metadata["check"](field.name, value)
+        check_fields(self)
         check_norm_batch(self.norm_batch, norm=self.norm, batch_size=self.batch_size)
         if not REGISTRY[self.norm].activation and self.activation != "relu":
             raise ConfigError(
@@ -408,28 +403,83 @@ def model_label(*, run_id: str, name: str | None = None, version: str | None = N
     return f"{name}-v{version}" if version else run_id[:8]
 
 
+# Batch norm at evaluation: the running statistics of training, or each test batch's own.
+BN_STATS = ("running", "test-batch")
+NO_CORRUPTIONS, GENERATED_CORRUPTIONS = "none", "generated"  # or a directory of CIFAR-10-C
+
+
+def _check_model_uri(name: str, value: object) -> None:
+    if not str(value).startswith(("runs:/", "models:/")):
+        raise ConfigError(
+            f"{name} must look like runs:/<run_id>/model, models:/<name>/<version> "
+            f"or models:/<name>@<alias> (got {value!r})"
+        )
+
+
 @dataclass(frozen=True)
 class EvalConfig:
-    model_uri: str
-    data: str = DEFAULT_DATA
-    stats: str = ""
-    batch_size: int = 0  # 0: device.eval_batch_size_for the device
-    device: str = "auto"
-    tta: str = ""  # empty: what the training run evaluated with
+    """Everything `evaluate` needs: a setting is one `setting(...)` here, as in TrainConfig;
+    `evaluate`'s options (and `main`'s evaluation options) are made from it."""
+
+    model_uri: str = setting(
+        "",
+        "runs:/<id>/model, models:/<name>/<version> or models:/<name>@<alias>.",
+        check=_check_model_uri,
+    )
+    data: str = setting(DEFAULT_DATA, _DATA_HELP, check=_check_data)
+    stats: str = setting("", "Default: the training run's stats.json.")
+    batch_size: int = setting(0, _EVAL_BATCH_HELP, check=int_range(0, 65536))
+    device: str = setting("auto", _DEVICE_HELP, choices=DEVICES)
+    tta: str = setting(
+        "",
+        f"Test-time augmentation: {', '.join(TTA_MODES)}. Default: what the training run used.",
+        check=lambda name, value: value and check_choice(name, value, TTA_MODES),
+    )
+    corruptions: str = setting(
+        NO_CORRUPTIONS,
+        f"{NO_CORRUPTIONS}; {GENERATED_CORRUPTIONS}: CIFAR-10-C's 15 corruptions x 5 severities "
+        "built from the test split (cached per data, eval_seed and implementation); or a "
+        "directory of the published CIFAR-10-C files (<corruption>.npy, labels.npy).",
+    )
+    corruption_tta: str = setting(
+        "none",
+        "Test-time augmentation of the corrupted images (the clean figures keep tta).",
+        choices=TTA_MODES,
+    )
+    bn_stats: str = setting(
+        "running",
+        "running: batch norm normalizes with the statistics learned in training; test-batch: "
+        "with each test batch's own (bn_stats_batch images, shuffled by eval_seed). Only for "
+        f"a norm with batch statistics ({', '.join(BATCH_STATISTICS_NORMS)}).",
+        choices=BN_STATS,
+    )
+    bn_stats_batch: int = setting(
+        128,
+        "bn_stats=test-batch: images per test batch whose statistics batch norm takes (not "
+        "batch_size); the last partial batch joins the one before.",
+        check=int_range(2, 65536),
+    )
+    eval_seed: int = setting(
+        0,
+        "Seeds the generated corruptions and the test-batch shuffle (not the training's seed).",
+        check=int_range(0, 2**31 - 1),
+    )
 
     def __post_init__(self) -> None:
-        if not self.model_uri.startswith(("runs:/", "models:/")):
-            raise ConfigError(
-                "model_uri must look like runs:/<run_id>/model, models:/<name>/<version> "
-                f"or models:/<name>@<alias> (got {self.model_uri!r})"
-            )
-        check_int_range("batch_size", self.batch_size, low=0, high=65536)
-        check_choice("device", self.device, DEVICES)
-        if self.tta:
-            check_choice("tta", self.tta, TTA_MODES)
+        check_fields(self)
 
     def as_params(self) -> dict[str, str]:
         return {f.name: _param_string(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+
+def check_fields(config: object) -> None:
+    """Run each `setting(...)` field's check (a bool field must be a bool)."""
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        if field.type == "bool":
+            check_bool(field.name, value)
+        elif field.metadata.get("check"):
+            field.metadata["check"](field.name, value)
 
 
 def _param_string(value: object) -> str:

@@ -338,3 +338,77 @@ def batch_dependence_figure(points: pd.DataFrame, references: pd.DataFrame) -> F
     axis.legend(title="norm (band: run min-max)")
     figure.tight_layout()
     return figure
+
+
+# --------------------------------------------------------------------------- robustness
+
+
+def reliability_figure(
+    panels: Mapping[str, tuple[Mapping, Mapping | None]], *, title: str = ""
+) -> Figure:
+    """Reliability diagrams side by side: per panel (its title -> the bins before and, where
+    given, after the temperature: dicts of calibration.ReliabilityDiagram's edges, confidence,
+    accuracy and count), each bin's accuracy as a bar against the diagonal of perfect
+    calibration, the calibrated bins as a line."""
+    columns = min(len(panels), PANELS_PER_ROW) or 1
+    rows = max(1, -(-len(panels) // columns))
+    figure, axes = plt.subplots(
+        rows, columns, figsize=(4.2 * columns, 4.2 * rows), squeeze=False, sharey=True
+    )
+    for axis in axes.flat[len(panels) :]:
+        axis.set_visible(False)
+    for axis, (name, (before, after)) in zip(axes.flat, panels.items(), strict=False):
+        edges = np.asarray(before["edges"])
+        centres, width = (edges[:-1] + edges[1:]) / 2, np.diff(edges)
+        shown = np.asarray(before["count"]) > 0
+        axis.bar(
+            centres[shown],
+            np.asarray(before["accuracy"])[shown],
+            width[shown],
+            alpha=0.7,
+            edgecolor="black",
+            label="accuracy per bin",
+        )
+        if after is not None:
+            kept = np.asarray(after["count"]) > 0
+            axis.plot(
+                np.asarray(after["confidence"])[kept],
+                np.asarray(after["accuracy"])[kept],
+                "o-",
+                color="tab:orange",
+                label="after temperature",
+            )
+        axis.plot([0, 1], [0, 1], "--", color="gray", label="perfect calibration")
+        axis.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence", title=name)
+        axis.grid(alpha=0.3)
+        axis.legend(loc="upper left", fontsize=8)
+    for row in axes:
+        row[0].set_ylabel("accuracy")
+    if title:
+        figure.suptitle(title)
+    figure.tight_layout()
+    return figure
+
+
+def severity_figure(points: pd.DataFrame, lines: Mapping[str, str]) -> Figure:
+    """Accuracy against corruption severity (0: the clean test split), one line per entry of
+    `lines` (its name -> its norm), drawn from the rows of `points` (label, severity, mean,
+    min, max: over the corruptions, then the models) whose `label` is its name."""
+    figure, axis = plt.subplots(figsize=(8, 5))
+    colors = line_colors(lines)
+    for line in lines:
+        rows = points[points["label"] == line].sort_values("severity")
+        if rows.empty:
+            continue
+        band = rows.set_index("severity")[["mean", "min", "max"]]
+        _plot_band(axis, band, label=line, color=colors[line], scale=100)
+    axis.set_xticks(range(6), ["clean", "1", "2", "3", "4", "5"])
+    axis.set(
+        xlabel="corruption severity",
+        ylabel="accuracy (%, mean over the corruptions)",
+        title="Accuracy under corruption (CIFAR-10-C)",
+    )
+    axis.grid(alpha=0.3)
+    axis.legend(title="norm (band: model min-max)")
+    figure.tight_layout()
+    return figure

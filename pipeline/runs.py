@@ -18,20 +18,12 @@ from pathlib import Path
 
 import torch
 
-from pipeline import batches, engine, model_registry, plots, tracking, training
 from pipeline import data as datasets
 from pipeline import device as devices
+from pipeline import engine, model_registry, plots, tracking, training
 from pipeline import report as comparison
-from pipeline.config import (
-    MAX_EPOCHS,
-    TTA_BEFORE_PARAM,
-    ConfigError,
-    EvalConfig,
-    TrainConfig,
-    model_label,
-    train_run_name,
-)
-from pipeline.data import DatasetStats
+from pipeline.config import MAX_EPOCHS, ConfigError, TrainConfig, train_run_name
+from pipeline.evaluation import load_stats, norm_tags
 from pipeline.model import RawImageClassifier, receptive_fields, summary
 from pipeline.norms import REGISTRY
 from pipeline.records import RESOLVED_SETTINGS
@@ -54,22 +46,6 @@ def _signals_deferred():
         yield
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
-
-
-def load_stats(spec: str, dataset: datasets.ArrayDataset) -> DatasetStats:
-    """Stats from a path, from a run's artifact (runs:/<id>/stats.json) or computed."""
-    if spec.startswith("runs:/"):
-        return training.load_local_stats(str(tracking.download_artifact(spec)), dataset)
-    return training.load_local_stats(spec, dataset)
-
-
-def _norm_tags(norm: str, groups: str) -> dict[str, str]:
-    """Run and registry tags naming the norm; `groups` only means something for group norm,
-    so only there is it tagged (the param is always logged)."""
-    tags = {"norm": norm}
-    if norm in REGISTRY and REGISTRY[norm].groups and groups:
-        tags["groups"] = groups
-    return tags
 
 
 def _precision_name(autocast_dtype: torch.dtype | None) -> str:
@@ -180,7 +156,7 @@ def train_model(config: TrainConfig, *, echo: Echo = log.info) -> str:
 
 
 def _train_tags(config: TrainConfig, setup: training.TrainingSetup) -> dict[str, str]:
-    tags = {"step": "train", **_norm_tags(config.norm, str(config.groups))}
+    tags = {"step": "train", **norm_tags(config.norm, str(config.groups))}
     if setup.cuda_graphs_note and setup.device.type == "cuda":
         tags["cuda_graphs_note"] = setup.cuda_graphs_note  # why this run on CUDA is not graphed
     if config.beyond_budget:
@@ -294,7 +270,7 @@ def _register(config, setup, history, final, *, model_uri: str, run_id: str, ech
             f"{final.accuracy:.2%}; seed {config.seed}; trained by run {run_id}."
         ),
         tags={
-            **_norm_tags(config.norm, str(config.groups)),
+            **norm_tags(config.norm, str(config.groups)),
             "seed": str(config.seed),
             # The champion is chosen on val_acc; test_acc is reported, never chosen on.
             **({"val_acc": f"{history[-1].val_acc:.4f}"} if _has_val(history) else {}),
@@ -326,109 +302,6 @@ def _model_description(config: TrainConfig, setup: training.TrainingSetup) -> st
 
 def _has_val(history: list[engine.EpochMetrics]) -> bool:
     return bool(history) and history[-1].val_acc is not None
-
-
-def _raw_images(images: torch.Tensor) -> torch.Tensor:
-    return images  # uint8 (B, 3, H, W), as a served model takes them
-
-
-def evaluate_model(config: EvalConfig, *, echo: Echo = log.info) -> str:
-    """Evaluate a logged or registered model on the test split, in its own run; returns its id."""
-    device = devices.resolve_device(config.device)
-    tracking.check_store()
-    source = tracking.resolve_model_uri(config.model_uri)
-    dataset = datasets.load_dataset(config.data)
-    model = tracking.load_model(config.model_uri, device=str(device))
-    if getattr(model, "takes_raw_images", False):
-        normalize = _raw_images  # it normalises inside, as it was trained
-    else:  # a model logged before the models took raw images wants them normalised
-        stats = load_stats(config.stats or f"runs:/{source.run_id}/stats.json", dataset)
-        normalize = batches.Normalizer(stats, device=device, memory_format=torch.contiguous_format)
-    test_split = batches.to_device(dataset.test_images, dataset.test_labels, device=device)
-    label = model_label(run_id=source.run_id, name=source.name, version=source.version)
-    source_params = tracking.run_params(source.run_id)
-    trained_tta = source_params.get("tta", TTA_BEFORE_PARAM)
-    config = dataclasses.replace(config, tta=config.tta or trained_tta)
-    # A model evaluated other than as it was trained says so in its name (the UI's run list).
-    run_name = f"evaluate-{label}" + ("" if config.tta == trained_tta else f"-tta-{config.tta}")
-    tags = _evaluate_tags(config, source, source_params, device=device)
-    with tracking.run(run_name=run_name, tags=tags) as run_id:
-        tracking.log_params(config.as_params())
-        tracking.log_dataset(
-            name=dataset.name,
-            source=dataset.source,
-            digest=dataset.digest,
-            context="test",
-            images=dataset.test_images,
-            labels=dataset.test_labels,
-        )
-        result = engine.evaluate(
-            model,
-            test_split,
-            normalize=normalize,
-            batch_size=config.batch_size or None,
-            tta=config.tta,
-        )
-        per_class = _log_evaluation(result, dataset, label=label)
-    echo(f"test accuracy {100 * result.accuracy:.2f}%  loss {result.loss:.4f} (run {run_id})")
-    for name, accuracy in zip(dataset.classes, per_class, strict=True):
-        echo(f"  {name:<12} {100 * accuracy:6.2f}%")
-    return run_id
-
-
-def _evaluate_tags(config: EvalConfig, source, source_params: dict, *, device) -> dict[str, str]:
-    """The evaluation's tags: what it evaluates, and the training's norm and seed."""
-    tags = {"step": "evaluate", "source_run_id": source.run_id, "model_uri": config.model_uri}
-    if device.type == "cuda":
-        # torch.export's program is run as loaded; only train's own model is captured.
-        tags["cuda_graphs_note"] = "an exported model is not captured; it runs eagerly"
-    if source.version:
-        tags.update({"model_name": source.name or "", "model_version": source.version})
-    if "norm" in source_params:
-        tags.update(_norm_tags(source_params["norm"], source_params.get("groups", "")))
-    if "seed" in source_params:
-        tags["seed"] = source_params["seed"]
-    return tags
-
-
-def _log_evaluation(result, dataset: datasets.ArrayDataset, *, label: str):
-    """Metrics, evaluation.json and the figures of one evaluation; returns per-class accuracy."""
-    labels, predictions = result.labels.numpy(), result.predictions.numpy()
-    matrix = plots.confusion_matrix(labels, predictions, len(dataset.classes))
-    per_class = plots.per_class_accuracy(matrix)
-    by_class = dict(zip(dataset.classes, map(float, per_class), strict=True))
-    tracking.log_metrics(
-        {
-            "test_acc": result.accuracy,
-            "test_loss": result.loss,
-            **{f"class_acc/{name}": accuracy for name, accuracy in by_class.items()},
-        }
-    )
-    tracking.log_dict(
-        {
-            "test_acc": result.accuracy,
-            "test_loss": result.loss,
-            "per_class_accuracy": by_class,
-            "confusion_matrix": matrix.tolist(),
-            "classes": list(dataset.classes),
-        },
-        "evaluation.json",
-    )
-    tracking.log_figure(
-        plots.confusion_matrix_figure(matrix, dataset.classes, title=f"{label}: confusion matrix"),
-        "plots/confusion_matrix.png",
-    )
-    tracking.log_figure(
-        plots.misclassified_grid(
-            dataset.test_images,
-            labels,
-            predictions,
-            dataset.classes,
-            title=f"{label}: misclassified test images",
-        ),
-        "plots/misclassified.png",
-    )
-    return per_class
 
 
 def compare_runs(
@@ -482,6 +355,9 @@ def compare_runs(
         }
         if keys:
             tables["levers"] = comparison.lever_table(study_data)
+        robustness = comparison.robustness_table(study_data)
+        if not robustness.empty:
+            tables["robustness"] = robustness
         for name, frame in tables.items():
             tracking.log_table(frame, f"comparison/tables/{name}.json", run_id=target)
         tracking.set_tags({"report_run_id": target})
@@ -502,6 +378,11 @@ def _echo_comparison(study_data: comparison.Study, keys: tuple[str, ...], *, ech
         )
     for note in [*comparison.findings(table), *comparison.divergence_notes(study_data)]:
         echo(f"- {note}")
+    robustness = comparison.robustness_table(study_data)
+    if not robustness.empty:
+        echo(comparison.markdown_table(comparison.readable_robustness_table(robustness)))
+        for note in comparison.robustness_findings(study_data):
+            echo(f"- {note}")
     if keys:
         levers = comparison.readable_lever_table(comparison.lever_table(study_data), keys)
         echo(comparison.markdown_table(levers))

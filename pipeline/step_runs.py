@@ -161,9 +161,8 @@ class StepRuns:
         still shows every step as one group in the UI; returns the pointer's id."""
         client = MlflowClient()
         original = client.get_run(original_run_id)
-        copied = {
-            k: v for k, v in original.data.tags.items() if k in ("step", "norm", "groups", "seed")
-        }
+        shown = ("step", "norm", "groups", "seed", "bn_stats")
+        copied = {k: v for k, v in original.data.tags.items() if k in shown}
         pointer = client.create_run(
             self.experiment_id,
             run_name=run_name,

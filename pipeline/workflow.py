@@ -19,9 +19,12 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline import model_registry, tracking
+from pipeline import corruptions, model_registry, tracking
 from pipeline import sweep as sweeps
 from pipeline.config import (
+    BATCH_STATISTICS_NORMS,
+    GENERATED_CORRUPTIONS,
+    NO_CORRUPTIONS,
     ConfigError,
     EvalConfig,
     TrainConfig,
@@ -31,6 +34,7 @@ from pipeline.config import (
     model_label,
     train_run_name,
 )
+from pipeline.evaluation import evaluate_run_name
 from pipeline.executors import (
     EXECUTORS,
     NODE_TAG,
@@ -48,6 +52,10 @@ from pipeline.training import build_model
 log = logging.getLogger(__name__)
 
 MAX_SEEDS = 100
+# The evaluate settings `main` passes to its evaluate steps (EvalConfig's fields).
+STUDY_EVALUATION = ("corruptions", "corruption_tta", "bn_stats", "bn_stats_batch", "eval_seed")
+# A stand-in model URI while a study's evaluation settings are checked, before any model exists.
+_NO_MODEL_YET = "runs:/-/model"
 MAX_PARALLEL = 64
 LOCAL = ExecutorSettings()  # one step at a time on this host
 MAX_ATTEMPTS = 3  # runs of one step whose machine went away, before the workflow gives up
@@ -101,6 +109,19 @@ def check_models(configs: Sequence[TrainConfig]) -> None:
         build_model(config)
 
 
+def study_evaluation(evaluation: dict, *, data: str, device: str) -> EvalConfig:
+    """The evaluate settings of a study's steps, checked before any run starts: a corruption
+    directory becomes absolute (the steps run in the project directory) and must hold the
+    published files."""
+    spec = evaluation.get("corruptions", NO_CORRUPTIONS)
+    if spec not in (NO_CORRUPTIONS, GENERATED_CORRUPTIONS):
+        spec = step_data(spec)
+        corruptions.load_published(spec)  # memory-mapped: a check, not a read
+    return EvalConfig(
+        model_uri=_NO_MODEL_YET, data=data, device=device, **{**evaluation, "corruptions": spec}
+    )
+
+
 def step_data(data: str) -> str:
     """`data` as the steps must see it: they run in the project directory, so a relative path
     that exists here becomes absolute (a download directory or URL passes unchanged)."""
@@ -138,12 +159,16 @@ def study(
     options: dict,
     executor: ExecutorSettings,
     command: str,
+    evaluation: dict | None = None,
     echo: Callable[[str], None] = log.info,
 ) -> tuple[str, list[StepResult]]:
-    """The whole study under a parent run: its configs checked before the run starts, its
-    steps the run's children; returns the parent's id and the steps' results."""
+    """The whole study under a parent run: its configs and evaluation settings (`evaluation`:
+    STUDY_EVALUATION's values) checked before the run starts, its steps the run's children;
+    returns the parent's id and the steps' results."""
     options = {**options, "data": step_data(options["data"])}
     configs = study_configs(norms, seeds, **options)
+    evaluated = study_evaluation(evaluation or {}, data=options["data"], device=options["device"])
+    evaluations = {key: getattr(evaluated, key) for key in STUDY_EVALUATION}
     description = (
         f"The study: {', '.join(norms)} norm x seeds 1..{seeds}: prepare-stats, "
         f"{len(configs)} trainings ({configs[0].epochs} epochs each, `{executor.name}` "
@@ -153,9 +178,13 @@ def study(
     return _in_parent_run(
         "study",
         tags={"step": "main", "norms": ",".join(norms), "seeds": str(seeds)},
-        params={"norm": ",".join(norms), "seeds": str(seeds), **_strings(executor, options)},
+        params={
+            "norm": ",".join(norms),
+            "seeds": str(seeds),
+            **_strings(executor, {**options, **evaluations}),
+        },
         description=f"{description}\n\nCommand: `{command}`",
-        steps=lambda: run_study(configs, executor=executor, echo=echo),
+        steps=lambda: run_study(configs, evaluation=evaluated, executor=executor, echo=echo),
     )
 
 
@@ -243,6 +272,7 @@ def _strings(executor: ExecutorSettings, options: dict) -> dict[str, str]:
 def run_study(
     configs: Sequence[TrainConfig],
     *,
+    evaluation: EvalConfig | None = None,
     project_dir: Path = PROJECT_DIR,
     executor: ExecutorSettings = LOCAL,
     echo: Callable[[str], None] = log.info,
@@ -250,13 +280,16 @@ def run_study(
     """Run the study's steps as children of the active run and return them in order.
 
     The steps of one stage (the trainings, the evaluations) are independent: up to the
-    executor's `parallel` of them run at once.
+    executor's `parallel` of them run at once. `evaluation` holds the evaluate steps'
+    settings (its model_uri is each model's).
     """
     with _runner(project_dir=project_dir, executor=executor, echo=echo) as runner:
-        return _study_steps(runner, configs)
+        return _study_steps(runner, configs, evaluation=evaluation)
 
 
-def _study_steps(runner: StepRunner, configs: Sequence[TrainConfig]) -> list[StepResult]:
+def _study_steps(
+    runner: StepRunner, configs: Sequence[TrainConfig], *, evaluation: EvalConfig | None
+) -> list[StepResult]:
     prepared, stats = _prepare_stats(runner, configs[0])
     trained = runner.execute(
         [
@@ -272,16 +305,32 @@ def _study_steps(runner: StepRunner, configs: Sequence[TrainConfig]) -> list[Ste
     evaluations = []
     for config, result in zip(configs, trained, strict=True):
         model_uri = model_registry.registered_model_uri(result.run_id, config.registered_model)
-        evaluation = EvalConfig(model_uri=model_uri, data=config.data, device=config.device)
-        evaluations.append(
-            Step(
-                f"evaluate-{_model_label(model_uri, result.run_id)}",
-                "evaluate",
-                evaluation.as_params(),
-            )
+        evaluations += _evaluate_steps(
+            config, evaluation, model_uri=model_uri, run_id=result.run_id
         )
     evaluated = runner.execute(evaluations)
     return [prepared, *trained, *evaluated, _compare(runner)]
+
+
+def _evaluate_steps(
+    config: TrainConfig, evaluation: EvalConfig | None, *, model_uri: str, run_id: str
+) -> list[Step]:
+    """A model's evaluate steps: with running statistics, as every model gets; with
+    bn_stats=test-batch, a second one where its norm has batch statistics (the other norms
+    are per image: they have nothing to switch)."""
+    template = evaluation or EvalConfig(model_uri=model_uri, data=config.data, device=config.device)
+    modes = ["running"]
+    if template.bn_stats == "test-batch" and config.norm in BATCH_STATISTICS_NORMS:
+        modes.append("test-batch")
+    label = _model_label(model_uri, run_id)
+    return [
+        Step(
+            evaluate_run_name(label, bn_stats=mode),
+            "evaluate",
+            dataclasses.replace(template, model_uri=model_uri, bn_stats=mode).as_params(),
+        )
+        for mode in modes
+    ]
 
 
 def run_sweep(

@@ -14,6 +14,11 @@ from pipeline.report.levers import (
     tta_table,
 )
 from pipeline.report.render import write_report
+from pipeline.report.robustness import (
+    readable_robustness_table,
+    robustness_findings,
+    robustness_table,
+)
 from pipeline.report.tables import (
     batch_dependence,
     markdown_table,
@@ -40,7 +45,10 @@ __all__ = [
     "percent",
     "readable_lever_table",
     "readable_norm_table",
+    "readable_robustness_table",
     "recipe_value",
+    "robustness_findings",
+    "robustness_table",
     "row_label",
     "run_summary",
     "step_runs",

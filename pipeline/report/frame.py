@@ -42,6 +42,17 @@ TABLE_PARAMS = (
     "pool",
     "val_size",
 )
+# An evaluate run's metrics the study frame keeps (evaluation.py logs them), and its cells'.
+EVALUATION_METRICS = (
+    "test_ece",
+    "test_nll",
+    "test_brier",
+    "temperature",
+    "test_ece_calibrated",
+    "corruption_acc",
+    "corruption_ece",
+)
+CELL_PREFIX = "corruption_acc/"
 # A row of the per-norm table and a line of the curves, keyed by the train runs' columns.
 LINE_COLUMNS = ["label", "norm", "statistics_group"]
 
@@ -59,8 +70,12 @@ class Study:
     source: str  # what was compared, for the report's first line
     # Train-run params whose values split each norm's runs into the rows of the lever table.
     group_by: tuple[str, ...] = ()
-    # One row per evaluate run: run_id, run_name, norm, seed, source_run_id, test_acc, tta.
+    # One row per evaluate run: run_id, run_name, norm, seed, source_run_id, test_acc, tta,
+    # bn_stats, the calibration metrics (test_ece, ...) and, where it evaluated a corruption
+    # suite, corruption_acc, corruption_ece and a column per cell (corruption_acc/<name>/<s>).
     evaluated: pd.DataFrame = dataclasses.field(default_factory=pd.DataFrame)
+    # evaluate run id -> its evaluation.json's `calibration` (metrics, reliability bins).
+    reliability: dict[str, dict] = dataclasses.field(default_factory=dict)
     # Train runs that stopped on a non-finite loss (FAILED, tagged `diverged`), as `train`'s
     # rows with the error in `diverged`: named by the findings, counted in no mean.
     diverged: pd.DataFrame = dataclasses.field(default_factory=pd.DataFrame)
@@ -170,6 +185,11 @@ def build_study(
         group_by=group_by,
         evaluated=evaluated,
         diverged=trained[is_diverged].reset_index(drop=True),
+        reliability={
+            run_id: payload["calibration"]
+            for run_id, payload in (evaluations or {}).items()
+            if isinstance(payload.get("calibration"), dict)
+        },
     )
 
 
@@ -203,6 +223,19 @@ def _evaluated(runs: Sequence[RunRecord]) -> pd.DataFrame:
         errors="coerce",
     )
     evaluated["tta"] = [_logged_tta(run) for run in picked]
+    # Batch norm's statistics at evaluation; runs from before the tag used the running ones.
+    evaluated["bn_stats"] = [_unquote(run.tags.get("bn_stats")) or "running" for run in picked]
+    names = dict.fromkeys(
+        name
+        for run in picked
+        for name in run.metrics
+        if name in EVALUATION_METRICS or name.startswith(CELL_PREFIX)
+    )
+    for name in names:
+        values = [run.metrics.get(name) for run in picked]
+        evaluated[name] = pd.to_numeric(
+            pd.Series(values, index=evaluated.index, dtype=object), errors="coerce"
+        )
     return evaluated.reset_index(drop=True)
 
 

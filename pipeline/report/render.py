@@ -38,6 +38,7 @@ from pipeline.report.levers import (  # noqa: E402
     readable_tta_table,
     tta_table,
 )
+from pipeline.report.robustness import robustness_section  # noqa: E402
 from pipeline.report.tables import (  # noqa: E402
     batch_dependence,
     markdown_table,
@@ -64,6 +65,7 @@ def write_report(study: Study, directory: Path) -> Path:
         _batch_dependence_section,
         _lever_section,
         _tta_section,
+        robustness_section,
         _curves_section,
         _misclassified_section,
         _per_class_section,
