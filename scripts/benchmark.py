@@ -10,7 +10,10 @@ Measured for each norm, on the same machine, model and data, after untimed warm-
   RandomHorizontalFlip, ToTensor, Normalize, a DataLoader with worker processes, batch 64,
   NCHW fp32, SGD with momentum 0.9);
 * `pipeline`: what `train` runs (uint8 splits on the device, batch-wise augmentation, the
-  `engine` defaults for layout and precision, `engine.train_one_epoch`), tracking off;
+  `engine` defaults for layout and precision, `engine.train_one_epoch`), tracking off, each norm
+  at its recipe: `TrainConfig(norm=norm)` through `training.build_model` +
+  `training.build_training`, the builder `train` uses (`benchmarks.recipe`), so its model,
+  optimizer (Muon for the conv filters of the study norms), schedule and step are `train`'s;
 * `ceiling`: the same step on one fixed, already prepared batch: what the model alone costs;
 * `tracked` / `untracked`: `pipeline.runs.train_model` with MLflow on a temporary SQLite store
   vs the same work through `engine.fit` without a callback, on a subset for a few epochs.
@@ -26,9 +29,13 @@ response norm (`norms.FilterResponseNorm2d` against the paper's `torch.maximum` 
 times the ceiling eager vs torch.compile'd, with its compilation. The report is Markdown
 (stdout) to paste into docs/speed.md; progress goes to stderr.
 
+Every question that times a training step, an epoch or an evaluation builds it from the norm's
+recipe through `benchmarks.recipe`, overriding only what it varies (batch size, precision,
+`compile`, `cuda_graphs`, `norm_batch`, the layout); the kernel tables time one layer alone.
+
 This file parses the options, describes the machine and assembles the report; each question is
-a module of scripts/benchmarks/ (throughput, layouts, evaluation, tracking_overhead) on the one
-clock of benchmarks.timing.
+a module of scripts/benchmarks/ (throughput, layouts, evaluation, tracking_overhead, ...) on the
+one clock of benchmarks.timing.
 """
 
 from __future__ import annotations
@@ -73,7 +80,7 @@ DEFAULTS = TrainConfig()
 # run (smaller batches, the tracking comparison for the first norm only, no tracking warm-up): its
 # numbers show that everything runs, not how fast.
 FULL_SETTINGS = {
-    "batch_size": DEFAULTS.batch_size,
+    "batch_size": None,  # each norm's recipe
     "steps": 20,
     "warmup_steps": 3,
     "layout_steps": 4,
@@ -148,8 +155,9 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--batch-size",
         type=int,
-        help=f"our batch size (the reference always uses {REFERENCE_BATCH_SIZE}); default "
-        f"{FULL_SETTINGS['batch_size']} (train's default), --quick {QUICK_SETTINGS['batch_size']}",
+        help=f"our batch size, over every norm's recipe (the reference always uses "
+        f"{REFERENCE_BATCH_SIZE}); default each norm's recipe (train's default), --quick "
+        f"{QUICK_SETTINGS['batch_size']}",
     )
     parser.add_argument(
         "--steps",
@@ -231,7 +239,7 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
         if getattr(arguments, name, None) is None:
             setattr(arguments, name, value)
     for name in ("steps", "warmup_steps", "layout_steps", "tracked_epochs", "batch_size"):
-        if getattr(arguments, name) < 1:
+        if getattr(arguments, name) is not None and getattr(arguments, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
     if arguments.workers < 0:
         parser.error("--workers must be at least 0")
@@ -268,11 +276,14 @@ def run_benchmark(arguments: argparse.Namespace, *, command: str) -> str:
     cached_load_seconds = time.perf_counter() - started
     stats = datasets.cached_stats(dataset)
     train_count, test_count = len(dataset.train_labels), len(dataset.test_labels)
-    batch_size = arguments.batch_size
-    if batch_size > train_count:
+    batch_size = arguments.batch_size  # None: each norm's recipe
+    largest = max(
+        TrainConfig(norm=n, batch_size=batch_size or 0).batch_size for n in arguments.norms
+    )
+    if largest > train_count:
         raise ConfigError(
-            f"--batch-size must be at most the training split's {train_count} images "
-            f"(got {batch_size})"
+            f"the batch size must be at most the training split's {train_count} images "
+            f"(got {largest}; lower it with --batch-size)"
         )
     train_split = batches.to_device(dataset.train_images, dataset.train_labels, device=device)
 
@@ -308,7 +319,7 @@ def run_benchmark(arguments: argparse.Namespace, *, command: str) -> str:
         ghost_times = norm_kernels.measure_ghost(repeats=repeats)
         if device.type == "cpu":
             ghost_step_times = norm_kernels.measure_ghost_steps(
-                batch_size=batch_size, repeats=arguments.layout_steps
+                batch_size=batch_size, train_images=train_count, repeats=arguments.layout_steps
             )
         frn_times = norm_kernels.measure_frn(repeats=repeats)
     compile_costs: list[compiled.CompileCost] = []
@@ -346,6 +357,7 @@ def run_benchmark(arguments: argparse.Namespace, *, command: str) -> str:
             norms=arguments.norms,
             device=device,
             seed=arguments.seed,
+            batch_size=batch_size,
         )
     overhead = tracking_overhead.measure(
         dataset,
@@ -373,7 +385,6 @@ def run_benchmark(arguments: argparse.Namespace, *, command: str) -> str:
             norms=arguments.norms,
             costs=overhead.costs if overhead is not None else {},
             device=device,
-            batch_size=batch_size,
             steps=arguments.steps,
             warmup_steps=arguments.warmup_steps,
         ),
@@ -401,12 +412,15 @@ def run_benchmark(arguments: argparse.Namespace, *, command: str) -> str:
     if kernel_times:
         lines += norm_kernels.report(kernel_times)
     if ghost_times:
-        lines += norm_kernels.report_ghost(ghost_times, ghost_step_times)
+        lines += norm_kernels.report_ghost(ghost_times, ghost_step_times, batch_size=batch_size)
     if frn_times:
         lines += norm_kernels.report_frn(frn_times)
     if compile_costs:
         lines += compiled.report(
-            compile_costs, train_count=train_count, warmup_steps=arguments.warmup_steps
+            compile_costs,
+            train_count=train_count,
+            warmup_steps=arguments.warmup_steps,
+            batch_size=batch_size,
         )
     return "\n".join(lines) + "\n"
 

@@ -2,7 +2,10 @@
 # The CUDA-graph path's checks on one GPU machine, in one run that ends within DEADLINE seconds:
 # the GPU tests, the benchmark's eager-vs-graph rows, one 20-epoch training per norm, and the
 # 3x3 study with 9 lanes, graphs on and off (and, where the machine has it, under CUDA MPS).
-# Tracking-free (scripts/untracked.py): it needs PyTorch with CUDA, not MLflow.
+# Tracking-free (scripts/untracked.py): it needs PyTorch with CUDA, not MLflow. Every step it
+# times or trains is a norm's recipe built by train's own builder (training.build_model +
+# training.build_training): the benchmark's through scripts/benchmarks/recipe.py, the trainings'
+# through training.prepare_training + training.fit, the GPU tests' through training too.
 #
 #   bash scripts/gpu_check.sh DATA OUT [DEADLINE]      e.g. DATA=../shared/data/cifar10-dev.tar.gz
 #
@@ -23,6 +26,8 @@ PYTHON=${PYTHON:-python3}
 RUNS="$OUT/runs.jsonl"
 # Extra options of every training, for a rehearsal elsewhere: GPU_CHECK_ARGS="--set epochs=1"
 read -r -a EXTRA <<< "${GPU_CHECK_ARGS:-}"
+# The benchmark's device; a rehearsal on a machine without CUDA: GPU_CHECK_DEVICE=cpu
+DEVICE=${GPU_CHECK_DEVICE:-cuda}
 
 section() { echo; echo "=== $1 ($(date +%T), $(( DEADLINE - $(date +%s) )) s left)"; }
 # within LIMIT NEED COMMAND...: run COMMAND for at most LIMIT seconds (less if the deadline is
@@ -59,7 +64,7 @@ within 120 30 "$PYTHON" -m pytest -m gpu tests/test_gpu.py -q -p no:cacheprovide
   2>&1 | tee "$OUT/pytest-gpu.txt"
 
 section benchmark
-within 150 60 "$PYTHON" scripts/benchmark.py --data "$DATA" --device cuda --no-tracking \
+within 150 60 "$PYTHON" scripts/benchmark.py --data "$DATA" --device "$DEVICE" --no-tracking \
   --no-layouts --no-tta --steps 100 --warmup-steps 10 --workers 8 > "$OUT/benchmark.md"
 cat "$OUT/benchmark.md"
 

@@ -1,4 +1,5 @@
-"""scripts/benchmark.py runs end to end in --quick mode and reports every measurement."""
+"""scripts/benchmark.py runs end to end in --quick mode and reports every measurement, and every
+step, epoch and evaluation it times is the norm's recipe as `train` builds it."""
 
 from __future__ import annotations
 
@@ -10,9 +11,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import make_split_arrays
 from PIL import Image
+from torch import nn
 
+from pipeline import batches, data, optim, training
 from pipeline import device as devices
+from pipeline.config import TTA_MODES, TrainConfig
+from pipeline.norms import GhostBatchNorm2d
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "benchmark.py"
 CLASSES = tuple(f"class{index}" for index in range(10))
@@ -45,6 +51,35 @@ def benchmark_script(monkeypatch: pytest.MonkeyPatch):
     return module
 
 
+@pytest.fixture
+def built_trainings(monkeypatch: pytest.MonkeyPatch) -> list[tuple[TrainConfig, object]]:
+    """Every `training.build_training` call from here on: (its recipe, the `engine.Training`)."""
+    calls = []
+    build_training = training.build_training
+
+    def spy(model, recipe, **options):
+        built = build_training(model, recipe, **options)
+        calls.append((recipe, built))
+        return built
+
+    monkeypatch.setattr(training, "build_training", spy)
+    return calls
+
+
+@pytest.fixture
+def tiny_splits():
+    """(train split, test split, stats) of 240 / 60 synthetic images on the CPU."""
+    arrays = make_split_arrays()
+    cpu = torch.device("cpu")
+    train = batches.to_device(arrays["train_images"], arrays["train_labels"], device=cpu)
+    test = batches.to_device(arrays["test_images"], arrays["test_labels"], device=cpu)
+    return train, test, data.compute_stats(arrays["train_images"])
+
+
+def layer_types(model: nn.Module) -> set[type]:
+    return {type(module) for module in model.modules()}
+
+
 def numbers(row: str) -> list[float]:
     """The numeric cells of a Markdown table row ("1,234" and "+5.0%" included)."""
     cells = [cell.strip().replace(",", "").rstrip("%x") for cell in row.strip("|").split("|")]
@@ -53,6 +88,7 @@ def numbers(row: str) -> list[float]:
 
 def test_quick_run_reports_every_measurement(
     benchmark_script,
+    built_trainings,
     tiny_image_folder: Path,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
@@ -129,6 +165,82 @@ def test_quick_run_reports_every_measurement(
                 defaults += 1
                 assert per_default == 1.0 and (tta, batch) == ("flip-translate", 128), row
     assert defaults == 1
+    # Every timed step, epoch and evaluation was built by train's builder from a norm's recipe,
+    # overriding only what each question varies: the recipe's Muon, whatever the question.
+    recipes = [recipe for recipe, _ in built_trainings]
+    assert {recipe.norm for recipe in recipes} == {norm, "batch"}  # batch: the ghost steps
+    assert all(recipe.optimizer == "muon" and recipe.activation == "silu" for recipe in recipes)
+    assert all(isinstance(built.step.optimizer, optim.MuonSGD) for _, built in built_trainings)
+    ours = [recipe for recipe in recipes if recipe.norm == norm]
+    assert {recipe.precision for recipe in ours} == {"auto", "fp32", "bf16"}  # pipeline, layouts
+    assert {recipe.tta for recipe in ours} == set(TTA_MODES)  # the evaluations
+    assert {recipe.norm_batch for recipe in recipes if recipe.norm == "batch"} == {0, 2, 8}
+    tracked = [recipe for recipe in ours if recipe.data != TrainConfig().data]
+    assert len(tracked) >= 4 and all(recipe.epochs == 1 for recipe in tracked)  # tracking
+
+
+@pytest.mark.parametrize(
+    "norm, activation, pool", [("batch", nn.SiLU, nn.MaxPool2d), ("layer", nn.ReLU, nn.AvgPool2d)]
+)
+def test_the_timed_step_is_the_recipes_as_train_builds_it(
+    benchmark_script, built_trainings, tiny_splits, norm, activation, pool
+) -> None:
+    from benchmarks import throughput
+
+    train, _, stats = tiny_splits
+    config = TrainConfig(norm=norm, batch_size=16)  # the benchmark varies the batch only
+    result = throughput.measure_training(
+        train, stats, config, path="pipeline", steps=2, warmup_steps=1
+    )
+
+    [(recipe, built)] = built_trainings
+    assert recipe is config and result.batch_size == 16 and result.images == 32
+    model = built.step.model
+    assert str(model) == str(training.build_model(config))  # the one model factory's model
+    assert {activation, pool} <= layer_types(model)
+    assert model.C1.conv.weight.is_contiguous(memory_format=torch.channels_last)
+    optimizer = built.step.optimizer
+    assert isinstance(optimizer, optim.MuonSGD)  # the recipe's, not the SGD it once built
+    [filters] = [group["params"] for group in optimizer.param_groups if group["muon"]]
+    assert filters and all(param.ndim == 4 for param in filters)
+    assert all("momentum_buffer" in optimizer.state[param] for param in filters)  # it stepped
+    assert built.scheduler.last_epoch == 3  # warm-up and timed steps, each on the schedule
+    assert built.step.loss_fn.label_smoothing == config.label_smoothing
+    autocast = devices.resolve_precision("auto", torch.device("cpu"), norm=norm)
+    assert built.step.autocast_dtype == autocast
+
+
+def test_ghost_steps_and_evaluations_are_built_from_the_recipe(
+    benchmark_script, built_trainings, tiny_splits
+) -> None:
+    from benchmarks import evaluation, norm_kernels
+
+    steps = norm_kernels.ghost_steps(batch_size=16, train_images=240)
+    assert [over for _, over in steps] == [
+        "whole batch",
+        *["norm_batch 2"] * 2,
+        *["norm_batch 8"] * 2,
+    ]
+    for (kernel, over), built in steps.items():
+        assert built.config.norm == "batch" and built.config.batch_size == 16
+        assert isinstance(built.training.step.optimizer, optim.MuonSGD)
+        assert nn.SiLU in layer_types(built.model)
+        norms = [m for m in built.model.modules() if isinstance(m, nn.BatchNorm2d)]
+        if over == "whole batch":
+            assert all(type(layer) is nn.BatchNorm2d for layer in norms)
+        else:
+            assert all(layer.norm_batch == int(over.split()[-1]) for layer in norms)
+            assert all(isinstance(layer, GhostBatchNorm2d) for layer in norms)
+            assert (type(norms[0]) is GhostBatchNorm2d) == (kernel == "GhostBatchNorm2d")
+    assert len(built_trainings) == len(steps)
+
+    _, test, stats = tiny_splits
+    config = TrainConfig(norm="group", tta="flip")
+    cost = evaluation.measure_evaluation(test, stats, config, batch_size=32, train_images=512)
+    recipe, built = built_trainings[-1]
+    assert recipe is config and built.eval_batch_size == 32
+    assert str(built.evaluated) == str(training.build_model(config))
+    assert cost.passes == 2 and cost.images == len(test) and cost.seconds > 0
 
 
 def test_reports_compare_with_fp32_and_with_torch_compile(benchmark_script) -> None:

@@ -10,7 +10,8 @@ import pytest
 import torch
 from conftest import make_split_arrays
 
-from pipeline import batches, data, engine, graphs, optim, training
+from pipeline import batches as batching
+from pipeline import data, engine, graphs, training
 from pipeline import device as devices
 from pipeline.config import TrainConfig
 from pipeline.model import Net
@@ -31,36 +32,23 @@ def cuda(monkeypatch):
 
 def _splits(device, *, norm="batch"):
     arrays = make_split_arrays()
-    train = batches.to_device(arrays["train_images"], arrays["train_labels"], device=device)
-    test = batches.to_device(arrays["test_images"], arrays["test_labels"], device=device)
+    train = batching.to_device(arrays["train_images"], arrays["train_labels"], device=device)
+    test = batching.to_device(arrays["test_images"], arrays["test_labels"], device=device)
     stats = data.compute_stats(arrays["train_images"])
     memory_format = devices.memory_format_for(norm, device)
-    return train, test, batches.Normalizer(stats, device=device, memory_format=memory_format)
+    return train, test, batching.Normalizer(stats, device=device, memory_format=memory_format)
 
 
 def _trainer(norm, device, *, cuda_graph, ema=0.0, steps_per_epoch=10):
-    torch.manual_seed(11)
-    model = Net(norm=norm, groups=4)
+    """The norm's recipe (Muon for the conv filters) as `train` builds it, at batch 24."""
+    recipe = TrainConfig(norm=norm, batch_size=24, epochs=5, warmup_epochs=1.0, ema=ema, seed=11)
+    torch.manual_seed(recipe.seed)
+    model = training.build_model(recipe)
     model = model.to(device=device, memory_format=devices.memory_format_for(norm, device))
-    optimizer = optim.make_optimizer(model, learning_rate=0.2, momentum=0.9, weight_decay=5e-4)
-    scheduler = optim.make_scheduler(
-        optimizer, epochs=5, steps_per_epoch=steps_per_epoch, warmup_epochs=1
+    built = training.build_training(
+        model, recipe, train_images=recipe.batch_size * steps_per_epoch, cuda_graphs=cuda_graph
     )
-    optim.learning_rate_on_device(optimizer)
-    average = None
-    if ema:
-        average = torch.optim.swa_utils.AveragedModel(
-            model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(ema), use_buffers=True
-        )
-    step = engine.TrainStep(
-        model,
-        optimizer=optimizer,
-        loss_fn=torch.nn.CrossEntropyLoss(label_smoothing=0.1),
-        autocast_dtype=None,
-        average=average,
-        cuda_graph=cuda_graph,
-    )
-    return model, step, scheduler, average
+    return model, built.step, built.scheduler, built.state.ema
 
 
 def _batches(train, normalize, *, seed=3):
@@ -68,7 +56,7 @@ def _batches(train, normalize, *, seed=3):
 
     def epochs():
         while True:
-            yield from batches.train_batches(
+            yield from batching.train_batches(
                 train, batch_size=24, generator=generator, normalize=normalize
             )
 
@@ -140,8 +128,6 @@ def test_fit_with_cuda_graphs_reaches_the_eager_weights(cuda):
     train, test, normalize = _splits(cuda)
     results = {}
     for graphed in (False, True):
-        torch.manual_seed(4)
-        model = Net(norm="group", groups=4).to(cuda)
         recipe = TrainConfig(
             norm="group",
             epochs=2,
@@ -150,8 +136,10 @@ def test_fit_with_cuda_graphs_reaches_the_eager_weights(cuda):
             warmup_epochs=0.5,
             seed=4,
             ema=0.8,
-            optimizer="sgd",
+            optimizer="sgd",  # the graphed SGD here; _trainer's tests graph the recipe's Muon
         )
+        torch.manual_seed(recipe.seed)
+        model = training.build_model(recipe).to(cuda)
         built = training.build_training(
             model, recipe, train_images=len(train), eval_batch_size=64, cuda_graphs=graphed
         )

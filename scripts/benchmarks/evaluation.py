@@ -1,5 +1,6 @@
 """What does each epoch's evaluation cost? One evaluation of the test split per test-time
-augmentation and evaluation batch, as `train` runs it after every epoch."""
+augmentation and evaluation batch, as `train` runs it after every epoch: of each norm's recipe
+model as `train` builds it (`benchmarks.recipe`)."""
 
 from __future__ import annotations
 
@@ -8,12 +9,12 @@ from dataclasses import dataclass
 
 import torch
 
+from benchmarks import recipe
 from benchmarks.timing import progress, synchronize, timed
 from pipeline import batches, engine
 from pipeline import data as datasets
 from pipeline import device as devices
 from pipeline.config import TTA_MODES, TrainConfig
-from pipeline.model import Net
 
 DEFAULTS = TrainConfig()
 EVAL_BATCH_SIZE_BEFORE = 1024  # every device's evaluation batch before eval_batch_size_for
@@ -34,20 +35,21 @@ class EvaluationCost:
 def measure_evaluation(
     test_split: batches.DeviceSplit,
     stats: datasets.DatasetStats,
+    config: TrainConfig,
     *,
-    norm: str,
-    tta: str,
     batch_size: int,
-    memory_format: torch.memory_format,
-    autocast_dtype: torch.dtype | None,
-    seed: int,
+    train_images: int,
 ) -> EvaluationCost:
-    """`engine.evaluate` over the whole test split as `fit` runs it after each epoch (after one
-    untimed evaluation of a batch: first-call allocations)."""
+    """`engine.evaluate` over the whole test split as `fit` runs it after each epoch, with
+    `config.tta`, of what `training.build_training` evaluates (the model, or its weight average
+    with `ema` > 0) at the precision and layout `train` picks, eager (after one untimed
+    evaluation of a batch: first-call allocations)."""
     device = test_split.images.device
-    torch.manual_seed(seed)
-    model = Net(norm=norm, groups=DEFAULTS.groups).to(device, memory_format=memory_format)
-    normalize = batches.Normalizer(stats, device=device, memory_format=memory_format)
+    built = recipe.build(
+        config, device=device, train_images=train_images, eval_batch_size=batch_size
+    )
+    model = built.training.evaluated
+    normalize = batches.Normalizer(stats, device=device, memory_format=built.memory_format)
     warmup = batches.DeviceSplit(test_split.images[:batch_size], test_split.labels[:batch_size])
 
     def run(split: batches.DeviceSplit) -> None:
@@ -55,9 +57,9 @@ def measure_evaluation(
             model,
             split,
             normalize=normalize,
-            batch_size=batch_size,
-            autocast_dtype=autocast_dtype,
-            tta=tta,
+            batch_size=built.training.eval_batch_size,
+            autocast_dtype=built.autocast_dtype,
+            tta=config.tta,
         )
 
     calls = []
@@ -67,8 +69,8 @@ def measure_evaluation(
     synchronize(device)
     seconds = timed(lambda: (run(test_split), synchronize(device)))
     return EvaluationCost(
-        norm=norm,
-        tta=tta,
+        norm=config.norm,
+        tta=config.tta,
         batch_size=batch_size,
         passes=len(calls),
         images=len(test_split),
@@ -83,8 +85,10 @@ def measure(
     norms: list[str],
     device: torch.device,
     seed: int,
+    batch_size: int | None = None,
 ) -> list[EvaluationCost]:
-    """Each norm x test-time augmentation x evaluation batch (the default and 1,024)."""
+    """Each norm's recipe (`batch_size` overrides its training batch, which the evaluation does
+    not use) x test-time augmentation x evaluation batch (the default and 1,024)."""
     test_count = len(dataset.test_labels)
     evaluation_costs: list[EvaluationCost] = []
     eval_batch_size = devices.eval_batch_size_for(device)
@@ -93,16 +97,17 @@ def measure(
     test_split = batches.to_device(dataset.test_images, dataset.test_labels, device=device)
     for norm, tta, size in itertools.product(norms, TTA_MODES, eval_batch_sizes):
         progress(f"{norm}: evaluation of {test_count:,} test images, tta={tta}, batch {size}")
+        # Eager: the CUDA-graphed evaluation is the --graphs question's.
+        config = TrainConfig(
+            norm=norm, batch_size=batch_size or 0, tta=tta, seed=seed, cuda_graphs="off"
+        )
         evaluation_costs.append(
             measure_evaluation(
                 test_split,
                 stats,
-                norm=norm,
-                tta=tta,
+                config,
                 batch_size=size,
-                memory_format=devices.memory_format_for(norm, device),
-                autocast_dtype=devices.resolve_precision("auto", device, norm=norm),
-                seed=seed,
+                train_images=len(dataset.train_labels),
             )
         )
     del test_split
@@ -153,11 +158,11 @@ def report(
         "### Evaluation per test-time augmentation",
         "",
         f"One evaluation of the {test_count:,} test images (the default layout and "
-        "precision) per test-time augmentation and evaluation batch, as `train` runs after "
+        "precision, eager) per test-time augmentation and evaluation batch, as `train` runs after "
         "every epoch; `default`: `train`'s `tta` at `devices.eval_batch_size_for` this "
         "device, and `vs default` the time relative to it; `share of an epoch`: this "
         f"evaluation over itself plus {train_count:,} training images at the `pipeline` "
-        "rate above.",
+        "rate above. " + recipe.caption(list(dict.fromkeys(cost.norm for cost in costs))),
         "",
         *evaluation_table(
             costs,

@@ -1,21 +1,22 @@
-"""Does one CUDA graph per step pay? Per norm at its recipe batch size: the training step eager
-vs replayed as one CUDA graph, on one prepared batch (`ceiling`) and on the pipeline's own
-batches, and one evaluation of the test split with `train`'s default `tta`, eager vs graphed.
-CUDA only: the numbers behind `cuda_graphs=auto`."""
+"""Does one CUDA graph per step pay? Per norm at its recipe, as `train` builds it
+(`benchmarks.recipe`): the training step eager vs replayed as one CUDA graph, on one prepared
+batch (`ceiling`) and on the pipeline's own batches, and one evaluation of the test split with
+`train`'s default `tta`, eager vs graphed. CUDA only: the numbers behind `cuda_graphs=auto`."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
 
+from benchmarks import recipe
 from benchmarks.throughput import format_rate, measure_training
 from benchmarks.timing import progress, synchronize, timed
 from pipeline import batches, engine, graphs
 from pipeline import data as datasets
 from pipeline import device as devices
 from pipeline.config import TrainConfig
-from pipeline.model import Net
 
 
 @dataclass(frozen=True)
@@ -44,101 +45,79 @@ def measure(
 ) -> list[GraphSpeed]:
     rows = []
     for norm in norms:
-        recipe = TrainConfig(norm=norm)
-        memory_format = devices.memory_format_for(norm, device)
-        autocast_dtype = devices.resolve_precision("auto", device, norm=norm)
+        recipe_config = TrainConfig(norm=norm, seed=seed)
         for path in ("ceiling", "pipeline"):
             seconds = {}
             for graphed in (False, True):
                 progress(
                     f"{norm}: {path} {'CUDA graph' if graphed else 'eager'} "
-                    f"({steps} steps of {recipe.batch_size})"
+                    f"({steps} steps of {recipe_config.batch_size})"
                 )
                 result = measure_training(
                     train_split,
                     stats,
-                    norm=norm,
+                    dataclasses.replace(recipe_config, cuda_graphs="on" if graphed else "off"),
                     path=path,
-                    memory_format=memory_format,
-                    autocast_dtype=autocast_dtype,
-                    batch_size=recipe.batch_size,
                     steps=steps,
                     warmup_steps=warmup_steps,
-                    seed=seed,
-                    cuda_graph=graphed,
                 )
                 seconds[graphed] = result.seconds / steps
             rows.append(
                 GraphSpeed(
                     norm=norm,
                     what=f"training step ({path})",
-                    batch_size=recipe.batch_size,
-                    images=recipe.batch_size,
+                    batch_size=recipe_config.batch_size,
+                    images=recipe_config.batch_size,
                     eager_seconds=seconds[False],
                     graph_seconds=seconds[True],
                 )
             )
-        progress(f"{norm}: evaluation, tta {recipe.tta}, eager and graphed")
+        progress(f"{norm}: evaluation, tta {recipe_config.tta}, eager and graphed")
         rows.append(
-            measure_evaluation(
-                test_split,
-                stats,
-                norm=norm,
-                tta=recipe.tta,
-                memory_format=memory_format,
-                autocast_dtype=autocast_dtype,
-                seed=seed,
-            )
+            measure_evaluation(train_split, test_split, stats, recipe_config, device=device)
         )
     return rows
 
 
 def measure_evaluation(
+    train_split: batches.DeviceSplit,
     test_split: batches.DeviceSplit,
     stats: datasets.DatasetStats,
+    config: TrainConfig,
     *,
-    norm: str,
-    tta: str,
-    memory_format: torch.memory_format,
-    autocast_dtype: torch.dtype | None,
-    seed: int,
+    device: torch.device,
 ) -> GraphSpeed:
-    """One `engine.evaluate` of the test split, eager and graphed, each after an untimed one
-    (the graphed one captures there)."""
-    device = test_split.images.device
-    batch_size = devices.eval_batch_size_for(device)
-    torch.manual_seed(seed)
-    model = Net(norm=norm, groups=TrainConfig().groups)
-    model = model.to(device, memory_format=memory_format).eval()
-    normalize = batches.Normalizer(stats, device=device, memory_format=memory_format)
-    graphed = graphs.GraphedForward(
-        model,
-        forward=engine.tta_logits,
-        batch_size=batch_size,
-        tta=tta,
-        autocast_dtype=autocast_dtype,
-    )
+    """One `engine.evaluate` of the test split as `engine.fit` runs it after each epoch, of the
+    recipe's model as `training.build_training` sets it up eager and with CUDA graphs (its
+    `graphs.GraphedForward`), each after an untimed one (the graphed one captures there)."""
     seconds = {}
-    for forward in (None, graphed):
+    for graphed in (False, True):
+        built = recipe.build(
+            dataclasses.replace(config, cuda_graphs="on" if graphed else "off"),
+            device=device,
+            train_images=len(train_split),
+        )
+        normalize = batches.Normalizer(stats, device=device, memory_format=built.memory_format)
+        evaluated = built.training.evaluated.eval()
 
-        def run(forward=forward) -> None:
+        def run(built=built, evaluated=evaluated, normalize=normalize) -> None:
             engine.evaluate(
-                model,
+                evaluated,
                 test_split,
                 normalize=normalize,
-                batch_size=batch_size,
-                autocast_dtype=autocast_dtype,
-                tta=tta,
-                graphed=forward,
+                batch_size=built.training.eval_batch_size,
+                autocast_dtype=built.autocast_dtype,
+                tta=config.tta,
+                graphed=built.training.graphed,
             )
             synchronize(device)
 
         run()
-        seconds[forward is not None] = timed(run)
+        seconds[graphed] = timed(run)
     return GraphSpeed(
-        norm=norm,
-        what=f"evaluation (tta {tta})",
-        batch_size=batch_size,
+        norm=config.norm,
+        what=f"evaluation (tta {config.tta})",
+        batch_size=devices.eval_batch_size_for(device),  # eager and graphed alike
         images=len(test_split),
         eager_seconds=seconds[False],
         graph_seconds=seconds[True],
@@ -150,11 +129,12 @@ def report(rows: list[GraphSpeed], *, steps: int, warmup_steps: int) -> list[str
         "",
         "### CUDA graphs",
         "",
-        f"Each norm at its recipe batch size (`config.RECIPES`): {steps} timed training steps "
+        f"Each norm at its recipe (`config.RECIPES`): {steps} timed training steps "
         f"after {max(warmup_steps, graphs.GRAPH_WARMUP_STEPS + 1)} untimed ones (the graph's "
         "warm-up and capture among them), `engine.TrainStep` eager vs `cuda_graph=True`; one "
         "evaluation of the test split (`engine.evaluate`, eager vs `graphs.GraphedForward`) "
-        "after an untimed one. Eager and graphed run one after the other in this process.",
+        "after an untimed one. Eager and graphed run one after the other in this process. "
+        + recipe.caption(list(dict.fromkeys(row.norm for row in rows))),
         "",
         "| norm | what | batch | eager ms | graph ms | eager images/s | graph images/s "
         "| graph / eager |",

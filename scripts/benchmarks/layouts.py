@@ -1,11 +1,14 @@
-"""Which layout and precision should `train` pick? The ceiling (the model alone on one prepared
-batch) in NCHW / channels_last x fp32 / bf16 autocast, the numbers behind
-`devices.memory_format_for` and `devices.resolve_precision`."""
+"""Which layout and precision should `train` pick? The ceiling (each norm's recipe step, as
+`train` builds it, on one prepared batch) in NCHW / channels_last x fp32 / bf16 autocast, the
+numbers behind `devices.memory_format_for` and `devices.resolve_precision`."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
+from benchmarks import recipe
 from benchmarks.throughput import (
     LAYOUT_NAMES,
     PRECISION_NAMES,
@@ -17,6 +20,9 @@ from benchmarks.timing import progress
 from pipeline import batches
 from pipeline import data as datasets
 from pipeline import device as devices
+from pipeline.config import TrainConfig
+
+PRECISION_SETTINGS = {None: "fp32", torch.bfloat16: "bf16"}  # autocast dtype -> `precision`
 
 
 def measure(
@@ -25,18 +31,20 @@ def measure(
     *,
     norms: list[str],
     device: torch.device,
-    batch_size: int,
+    batch_size: int | None,
     layout_steps: int,
     warmup_steps: int,
     seed: int,
 ) -> tuple[list[Measurement], dict[str, tuple[str, str]]]:
-    """The ceiling per norm, layout and precision, and each norm's default (layout, precision)."""
+    """The ceiling of each norm's recipe (eager; `batch_size` overrides its batch) per layout
+    and precision, and each norm's default (layout, precision)."""
     layout_measurements: list[Measurement] = []
     layout_defaults: dict[str, tuple[str, str]] = {}
     for norm in norms:
+        config = TrainConfig(norm=norm, batch_size=batch_size or 0, seed=seed, cuda_graphs="off")
         layout_defaults[norm] = (
             LAYOUT_NAMES[devices.memory_format_for(norm, device)],
-            PRECISION_NAMES[devices.resolve_precision("auto", device, norm=norm)],
+            PRECISION_NAMES[devices.resolve_precision(config.precision, device, norm=norm)],
         )
         for memory_format in (torch.contiguous_format, torch.channels_last):
             for dtype in (None, torch.bfloat16):
@@ -46,14 +54,11 @@ def measure(
                     measure_training(
                         train_split,
                         stats,
-                        norm=norm,
+                        dataclasses.replace(config, precision=PRECISION_SETTINGS[dtype]),
                         path="ceiling",
                         memory_format=memory_format,
-                        autocast_dtype=dtype,
-                        batch_size=batch_size,
                         steps=layout_steps,
                         warmup_steps=warmup_steps,
-                        seed=seed,
                     )
                 )
     return layout_measurements, layout_defaults
@@ -84,16 +89,17 @@ def report(
     measurements: list[Measurement],
     defaults: dict[str, tuple[str, str]],
     *,
-    batch_size: int,
+    batch_size: int | None,
     layout_steps: int,
 ) -> list[str]:
     return [
         "",
         "### Layout and precision (ceiling)",
         "",
-        f"{layout_steps} timed steps of {batch_size} per row; `default` marks what "
+        f"{layout_steps} timed steps of each norm's batch per row; `default` marks what "
         "`devices.memory_format_for` and `devices.resolve_precision('auto')` pick on this "
-        "device; `vs default` is images/s relative to that row.",
+        "device; `vs default` is images/s relative to that row. "
+        + recipe.caption(list(defaults), batch_size=batch_size),
         "",
         *layout_table(measurements, defaults),
     ]

@@ -7,17 +7,18 @@ one layer and its activation and as a whole training step. And filter response n
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from benchmarks import recipe
+from benchmarks.throughput import PRECISION_NAMES
 from benchmarks.timing import progress, timed
-from pipeline import device as devices
 from pipeline import engine
 from pipeline.config import TrainConfig
 from pipeline.norms import FilterResponseNorm2d, FloatGroupNorm, GhostBatchNorm2d
-from pipeline.training import build_model
 
 SHAPE = (256, 32, 16, 16)  # a batch of C4's output: the most common normalized activation
 GHOST_SHAPE = (128, 24, 32, 32)  # C2's output at batch norm's recipe batch: the largest one
@@ -136,49 +137,66 @@ def measure_ghost(*, repeats: int = 20) -> list[KernelTime]:
     return rows
 
 
-def measure_ghost_steps(*, batch_size: int, repeats: int, rounds: int = 3) -> list[KernelTime]:
-    """A whole training step of batch norm's model (its recipe's layers, layout and precision)
-    at `batch_size` on the CPU, random images, plain SGD (the same optimizer step in every row,
-    so the recipe's Muon would add the same to each): over the whole batch, then per
-    norm_batch that divides the batch with GhostBatchNorm2d and with the side-by-side kernel in
-    its place. Rounds interleave the models; each row is its fastest round."""
+def ghost_steps(
+    *, batch_size: int | None, train_images: int
+) -> dict[tuple[str, str], recipe.Built]:
+    """Batch norm's recipe (`TrainConfig(norm="batch", norm_batch=...)`, `batch_size`
+    overriding its batch) built as `train` builds it on the CPU, over the whole batch, then per
+    norm_batch that divides the batch with GhostBatchNorm2d and with the side-by-side kernel
+    swapped into every batch norm layer, keyed by (kernel, statistics over)."""
     device = torch.device("cpu")
-    steps: dict[tuple[str, str], engine.TrainStep] = {}
-    for norm_batch in (0, *(n for n in NORM_BATCHES if batch_size % n == 0 and n < batch_size)):
+    batch = TrainConfig(norm="batch", batch_size=batch_size or 0).batch_size
+    built: dict[tuple[str, str], recipe.Built] = {}
+    for norm_batch in (0, *(n for n in NORM_BATCHES if batch % n == 0 and n < batch)):
         kernels = GHOST_KERNELS[:2] if norm_batch else (("BatchNorm2d", None),)
         for label, kind in kernels:
-            config = TrainConfig(norm="batch", norm_batch=norm_batch, batch_size=batch_size)
-            torch.manual_seed(0)
-            model = build_model(config)
+            config = TrainConfig(norm="batch", norm_batch=norm_batch, batch_size=batch, seed=0)
+            one = recipe.build(config, device=device, train_images=train_images)
             if kind is not None:
-                for layer in model.modules():
+                for layer in one.model.modules():
                     if isinstance(layer, GhostBatchNorm2d):
-                        layer.__class__ = kind
-            model = model.to(memory_format=devices.memory_format_for("batch", device)).train()
-            over = f"norm_batch {norm_batch}" if norm_batch else "whole batch"
-            steps[label, over] = engine.TrainStep(
-                model,
-                optimizer=torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9),
-                loss_fn=nn.CrossEntropyLoss(),
-                autocast_dtype=devices.resolve_precision(config.precision, device, norm="batch"),
-            )
-    images = torch.randn(batch_size, 3, 32, 32).to(memory_format=torch.channels_last)
-    labels = torch.randint(0, 10, (batch_size,))
+                        layer.__class__ = kind  # the same parameters, the optimizer's own
+            built[label, f"norm_batch {norm_batch}" if norm_batch else "whole batch"] = one
+    return built
+
+
+def measure_ghost_steps(
+    *, batch_size: int | None, train_images: int, repeats: int, rounds: int = 3
+) -> list[KernelTime]:
+    """A whole training step of batch norm's recipe (`ghost_steps`: its layers, optimizer,
+    layout and precision, as `train` builds them) on the CPU, random images, through
+    `engine.train_one_epoch`. Rounds interleave the models; each row is its fastest round."""
+    steps = ghost_steps(batch_size=batch_size, train_images=train_images)
+    batch = next(iter(steps.values())).config.batch_size
+    images = torch.randn(batch, 3, 32, 32).to(memory_format=torch.channels_last)
+    labels = torch.randint(0, 10, (batch,))
     best = dict.fromkeys(steps, float("inf"))
+
+    def train(built: recipe.Built, count: int) -> None:
+        engine.train_one_epoch(
+            built.training.step,
+            itertools.repeat((images, labels), count),
+            scheduler=built.training.scheduler,
+            steps=count,
+            description="ghost batch norm step",
+        )
+
     for round_ in range(rounds):
-        for (label, over), step in steps.items():
+        for (label, over), built in steps.items():
             progress(f"training step, {label} {over}, round {round_ + 1}/{rounds}")
             if round_ == 0:
-                step(images, labels)  # warm-up
-            seconds = timed(lambda step=step: [step(images, labels) for _ in range(repeats)])
+                train(built, 1)  # warm-up
+            seconds = timed(lambda built=built: train(built, repeats))
             best[label, over] = min(best[label, over], 1000 * seconds / repeats)
     return [
-        KernelTime(label, over, "fp32", milliseconds)
+        KernelTime(label, over, PRECISION_NAMES[steps[label, over].autocast_dtype], milliseconds)
         for (label, over), milliseconds in best.items()
     ]
 
 
-def report_ghost(rows: list[KernelTime], step_rows: list[KernelTime]) -> list[str]:
+def report_ghost(
+    rows: list[KernelTime], step_rows: list[KernelTime], *, batch_size: int | None = None
+) -> list[str]:
     """The layer table, then the training-step table where it was measured (on the CPU)."""
     lines = [
         "",
@@ -193,8 +211,11 @@ def report_ghost(rows: list[KernelTime], step_rows: list[KernelTime]) -> list[st
     if step_rows:
         lines += [
             "",
-            "A whole training step of batch norm's model (its recipe's layers, layout and "
-            "precision; plain SGD) on the CPU, each kernel in every batch norm layer:",
+            "A whole training step of batch norm's recipe as `train` builds it (`training."
+            "build_model` + `training.build_training`: "
+            f"{recipe.describe(TrainConfig(norm='batch', batch_size=batch_size or 0))}, "
+            f"{step_rows[0].precision}, channels_last) on the CPU, each kernel in every batch "
+            "norm layer, random images, the fastest of three interleaved rounds:",
             "",
             *_ghost_table(step_rows, "kernel"),
         ]

@@ -1,8 +1,10 @@
 """How fast does `train` feed the model? Training images/s of the torchvision reference, of our
-pipeline and of the model alone (`ceiling`), per norm, on the same machine, model and data."""
+pipeline and of the model alone (`ceiling`), per norm, on the same machine and data; our paths
+time each norm's recipe as `train` builds it (`benchmarks.recipe`)."""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -13,11 +15,12 @@ import torch
 from PIL import Image
 from torch import nn
 
+from benchmarks import recipe
 from benchmarks.timing import progress, timed_steps
 from pipeline import batches as batching
 from pipeline import data as datasets
 from pipeline import device as devices
-from pipeline import engine, graphs, optim
+from pipeline import engine, graphs, training
 from pipeline.config import TrainConfig
 from pipeline.model import Net
 
@@ -55,8 +58,9 @@ class Throughput:
 
     measurements: list[Measurement]
     rates: dict[tuple[str, str], float]
-    reference_steps: int
-    reference_warmup: int
+    reference_steps: dict[str, int]  # per norm
+    reference_warmup: dict[str, int]
+    batch_size: int | None = None  # --batch-size, over every recipe's own; None: the recipes'
 
 
 # --------------------------------------------------------------------------- reference path
@@ -157,82 +161,57 @@ def measure_reference(
 def measure_training(
     train_split: batching.DeviceSplit,
     stats: datasets.DatasetStats,
+    config: TrainConfig,
     *,
-    norm: str,
     path: str,
-    memory_format: torch.memory_format,
-    autocast_dtype: torch.dtype | None,
-    batch_size: int,
     steps: int,
     warmup_steps: int,
-    seed: int,
-    compile_model: bool = False,
-    cuda_graph: bool = False,
+    memory_format: torch.memory_format | None = None,
 ) -> Measurement:
-    """`engine.train_one_epoch` as `train` sets it up; `path="ceiling"` repeats one fixed batch;
-    `compile_model` compiles the model first, as `train --compile on` does; `cuda_graph`
-    replays the step as one CUDA graph, as `train --cuda-graphs on` does (its eager warm-up
-    and capture are among the untimed steps)."""
+    """`engine.train_one_epoch` of `config`'s recipe, built as `train` builds it
+    (`recipe.build`: `training.build_model` + `training.build_training`); `path="ceiling"`
+    repeats one fixed batch. `config` carries what a question varies (batch size, precision,
+    `compile=on`, `cuda_graphs=on`: a graph's eager warm-up and capture are among the untimed
+    steps); `memory_format` overrides the layout `train` picks."""
     device = train_split.images.device
-    torch.manual_seed(seed)
-    model = Net(norm=norm, groups=DEFAULTS.groups, dropout=DEFAULTS.dropout)
-    model = model.to(device=device, memory_format=memory_format)
-    if compile_model:
-        model.compile()
+    memory_format = memory_format or devices.memory_format_for(config.norm, device)
     normalize = batching.Normalizer(stats, device=device, memory_format=memory_format)
-    generator = torch.Generator().manual_seed(seed)
-    optimizer = optim.make_optimizer(
-        model,
-        learning_rate=DEFAULTS.learning_rate,
-        momentum=DEFAULTS.momentum,
-        weight_decay=DEFAULTS.weight_decay,
+    built = recipe.build(
+        config,
+        device=device,
+        train_images=len(train_split),
+        memory_format=memory_format,
+        whitening_images=normalize(train_split.images[: training.WHITENING_IMAGES])
+        if config.whiten
+        else None,
     )
-    scheduler = optim.make_scheduler(
-        optimizer,
-        epochs=DEFAULTS.epochs,
-        steps_per_epoch=len(train_split) // batch_size,
-        warmup_epochs=DEFAULTS.warmup_epochs,
-    )
-    optim.learning_rate_on_device(optimizer)
-    step = engine.TrainStep(
-        model,
-        optimizer=optimizer,
-        loss_fn=nn.CrossEntropyLoss(label_smoothing=DEFAULTS.label_smoothing),
-        autocast_dtype=autocast_dtype,
-        cuda_graph=cuda_graph,
-    )
-    if cuda_graph:
+    step = built.training.step
+    if step.cuda_graph:
         warmup_steps = max(warmup_steps, graphs.GRAPH_WARMUP_STEPS + 1)
-
-    def epoch_batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        return batching.train_batches(
-            train_split, batch_size=batch_size, generator=generator, normalize=normalize
-        )
-
-    if path == "ceiling":
-        batches = itertools.repeat(next(epoch_batches()))  # prepared once, outside the clock
+    if path == "ceiling":  # prepared once, outside the clock
+        batches = itertools.repeat(next(iter(recipe.epoch_batches(built, train_split, normalize))))
     else:
-        batches = endless(epoch_batches)
+        batches = endless(lambda: recipe.epoch_batches(built, train_split, normalize))
 
     def train_steps(count: int) -> None:
         engine.train_one_epoch(
             step,
             itertools.islice(batches, count),
-            scheduler=scheduler,
+            scheduler=built.training.scheduler,
             steps=count,
-            description=f"{norm} {path}",
+            description=f"{config.norm} {path}",
         )
 
     warmup_seconds, seconds = timed_steps(
         train_steps, warmup_steps=warmup_steps, steps=steps, device=device
     )
     return Measurement(
-        norm=norm,
+        norm=config.norm,
         path=path,
-        batch_size=batch_size,
+        batch_size=config.batch_size,
         layout=LAYOUT_NAMES[memory_format],
-        precision=PRECISION_NAMES[autocast_dtype],
-        images=steps * batch_size,
+        precision=PRECISION_NAMES[built.autocast_dtype],
+        images=steps * config.batch_size,
         seconds=seconds,
         warmup_seconds=warmup_seconds,
     )
@@ -246,28 +225,32 @@ def measure(
     norms: list[str],
     device: torch.device,
     workers: int,
-    batch_size: int,
+    batch_size: int | None,
     steps: int,
     warmup_steps: int,
     seed: int,
 ) -> Throughput:
-    """The reference, the pipeline and the ceiling for each norm, at the layout and precision
-    `train` picks on this device, and the pipeline in the other precision side by side where
-    the device has native bf16 (`pipeline fp32` or `pipeline bf16`)."""
+    """The reference, the pipeline and the ceiling for each norm, each at its recipe
+    (`batch_size` overrides the recipe's batch), at the layout and precision `train` picks on
+    this device, eager, and the pipeline in the other precision side by side where the device
+    has native bf16 (`pipeline fp32` or `pipeline bf16`)."""
     train_count = len(dataset.train_labels)
-    # The reference times as many images as our path, in batches of 64.
-    reference_steps = max(1, steps * batch_size // REFERENCE_BATCH_SIZE)
-    # Enough untimed batches for every worker to have started and filled its prefetch queue.
-    reference_warmup = max(warmup_steps * batch_size // REFERENCE_BATCH_SIZE, 2 * workers + 1)
-    if reference_warmup + reference_steps > train_count // REFERENCE_BATCH_SIZE:
-        progress("note: the reference steps span more than one epoch of the data")
-
     measurements: list[Measurement] = []
     rates: dict[tuple[str, str], float] = {}
+    reference_steps: dict[str, int] = {}
+    reference_warmup: dict[str, int] = {}
     for norm in norms:
-        memory_format = devices.memory_format_for(norm, device)
-        autocast_dtype = devices.resolve_precision("auto", device, norm=norm)
-        progress(f"{norm}: reference ({reference_steps} steps of {REFERENCE_BATCH_SIZE})")
+        # The main table times the eager step on every device; --graphs times the graphed one.
+        config = TrainConfig(norm=norm, batch_size=batch_size or 0, seed=seed, cuda_graphs="off")
+        # The reference times as many images as our path, in batches of 64.
+        reference_steps[norm] = max(1, steps * config.batch_size // REFERENCE_BATCH_SIZE)
+        # Enough untimed batches for every worker to have started and filled its prefetch queue.
+        reference_warmup[norm] = max(
+            warmup_steps * config.batch_size // REFERENCE_BATCH_SIZE, 2 * workers + 1
+        )
+        if reference_warmup[norm] + reference_steps[norm] > train_count // REFERENCE_BATCH_SIZE:
+            progress("note: the reference steps span more than one epoch of the data")
+        progress(f"{norm}: reference ({reference_steps[norm]} steps of {REFERENCE_BATCH_SIZE})")
         results = [
             measure_reference(
                 dataset,
@@ -275,37 +258,34 @@ def measure(
                 norm=norm,
                 device=device,
                 workers=workers,
-                steps=reference_steps,
-                warmup_steps=reference_warmup,
+                steps=reference_steps[norm],
+                warmup_steps=reference_warmup[norm],
                 seed=seed,
             )
         ]
-        paths = [("pipeline", autocast_dtype), ("ceiling", autocast_dtype)]
+        autocast_dtype = devices.resolve_precision(config.precision, device, norm=norm)
+        paths = [("pipeline", config), ("ceiling", config)]
         if autocast_dtype is not None:
-            paths.insert(1, ("pipeline fp32", None))
+            paths.insert(1, ("pipeline fp32", dataclasses.replace(config, precision="fp32")))
         elif device.type == "cuda" or devices.cpu_has_native_bf16():
-            paths.insert(1, ("pipeline bf16", torch.bfloat16))
-        for path, dtype in paths:
-            progress(f"{norm}: {path} ({steps} steps of {batch_size})")
+            paths.insert(1, ("pipeline bf16", dataclasses.replace(config, precision="bf16")))
+        for path, path_config in paths:
+            progress(f"{norm}: {path} ({steps} steps of {config.batch_size})")
             results.append(
                 measure_training(
                     train_split,
                     stats,
-                    norm=norm,
+                    path_config,
                     path=path.split(" ")[0],
-                    memory_format=memory_format,
-                    autocast_dtype=dtype,
-                    batch_size=batch_size,
                     steps=steps,
                     warmup_steps=warmup_steps,
-                    seed=seed,
                 )
             )
         for (path, _), result in zip(paths, results[1:], strict=True):
             rates[norm, path] = result.images_per_second
         rates[norm, "reference"] = results[0].images_per_second
         measurements.extend(results)
-    return Throughput(measurements, rates, reference_steps, reference_warmup)
+    return Throughput(measurements, rates, reference_steps, reference_warmup, batch_size)
 
 
 # --------------------------------------------------------------------------- report
@@ -358,30 +338,36 @@ def report(
     norms: list[str],
     costs: dict[str, TrackingCost],
     device: torch.device,
-    batch_size: int,
     steps: int,
     warmup_steps: int,
 ) -> list[str]:
     """The timing line, both tables and what each path is."""
-    reference_steps, reference_warmup = result.reference_steps, result.reference_warmup
+    reference = ", ".join(
+        f"{norm} {result.reference_steps[norm]} after {result.reference_warmup[norm]}"
+        for norm in norms
+    )
     timing = (
-        f"{warmup_steps} untimed warm-up steps, then {steps} timed steps of "
-        f"{batch_size} images; the reference times the same number of images in "
-        f"{reference_steps} steps of {REFERENCE_BATCH_SIZE} after {reference_warmup} warm-up "
-        f"steps. Threads from `devices.configure_backend()`; `time.perf_counter`"
+        f"{warmup_steps} untimed warm-up steps, then {steps} timed steps of each norm's batch "
+        f"(`batch` below); the reference times the same number of images in steps of "
+        f"{REFERENCE_BATCH_SIZE} ({reference} warm-up steps). Threads from "
+        f"`devices.configure_backend()`; `time.perf_counter`"
         f"{', CUDA synchronized' if device.type == 'cuda' else ''}."
     )
     return [
         f"- Timing: {timing}",
+        f"- {recipe.caption(norms, batch_size=result.batch_size)}",
         "",
         *throughput_table(result.measurements),
         "",
         *ratio_table(norms, result.rates, costs),
         "",
         "`reference`: PIL image per sample + RandomCrop(32, padding=4), RandomHorizontalFlip, "
-        "ToTensor, Normalize in a DataLoader, NCHW fp32, SGD momentum 0.9. `pipeline`: "
-        "`train_batches` on device-resident uint8 splits, `engine.train_one_epoch` with the "
-        "default layout and precision. `ceiling`: the same step on one fixed prepared batch. "
+        "ToTensor, Normalize in a DataLoader, NCHW fp32, the norm's `Net` with the shared "
+        "layers (ReLU, max pool) and plain SGD momentum 0.9, as before the per-norm recipes: "
+        "the comparison baseline, so `pipeline / reference` includes the recipe's own step "
+        "cost. `pipeline`: the recipe's step as `train` builds it, eager, on `train_batches` "
+        "of device-resident uint8 splits through `engine.train_one_epoch`, at the default "
+        "layout and precision. `ceiling`: the same step on one fixed prepared batch. "
         "`pipeline / ceiling` near 1 means the data path costs next to nothing.",
         "",
     ]

@@ -1,5 +1,6 @@
 """What does MLflow cost a run? `pipeline.runs.train_model` on a temporary SQLite store vs the
-same training through `engine.fit` without tracking, on a subset for a few epochs."""
+same training through `engine.fit` without tracking, on a subset for a few epochs, each norm at
+its recipe: both build through `training.prepare_training` + `training.fit`, as `train` does."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from benchmarks import recipe
 from benchmarks.timing import progress, timed
 from pipeline import data as datasets
 from pipeline import engine
@@ -77,7 +79,7 @@ class TrackingOverhead:
     tracked_images: int
     tracked_test_images: int
     tracked_epochs: int
-    batch_size: int
+    batch_size: int | None  # --batch-size over every recipe's own; None: the recipes'
     cold_seconds: float | None  # the untimed first `train_model` call; None when skipped
 
 
@@ -203,14 +205,15 @@ def measure(
     norms: list[str],
     enabled: bool,
     device: torch.device,
-    batch_size: int,
+    batch_size: int | None,
     tracked_images: int,
     tracked_test_images: int,
     tracked_epochs: int,
     tracking_warmup: bool,
     seed: int,
 ) -> TrackingOverhead | None:
-    """The tracking cost of each norm in `norms`; None when disabled or MLflow is not installed."""
+    """The tracking cost of each norm's recipe in `norms` (`batch_size` overrides its batch);
+    None when disabled or MLflow is not installed."""
     train_count, test_count = len(dataset.train_labels), len(dataset.test_labels)
     if mlflow is None or not enabled or not norms:
         progress("tracking: skipped (--no-tracking, or MLflow is not installed)")
@@ -218,9 +221,14 @@ def measure(
     costs: dict[str, TrackingCost] = {}
     tracked_images = min(tracked_images, train_count)
     tracked_test_images = min(tracked_test_images, test_count)
-    if tracked_images < batch_size:
+    batches = {
+        norm: TrainConfig(norm=norm, batch_size=batch_size or 0).batch_size for norm in norms
+    }
+    # train holds a tenth out for validation (below): the rest must fill a batch.
+    if tracked_images - tracked_images // 10 < max(batches.values()):
         raise ConfigError(
-            f"--tracked-images must be at least the batch size {batch_size} (got {tracked_images})"
+            f"--tracked-images must leave, after a tenth held out for validation, at least "
+            f"the batch size {max(batches.values())} (got {tracked_images})"
         )
     with tempfile.TemporaryDirectory(prefix="benchmark-") as directory:
         temporary = Path(directory)
@@ -235,8 +243,8 @@ def measure(
         warmup_subset = write_cifar_subset(
             dataset,
             temporary / "warmup-subset",
-            train_images=batch_size,
-            test_images=min(batch_size, test_count),
+            train_images=batches[norms[0]],
+            test_images=min(batches[norms[0]], test_count),
             seed=seed,
         )
         with temporary_tracking_store(temporary):
@@ -245,7 +253,7 @@ def measure(
             epochs = tracked_epochs
             settings = {
                 "epochs": epochs,
-                "batch_size": batch_size,
+                "batch_size": batch_size or 0,  # 0: the norm's recipe
                 "warmup_epochs": min(DEFAULTS.warmup_epochs, float(epochs)),
                 "device": device.type,
                 "seed": seed,
@@ -305,7 +313,9 @@ def report(result: TrackingOverhead | None) -> list[str]:
         "### Tracking overhead",
         "",
         f"Subset of {result.tracked_images:,} train / {result.tracked_test_images:,} test images, "
-        f"{result.tracked_epochs} epoch(s), batch {result.batch_size}, temporary SQLite store. "
+        f"{result.tracked_epochs} epoch(s), temporary SQLite store. "
+        + recipe.caption(list(result.costs), batch_size=result.batch_size)
+        + " "
         "`tracked`: `pipeline.runs.train_model` (params, dataset, per-epoch metrics and "
         "checkpoint, figures, exported model, registry). `untracked`: the same loading, "
         "`engine.fit(on_epoch_end=None)` and final evaluation. `per-epoch logging`: "
