@@ -37,7 +37,12 @@ sys.path.insert(0, str(REPOSITORY_ROOT))
 import torch  # noqa: E402
 
 from pipeline import report, training  # noqa: E402
-from pipeline.config import ConfigError, TrainConfig, parse_norms  # noqa: E402
+from pipeline.config import (  # noqa: E402
+    ConfigError,
+    TrainConfig,
+    parse_norms,
+    train_run_name,
+)
 from pipeline.data import DataError  # noqa: E402
 from pipeline.engine import EpochMetrics  # noqa: E402
 from pipeline.executors import StepCommand  # noqa: E402
@@ -115,7 +120,7 @@ def run_study(
                 if name not in ("norm", "seed", "data", "registered_model"):
                     words += ["--set", f"{name}={value}"]
             step = StepCommand(
-                name=f"{config.norm}-seed{config.seed}",
+                name=train_run_name(config.norm, config.seed),
                 command=shlex.join(words),
                 work_dir=str(REPOSITORY_ROOT),
                 env={},
@@ -150,7 +155,7 @@ def lever_table(runs: list[dict], *, group_by: tuple[str, ...] = ("cuda_graphs",
     records = [
         report.RunRecord(
             run_id=run["run_id"],
-            run_name=f"train-{run['params']['norm']}-seed{run['params']['seed']}",
+            run_name=train_run_name(run["params"]["norm"], run["params"]["seed"]),
             params=run["params"],
             tags={"step": "train"},
             start_time=datetime.fromtimestamp(0, timezone.utc),
