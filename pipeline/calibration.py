@@ -12,7 +12,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torchmetrics.functional.classification import multiclass_calibration_error
 
 from pipeline.errors import ConfigError
 
@@ -62,6 +61,11 @@ def expected_calibration_error(
 ) -> float:
     """Top-1 ECE over `bins` equal-width confidence bins: sum over bins of
     (bin's share of the images) x |accuracy - mean confidence|."""
+    # Imported here, not with the module: importing torchmetrics fixes this process's temporary
+    # directory (tempfile.gettempdir), where the registry's lock files go, before a step's
+    # TMPDIR can say where (tests/test_study.py: writers on hosts that share no lock).
+    from torchmetrics.functional.classification import multiclass_calibration_error
+
     logits, labels = _checked(logits, labels, temperature)
     # Probabilities, not logits: torchmetrics applies softmax only when a value lies outside [0, 1].
     probabilities = logits.softmax(dim=1)

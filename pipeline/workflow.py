@@ -257,15 +257,15 @@ def _in_parent_run(
 
 
 def _strings(executor: ExecutorSettings, options: dict) -> dict[str, str]:
-    """A parent run's params: where its steps run (the Ray settings only for Ray), then the
-    options its trainings share."""
-    params = {"parallel": str(executor.parallel), "executor": executor.name}
-    if executor.name == "ray":
-        params.update(
-            ray_address=executor.ray_address,
-            cpus_per_trial=str(executor.cpus_per_trial),
-            gpus_per_trial=str(executor.gpus_per_trial),
-        )
+    """A parent run's params: where its steps run (every executor setting, so that a local and
+    a Ray study have the same columns), then the options its trainings share."""
+    params = {
+        "parallel": str(executor.parallel),
+        "executor": executor.name,
+        "ray_address": executor.ray_address,
+        "cpus_per_trial": str(executor.cpus_per_trial),
+        "gpus_per_trial": str(executor.gpus_per_trial),
+    }
     return {**params, **{key: str(value) for key, value in options.items()}}
 
 
