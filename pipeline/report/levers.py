@@ -15,7 +15,7 @@ import pandas as pd
 from pipeline.config import TTA_MODES, TrainConfig
 from pipeline.model import NUM_CLASSES
 from pipeline.report.frame import Study, ordered_norms
-from pipeline.report.tables import mean_of, percent, run_summary, standard_error
+from pipeline.report.tables import mean_of, percent_column, run_summary, standard_error
 
 # The adoption rule: a lever is adopted when its gain over the defaults, paired by seed on the
 # same validation split, exceeds ADOPT_STANDARD_ERRORS standard errors over ADOPT_MIN_SEEDS or
@@ -213,10 +213,7 @@ def readable_lever_table(table: pd.DataFrame, keys: Sequence[str]) -> pd.DataFra
     out["recipe"] = ["default" if d else "" for d in table["default"]]
     out["runs"] = table["runs"]
     out["seeds"] = table["seeds"]
-    out["val acc % (mean ± SE)"] = [
-        percent(m, s)
-        for m, s in zip(table["final_val_acc_mean"], table["final_val_acc_se"], strict=True)
-    ]
+    out["val acc % (mean ± SE)"] = percent_column(table, "final_val_acc")
     out["val gain (points ± SE)"] = _gain_cells(
         table["gain_points"], table["gain_se_points"], table["paired_seeds"], "seed"
     )
@@ -226,10 +223,7 @@ def readable_lever_table(table: pd.DataFrame, keys: Sequence[str]) -> pd.DataFra
         else (f"yes: trains where the default did not (seed {r})" if r else "yes" if a else "no")
         for d, a, r in zip(table["default"], table["adopt"], table["rescued_seeds"], strict=True)
     ]
-    out["test acc % (reported, not chosen on)"] = [
-        percent(m, s)
-        for m, s in zip(table["final_test_acc_mean"], table["final_test_acc_se"], strict=True)
-    ]
+    out["test acc % (reported, not chosen on)"] = percent_column(table, "final_test_acc")
     return out
 
 
@@ -266,9 +260,7 @@ def tta_table(study: Study) -> pd.DataFrame:
 
 def readable_tta_table(table: pd.DataFrame) -> pd.DataFrame:
     out = table[["norm", "tta", "models"]].copy()
-    out["test acc % (mean ± SE)"] = [
-        percent(m, s) for m, s in zip(table["test_acc_mean"], table["test_acc_se"], strict=True)
-    ]
+    out["test acc % (mean ± SE)"] = percent_column(table, "test_acc")
     out["gain (points ± SE)"] = _gain_cells(
         table["gain_points"], table["gain_se_points"], table["paired_models"], "model"
     )

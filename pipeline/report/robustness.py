@@ -22,7 +22,14 @@ from pipeline.corruptions import SEVERITIES
 from pipeline.plots import reliability_figure, severity_figure
 from pipeline.report.frame import CELL_PREFIX, Study, ordered_norms, row_label
 from pipeline.report.levers import ADOPT_MIN_SEEDS, ADOPT_STANDARD_ERRORS, paired_gain
-from pipeline.report.tables import markdown_table, mean_of, percent, spread, standard_error
+from pipeline.report.tables import (
+    markdown_table,
+    mean_of,
+    percent,
+    percent_column,
+    spread,
+    standard_error,
+)
 
 BASELINE_NORM = "batch"  # the reference of the relative corruption error
 TEST_BATCH_GROUP = "test-batch stats"
@@ -121,10 +128,7 @@ def readable_robustness_table(table: pd.DataFrame) -> pd.DataFrame:
         ("ECE % after temperature", "test_ece_calibrated"),
         ("ECE % (corrupted)", "corruption_ece"),
     ):
-        out[title] = [
-            percent(m, s)
-            for m, s in zip(table[f"{metric}_mean"], table[f"{metric}_se"], strict=True)
-        ]
+        out[title] = percent_column(table, metric)
     out["relative corruption error"] = [
         spread(m, s, digits=3)
         for m, s in zip(

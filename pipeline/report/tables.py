@@ -156,6 +156,12 @@ def percent(mean: float, std: float = math.nan) -> str:
     return spread(100 * mean, 100 * std, digits=2)
 
 
+def percent_column(table: pd.DataFrame, metric: str) -> list[str]:
+    """`percent(mean, SE)` of each row, from the table's `<metric>_mean` and `<metric>_se`."""
+    means, errors = table[f"{metric}_mean"], table[f"{metric}_se"]
+    return [percent(m, s) for m, s in zip(means, errors, strict=True)]
+
+
 def spread(mean: float, std: float = math.nan, *, digits: int = 1) -> str:
     """ "82.10 ± 0.20"; the mean alone without a std (one run); empty without a mean."""
     if math.isnan(mean):
@@ -190,10 +196,7 @@ def readable_norm_table(table: pd.DataFrame) -> pd.DataFrame:
         ("final train acc %", "final_train_acc"),
         ("train-test gap (points)", "train_test_gap"),
     ):
-        out[label] = [
-            percent(m, s)
-            for m, s in zip(table[f"{prefix}_mean"], table[f"{prefix}_se"], strict=True)
-        ]
+        out[label] = percent_column(table, prefix)
     out["epoch s"] = [f"{s:.1f}" for s in table["epoch_seconds_mean"]]
     out["run min"] = [
         spread(m, s)
