@@ -257,6 +257,11 @@ class TrainConfig:
         "(Jordan, 2024, and torch.optim.Muon: 5).",
         check=int_range(1, 10),
     )
+    muon_pointwise: bool = setting(
+        True,
+        "optimizer=muon: Muon for the 1x1 convs c3 and c6 as well; false: the same SGD as "
+        "the head's for them.",
+    )
     tta: str = setting(
         DEFAULT_TTA,
         f"Test-time augmentation: {', '.join(TTA_MODES)}. How each epoch's validation and test "

@@ -23,19 +23,24 @@ def make_optimizer(
     muon_momentum: float = 0.9,
     muon_renormalize: bool = True,
     muon_ns_steps: int = 5,
+    muon_pointwise: bool = True,
 ) -> torch.optim.Optimizer:
     """SGD with Nesterov momentum; weight decay on conv weights only, never on norms or biases.
     On CUDA the fused kernel, which reads a tensor learning rate on the device (no sync).
 
     `optimizer="muon"`: `MuonSGD`, Muon for every conv filter but the classifier head c10 (at
-    `muon_lr`, `muon_momentum`, `muon_ns_steps` Newton-Schulz iterations), the same SGD for
-    the rest; one schedule scales both rates.
+    `muon_lr`, `muon_momentum`, `muon_ns_steps` Newton-Schulz iterations; the 1x1 convs only
+    with `muon_pointwise`), the same SGD for the rest; one schedule scales both rates.
     """
     check_choice("optimizer", optimizer, OPTIMIZERS)
     fused = True if all(p.is_cuda for p in model.parameters()) else None
     if optimizer == "muon":
         head = {id(p) for name, p in model.named_parameters() if name.startswith("c10.")}
-        filters = [p for p in model.parameters() if p.ndim > 1 and id(p) not in head]
+        filters = [
+            p
+            for p in model.parameters()
+            if p.ndim > 1 and id(p) not in head and (muon_pointwise or p.shape[2:] != (1, 1))
+        ]
         taken = {id(p) for p in filters}
         rest = [p for p in model.parameters() if id(p) not in taken]
         return MuonSGD(

@@ -193,6 +193,7 @@ def _optimizer_and_schedule(
         muon_momentum=recipe.muon_momentum,
         muon_renormalize=recipe.muon_renormalize,
         muon_ns_steps=recipe.muon_ns_steps,
+        muon_pointwise=recipe.muon_pointwise,
     )
     scheduler = optim.make_scheduler(
         optimizer,

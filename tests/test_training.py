@@ -63,3 +63,29 @@ def test_muon_ns_steps_reaches_the_optimizer_and_changes_what_trains():
         TrainConfig(muon_ns_steps=0)
     help_text = CliRunner().invoke(cli, ["train", "--help"]).output
     assert "--muon-ns-steps" in help_text and "Newton-Schulz" in help_text
+
+
+def test_muon_pointwise_false_gives_the_1x1_convs_to_sgd():
+    """`muon_pointwise=False`: c3 and c6 leave Muon's group for SGD's decayed group (with the
+    head), the 3x3 filters stay with Muon, and what trains changes."""
+    from pipeline.model import Net
+
+    weights = {}
+    for pointwise in (True, False):
+        recipe = TrainConfig(norm="batch", optimizer="muon", muon_pointwise=pointwise, epochs=1)
+        torch.manual_seed(0)
+        model = Net(norm="batch")
+        built = training.build_training(model, recipe, train_images=512)
+        groups = built.state.optimizer.param_groups
+        [muon] = [g for g in groups if g.get("muon")]
+        muon_ids = {id(p) for p in muon["params"]}
+        pointwise_ids = {id(model.c3.conv.weight), id(model.c6.conv.weight)}
+        assert (pointwise_ids <= muon_ids) == pointwise
+        assert id(model.C2.conv.weight) in muon_ids and id(model.c10.weight) not in muon_ids
+        if not pointwise:
+            [decayed] = [g for g in groups if not g.get("muon") and g["weight_decay"] > 0]
+            assert pointwise_ids <= {id(p) for p in decayed["params"]}
+        images, labels = torch.randn(8, 3, 32, 32), torch.arange(8) % 10
+        built.step(images, labels)
+        weights[pointwise] = model.c3.conv.weight.detach().clone()
+    assert not torch.equal(weights[True], weights[False])
