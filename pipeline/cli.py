@@ -396,7 +396,7 @@ def sweep(grid: str, mode: str, norm: str, seeds: int, max_trials: int, **option
     "--experiment_name",
     "experiment_name",
     default="",
-    help="Without a parent run: compare this experiment's runs.",
+    help="Without a parent run: compare this experiment's runs (several: comma-separated).",
 )
 @click.option(
     "--filter-string",

@@ -457,7 +457,8 @@ def study_runs(*, parent_run_id: str = "", experiment_name: str = "", filter_str
     FAILED train runs that diverged (tagged `diverged`), which the report names.
 
     Either the children of `parent_run_id` (reused-step pointers replaced by the runs they
-    point at) or the runs of `experiment_name` matching `filter_string`.
+    point at) or the runs of `experiment_name` (one, or several separated by commas: a screen
+    whose lever runs live apart from the study they pair with) matching `filter_string`.
     """
     client = MlflowClient()
     if parent_run_id:
@@ -470,10 +471,12 @@ def study_runs(*, parent_run_id: str = "", experiment_name: str = "", filter_str
         if filter_string:
             query = f"{query} and {filter_string}"
     elif experiment_name:
-        experiment = client.get_experiment_by_name(experiment_name)
-        if experiment is None:
-            raise TrackingError(f"experiment_name {experiment_name!r} does not exist")
-        experiment_ids, query = [experiment.experiment_id], filter_string
+        experiment_ids, query = [], filter_string
+        for name in (part.strip() for part in experiment_name.split(",")):
+            experiment = client.get_experiment_by_name(name)
+            if experiment is None:
+                raise TrackingError(f"experiment_name {name!r} does not exist")
+            experiment_ids.append(experiment.experiment_id)
     else:
         raise TrackingError("compare needs a parent_run_id, or an experiment_name (and filter)")
     runs = _search(experiment_ids, query)

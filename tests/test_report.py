@@ -604,6 +604,28 @@ def test_tracked_runs_reach_the_report_as_records(tracking_store):
     assert study.evaluated.loc[0, ["source_run_id", "test_acc"]].tolist() == [train_id, 0.71]
 
 
+def test_compare_reads_the_runs_of_several_experiments(tracking_store):
+    """`--experiment-name study,screen`: a screen's lever runs, kept in their own experiment,
+    pair with the study's; an unknown name is refused by name."""
+    import mlflow
+
+    from pipeline import tracking
+
+    ids = {}
+    for name, pool in (("study", "auto"), ("screen", "avg")):
+        experiment = mlflow.create_experiment(name)
+        with mlflow.start_run(experiment_id=experiment) as run:
+            mlflow.set_tags({"step": "train"})
+            mlflow.log_params({"norm": "batch", "seed": "1", "pool": pool})
+        ids[name] = run.info.run_id
+    found = tracking.study_runs(experiment_name="study, screen")
+    assert sorted(found["run_id"]) == sorted(ids.values())
+    only = tracking.study_runs(experiment_name="study,screen", filter_string="params.pool = 'avg'")
+    assert only["run_id"].tolist() == [ids["screen"]]
+    with pytest.raises(tracking.TrackingError, match="experiment_name 'nope' does not exist"):
+        tracking.study_runs(experiment_name="study,nope")
+
+
 def test_untracked_runs_reach_the_report_as_records():
     import importlib.util
 
