@@ -91,6 +91,11 @@ SWEEP_FILES = {
     "round3.yaml": {"optimizer", "muon_lr", "muon_momentum", "activation", "pool"},
     "batch-dependence.yaml": {"norm_batch"},
     "none-recipe.yaml": {"learning_rate"},
+    "round4-pool.yaml": {"pool"},
+    "round4-steps.yaml": {"batch_size", "learning_rate", "muon_lr"},
+    "round4-average.yaml": {"ema"},
+    "round4-augment.yaml": {"translate", "cutout", "label_smoothing"},
+    "round4-muon.yaml": {"muon_ns_steps", "muon_pointwise"},
 }
 
 
