@@ -74,6 +74,12 @@ def resolve_precision(
     return None
 
 
+def precision_name(autocast_dtype: torch.dtype | None) -> str:
+    """How a run names the precision it trained in, with `precision`'s own spelling: `bf16`,
+    `fp16`, or `fp32` for no autocast (logged as `resolved.precision` and `autocast`)."""
+    return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(autocast_dtype, "fp32")
+
+
 def resolve_cuda_graphs(
     mode: str, device: torch.device, *, compile: str = "off"
 ) -> tuple[bool, str]:

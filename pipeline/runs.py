@@ -16,8 +16,6 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import torch
-
 from pipeline import data as datasets
 from pipeline import device as devices
 from pipeline import engine, model_registry, plots, tracking, training
@@ -46,10 +44,6 @@ def _signals_deferred():
         yield
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
-
-
-def _precision_name(autocast_dtype: torch.dtype | None) -> str:
-    return str(autocast_dtype).removeprefix("torch.") if autocast_dtype else "fp32"
 
 
 def _log_training_data(dataset: datasets.ArrayDataset) -> None:
@@ -168,7 +162,7 @@ def resolved_recipe(config: TrainConfig, setup: training.TrainingSetup) -> dict[
     """What the run trained with, "auto" and 0 resolved: `mlflow run` logs the -P values
     (`optimizer auto`) before this code starts, and a param cannot change afterwards."""
     recipe = {name: str(getattr(config, name)) for name in RESOLVED_SETTINGS}
-    precision = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(setup.autocast_dtype, "fp32")
+    precision = devices.precision_name(setup.autocast_dtype)
     return {**recipe, "precision": precision, "device": str(setup.device)}
 
 
@@ -181,7 +175,7 @@ def _log_setup(config: TrainConfig, setup: training.TrainingSetup) -> None:
             "num_params": str(setup.parameters),
             "receptive_field": str(fields[-3].receptive_field),  # after C9, before GAP
             "device": str(setup.device),
-            "autocast": _precision_name(setup.autocast_dtype),
+            "autocast": devices.precision_name(setup.autocast_dtype),
             "cuda_graphs_used": str(setup.cuda_graphs).lower(),
             "cpu_capability": devices.cpu_capability(),
             # Which training images validate: runs on other splits are never paired.

@@ -44,6 +44,7 @@ from pipeline.config import (  # noqa: E402
     train_run_name,
 )
 from pipeline.data import DataError  # noqa: E402
+from pipeline.device import precision_name  # noqa: E402
 from pipeline.engine import EpochMetrics  # noqa: E402
 from pipeline.executors import StepCommand  # noqa: E402
 from pipeline.executors.local import LocalExecutor  # noqa: E402
@@ -88,7 +89,7 @@ def train_once(config: TrainConfig) -> dict:
         if setup.device.type == "cuda"
         else "",
         "cuda_graphs_used": setup.cuda_graphs,
-        "autocast": str(setup.autocast_dtype or "fp32").removeprefix("torch."),
+        "autocast": precision_name(setup.autocast_dtype),
         "records": [dataclasses.asdict(record) for record in records],
         "fit_seconds": fit_seconds,
         "process_seconds": time.perf_counter() - STARTED,

@@ -141,6 +141,10 @@ def test_devices_and_precision_resolve_sensibly():
     assert devices.resolve_precision("fp32", CPU) is None
     assert devices.resolve_precision("bf16", CPU) is torch.bfloat16
     assert devices.resolve_precision("auto", torch.device("cuda"), norm="batch") is None
+    # One spelling for a precision, `precision`'s own, wherever a run logs it.
+    for precision in ("fp32", "bf16"):
+        assert devices.precision_name(devices.resolve_precision(precision, CPU)) == precision
+    assert devices.precision_name(torch.float16) == "fp16"
 
 
 @pytest.mark.parametrize("native", [True, False])
