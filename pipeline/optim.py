@@ -35,12 +35,7 @@ def make_optimizer(
     check_choice("optimizer", optimizer, OPTIMIZERS)
     fused = True if all(p.is_cuda for p in model.parameters()) else None
     if optimizer == "muon":
-        head = {id(p) for name, p in model.named_parameters() if name.startswith("c10.")}
-        filters = [
-            p
-            for p in model.parameters()
-            if p.ndim > 1 and id(p) not in head and (muon_pointwise or p.shape[2:] != (1, 1))
-        ]
+        filters = _muon_filters(model, pointwise=muon_pointwise)
         taken = {id(p) for p in filters}
         rest = [p for p in model.parameters() if id(p) not in taken]
         return MuonSGD(
@@ -73,6 +68,16 @@ def make_optimizer(
         nesterov=momentum > 0,
         fused=fused,
     )
+
+
+def _muon_filters(model: nn.Module, *, pointwise: bool) -> list[nn.Parameter]:
+    """The conv filters Muon updates: all but the c10 head, the 1x1 convs only if `pointwise`."""
+    head = {id(p) for name, p in model.named_parameters() if name.startswith("c10.")}
+    return [
+        p
+        for p in model.parameters()
+        if p.ndim > 1 and id(p) not in head and (pointwise or p.shape[2:] != (1, 1))
+    ]
 
 
 # The quintic Newton-Schulz iteration's coefficients (Jordan, 2024; torch.optim.Muon's).
