@@ -347,7 +347,7 @@ def test_a_training_logs_its_resolved_recipe_and_resume_takes_the_runs_own_setti
     assert resolved == {
         "resolved.optimizer": "muon",
         "resolved.activation": "silu",
-        "resolved.pool": "max",
+        "resolved.pool": "avg",
         "resolved.batch_size": "32",
         "resolved.learning_rate": params["learning_rate"],
         "resolved.muon_lr": "0.03",
