@@ -315,14 +315,14 @@ def test_pool_auto_is_the_norms_recipe_and_a_sweep_pairs_against_it():
         trained = TrainConfig(norm=norm)
         assert trained.pool == recipe["pool"] in config.POOLS
         assert trained.as_params()["pool"] == recipe["pool"]
-    # average pooling was adopted for layer norm on the validation split; the rest keep max
-    assert [TrainConfig(norm=norm).pool for norm in config.STUDY_NORMS] == ["max", "max", "avg"]
+    # average pooling was adopted for layer and batch norm on the validation split; group keeps max
+    assert [TrainConfig(norm=norm).pool for norm in config.STUDY_NORMS] == ["avg", "max", "avg"]
     assert TrainConfig(norm="layer", pool="max").pool == "max"  # an explicit value wins
     assert type(build_model(TrainConfig(norm="layer")).P1).__name__ == "AvgPool2d"
-    found, _ = trials("pool=max", norms=("batch", "layer"), seeds=1, mode="one-at-a-time")
-    # max is batch norm's default trial and a lever for layer norm (its recipe is avg)
+    found, _ = trials("pool=max", norms=("group", "layer"), seeds=1, mode="one-at-a-time")
+    # max is group norm's default trial and a lever for layer norm (its recipe is avg)
     assert [(trial.name, trial.config.pool) for trial in found] == [
-        ("train-batch-seed1", "max"),
+        ("train-group-seed1", "max"),
         ("train-layer-seed1", "avg"),
         ("train-layer-seed1-pool=max", "max"),
     ]
