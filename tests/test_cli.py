@@ -248,7 +248,7 @@ def test_runs_go_to_the_named_experiment_and_the_registry_describes_each_model(
     [
         (["--norm=layer"], "layer norm, relu, avg pooling at P1 and P2"),  # its recipe's pool
         (["--norm=layer", "--pool=max"], "layer norm, relu, max pooling at P1 and P2"),
-        (["--norm=group", "--activation=silu"], "group norm (4 groups), silu, max pooling"),
+        (["--norm=group", "--activation=silu"], "group norm (4 groups), silu, avg pooling"),
         (["--norm=frn"], "frn norm, its own activation, max pooling at P1 and P2"),
     ],
 )

@@ -315,14 +315,14 @@ def test_pool_auto_is_the_norms_recipe_and_a_sweep_pairs_against_it():
         trained = TrainConfig(norm=norm)
         assert trained.pool == recipe["pool"] in config.POOLS
         assert trained.as_params()["pool"] == recipe["pool"]
-    # average pooling was adopted for layer and batch norm on the validation split; group keeps max
-    assert [TrainConfig(norm=norm).pool for norm in config.STUDY_NORMS] == ["avg", "max", "avg"]
+    # average pooling was adopted for all three study norms on the validation split
+    assert [TrainConfig(norm=norm).pool for norm in config.STUDY_NORMS] == ["avg", "avg", "avg"]
     assert TrainConfig(norm="layer", pool="max").pool == "max"  # an explicit value wins
     assert type(build_model(TrainConfig(norm="layer")).P1).__name__ == "AvgPool2d"
-    found, _ = trials("pool=max", norms=("group", "layer"), seeds=1, mode="one-at-a-time")
-    # max is group norm's default trial and a lever for layer norm (its recipe is avg)
+    found, _ = trials("pool=max", norms=("instance", "layer"), seeds=1, mode="one-at-a-time")
+    # max is instance norm's default trial and a lever for layer norm (its recipe is avg)
     assert [(trial.name, trial.config.pool) for trial in found] == [
-        ("train-group-seed1", "max"),
+        ("train-instance-seed1", "max"),
         ("train-layer-seed1", "avg"),
         ("train-layer-seed1-pool=max", "max"),
     ]

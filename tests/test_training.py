@@ -18,7 +18,7 @@ PINNED = json.loads((Path(__file__).parent / "pinned_training.json").read_text()
 
 
 # The pooling of each norm's recipe at 6d4e015, which the pins were trained with (batch norm's
-# has since moved to average pooling: docs/history.md#round-4-pooling).
+# and group norm's have since moved to average pooling: docs/history.md#round-4-pooling).
 PINNED_POOL = {"batch": "max", "group": "max", "layer": "avg"}
 
 
