@@ -23,16 +23,23 @@ def test_ceiling_curves_overlay_runs_of_any_length_and_tabulate_their_ends(
     tracking_store, tmp_path, monkeypatch, capsys
 ):
     run_ids = []
-    for epochs in (2, 5):
+    for epochs, validated in ((2, False), (5, True)):
         with tracking.run(run_name=f"train-{epochs}", tags={"step": "train"}) as run_id:
             tracking.log_params({"norm": "batch", "seed": "1", "epochs": str(epochs)})
             for epoch in range(1, epochs + 1):
                 accuracy = 0.5 + 0.05 * epoch
-                tracking.log_epoch(EpochMetrics(epoch, 1.0, accuracy, 1.0, accuracy, 0.1, 1.0))
+                # Validation peaks at epoch 3, so the best epoch is not the last.
+                val = (1.0, 0.9 - 0.01 * abs(epoch - 3)) if validated else (None, None)
+                tracking.log_epoch(
+                    EpochMetrics(epoch, 1.0, accuracy, 1.0, accuracy, 0.1, 1.0, *val)
+                )
         run_ids.append(run_id)
     figure = tmp_path / "curves.png"
     assert _script("ceiling_curves", monkeypatch).main(["--out", str(figure), *run_ids]) == 0
     rows = capsys.readouterr().out.splitlines()
-    assert rows[2].startswith(f"| `{run_ids[0][:8]}` | batch | 1 | 2 | 60.00 | 60.00 |")
-    assert rows[3].startswith(f"| `{run_ids[1][:8]}` | batch | 1 | 5 | 75.00 | 75.00 |")
+    # A run trained before the split held out validation has no val columns: test stands in.
+    assert rows[2].startswith(f"| `{run_ids[0][:8]}` | batch | 1 | 2 | - | - | 60.00 | 60.00 |")
+    assert rows[3].startswith(
+        f"| `{run_ids[1][:8]}` | batch | 1 | 5 | 88.00 | 90.00 (3) | 75.00 | 75.00 |"
+    )
     assert figure.stat().st_size > 10_000
