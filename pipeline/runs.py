@@ -380,6 +380,9 @@ def _echo_comparison(study_data: comparison.Study, keys: tuple[str, ...], *, ech
     if keys:
         levers = comparison.readable_lever_table(comparison.lever_table(study_data), keys)
         echo(comparison.markdown_table(levers))
+        note = comparison.set_aside_note(study_data)
+        if note:
+            echo(f"- {note}")
 
 
 def _load_study(runs, *, source: str, group_by: tuple[str, ...] = ()) -> comparison.Study:

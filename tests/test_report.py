@@ -297,6 +297,47 @@ def test_lever_table_never_pairs_runs_validated_on_different_splits():
     assert not lever["adopt"]
 
 
+def test_lever_table_holds_the_levers_it_does_not_group_by_at_the_recipe(tmp_path):
+    """Two screens in one experiment, compared by `whiten` alone: the label-smoothing screen's
+    runs have the recipe's whiten, but they are not the recipe. Counted as the default they
+    would lift it by half their gain; they are set aside and named instead, a diverged one too
+    (else the default would seem to fail on its seed)."""
+    runs, histories = _lever_runs(
+        {("batch", "False"): [0.800, 0.810, 0.820], ("batch", "true"): [0.806, 0.815, 0.828]}
+    )
+    smoothed, _ = _lever_runs({("batch", "False"): [0.850, 0.860, 0.870]})
+    for seed, accuracy, run in zip((1, 2, 3), (0.850, 0.860, 0.870), smoothed, strict=True):
+        run_id = f"batch-smoothed-{seed}"
+        params = {**run.params, "label_smoothing": "0.05"}
+        runs.append(dataclasses.replace(run, run_id=run_id, params=params))
+        histories[run_id] = [
+            EpochMetrics(1, 1.0, accuracy, 1.0, accuracy + 0.01, 0.1, 1.0, 1.0, accuracy)
+        ]
+    diverged = dataclasses.replace(
+        runs[-1],
+        run_id="batch-smoothed-4",
+        params={**runs[-1].params, "seed": "4"},
+        status="FAILED",
+        tags={"step": "train", "diverged": "training diverged at epoch 2 (loss nan)"},
+    )
+    study = comparison.build_study([*runs, diverged], histories, group_by=("whiten",))
+    table = comparison.lever_table(study).set_index("whiten")
+    assert table.loc["false", "default"] and table.loc["false", "runs"] == 3
+    assert table.loc["false", "final_val_acc_mean"] == pytest.approx(0.81)
+    assert table.loc["true", "gain_points"] == pytest.approx(0.6333, abs=1e-4)  # +.6 +.5 +.8
+    assert table.loc["true", "rescued_seeds"] == ""
+    aside = comparison.set_aside(study)
+    assert sorted(aside["run_id"]) == [f"batch-smoothed-{seed}" for seed in (1, 2, 3, 4)]
+    assert set(aside["moved"]) == {"label_smoothing 0.05"}
+    note = "batch norm 4 runs (label_smoothing 0.05)"
+    assert note in comparison.set_aside_note(study)
+    assert note in comparison.write_report(study, tmp_path / "out").read_text()
+    # Grouped by both, every run has its row and none is set aside.
+    both = comparison.build_study(runs, histories, group_by=("whiten", "label_smoothing"))
+    assert len(comparison.lever_table(both)) == 3 and comparison.set_aside(both).empty
+    assert comparison.set_aside_note(both) == ""
+
+
 def test_lever_table_takes_each_norms_own_recipe_as_its_default(monkeypatch):
     """batch_size is per norm (config.RECIPES): with a recipe of batch 256 for batch norm, 256 is
     batch norm's default and a lever for layer norm, whose default is 128."""
@@ -539,7 +580,8 @@ def test_recipe_value_prefers_the_resolved_recipe_and_falls_back_to_the_plain_pa
 
 
 def test_the_report_shows_each_runs_resolved_recipe(monkeypatch):
-    monkeypatch.setitem(config.RECIPES, "batch", {**config.RECIPES["batch"], "learning_rate": 0.1})
+    recipe = {**config.RECIPES["batch"], "learning_rate": 0.1, "batch_size": 256}
+    monkeypatch.setitem(config.RECIPES, "batch", recipe)
     new = {"learning_rate": "0", "resolved.learning_rate": "0.1", "batch_size": "0"}
     new |= {"resolved.batch_size": "256", "optimizer": "", "resolved.optimizer": "muon"}
     old = {"learning_rate": "0.2", "batch_size": "128", "optimizer": "sgd"}
@@ -557,7 +599,12 @@ def test_the_report_shows_each_runs_resolved_recipe(monkeypatch):
         "muon/sgd",
     )
     levers = comparison.lever_table(study).set_index("learning_rate")
-    assert levers.loc["0.1", "default"] and not levers.loc["0.2", "default"]
+    assert levers.loc["0.1", "default"]
+    # The old run moved the batch and the optimizer as well as the rate: not the rate's lever.
+    assert list(levers.index) == ["0.1"]
+    aside = comparison.set_aside(study)
+    assert list(aside["run_id"]) == ["batch-2"]
+    assert aside["moved"].iloc[0] == "batch_size 128, optimizer sgd"
 
 
 def test_tracked_runs_reach_the_report_as_records(tracking_store):

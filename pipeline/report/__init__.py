@@ -11,6 +11,8 @@ from pipeline.report.levers import (
     lever_table,
     paired_gain,
     readable_lever_table,
+    set_aside,
+    set_aside_note,
     tta_table,
 )
 from pipeline.report.render import write_report
@@ -51,6 +53,8 @@ __all__ = [
     "robustness_table",
     "row_label",
     "run_summary",
+    "set_aside",
+    "set_aside_note",
     "step_runs",
     "tta_table",
     "write_report",

@@ -42,6 +42,25 @@ TABLE_PARAMS = (
     "pool",
     "val_size",
 )
+# What a train run trains: every TrainConfig setting but its seed, its data and split (pairing
+# covers those) and where and how it computes. A lever table holds those that vary among a
+# norm's runs and are not grouped by at the norm's recipe (report.levers).
+_NOT_TRAINING = (
+    "norm",
+    "seed",
+    "data",
+    "stats",
+    "val_size",
+    "device",
+    "precision",
+    "compile",
+    "cuda_graphs",
+    "registered_model",
+    "resume",
+)
+TRAINING_SETTINGS = tuple(
+    field.name for field in dataclasses.fields(TrainConfig) if field.name not in _NOT_TRAINING
+)
 # An evaluate run's metrics the study frame keeps (evaluation.py logs them), and its cells'.
 EVALUATION_METRICS = (
     "test_ece",
@@ -79,6 +98,9 @@ class Study:
     # Train runs that stopped on a non-finite loss (FAILED, tagged `diverged`), as `train`'s
     # rows with the error in `diverged`: named by the findings, counted in no mean.
     diverged: pd.DataFrame = dataclasses.field(default_factory=pd.DataFrame)
+    # One row per train run, diverged ones too: run_id and each of TRAINING_SETTINGS as the
+    # run trained with it (its resolved recipe value); "" where the run predates the setting.
+    settings: pd.DataFrame = dataclasses.field(default_factory=pd.DataFrame)
 
     @property
     def norms(self) -> list[str]:
@@ -185,6 +207,7 @@ def build_study(
         group_by=group_by,
         evaluated=evaluated,
         diverged=trained[is_diverged].reset_index(drop=True),
+        settings=training_settings(runs, trained["run_id"]),
         reliability={
             run_id: payload["calibration"]
             for run_id, payload in (evaluations or {}).items()
@@ -310,6 +333,21 @@ def train_runs(runs: Sequence[RunRecord], *, extra_params: Sequence[str] = ()) -
     ended = pd.to_datetime(pd.Series([run.end_time for run in picked], dtype=object), utc=True)
     rows["run_minutes"] = ((ended - started).dt.total_seconds() / 60).to_numpy()
     return rows.reset_index(drop=True)
+
+
+def training_settings(runs: Sequence[RunRecord], run_ids: Sequence[str]) -> pd.DataFrame:
+    """run_id and each of TRAINING_SETTINGS per run in `run_ids`, as the run resolved it;
+    "" where it logged no such param (it predates the setting), but `tta`: what runs
+    evaluated with before it was a param."""
+    by_id = {run.run_id: run for run in runs}
+    rows = []
+    for run_id in run_ids:
+        params = by_id[run_id].params
+        row = {name: _unquote(recipe_value(params, name)) for name in TRAINING_SETTINGS}
+        row = {name: "" if value is None else value for name, value in row.items()}
+        row["tta"] = row["tta"] or TTA_BEFORE_PARAM
+        rows.append({"run_id": run_id, **row})
+    return pd.DataFrame(rows, columns=["run_id", *TRAINING_SETTINGS], dtype=object)
 
 
 def step_runs(runs: Sequence[RunRecord], step: str) -> pd.DataFrame:

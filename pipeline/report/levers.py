@@ -14,7 +14,7 @@ import pandas as pd
 
 from pipeline.config import TTA_MODES, TrainConfig
 from pipeline.model import NUM_CLASSES
-from pipeline.report.frame import Study, ordered_norms
+from pipeline.report.frame import TRAINING_SETTINGS, Study, ordered_norms
 from pipeline.report.tables import mean_of, percent_column, run_summary, standard_error
 
 # The adoption rule: a lever is adopted when its gain over the defaults, paired by seed on the
@@ -69,15 +69,22 @@ def lever_table(study: Study) -> pd.DataFrame:
     and the adoption rule's verdict; the final test accuracy beside it, never chosen on.
 
     The default recipe is the row whose group_by values are the norm's `TrainConfig` defaults
-    (config.RECIPES); pairing by seed compares runs that started from the same initial weights
-    and batch order, and pairing on the split's digest never compares runs validated on
-    different images.
+    (config.RECIPES). Every other training setting that varies among a norm's runs is held at
+    the recipe: a run that moved one (another sweep's lever in the same experiment) is in no
+    row (`set_aside` names it), so the default row is the recipe itself. Pairing by seed
+    compares runs that started from the same initial weights and batch order, and pairing on
+    the split's digest never compares runs validated on different images.
     """
     keys = list(study.group_by)
     summary = run_summary(study).merge(study.train[["run_id", *keys]], on="run_id")
     for key in keys:
         summary[key] = summary[key].map(param_value)
     outcomes = _training_outcomes(study, summary, keys)
+    # Runs where a lever not grouped by moved away from the recipe belong to no row.
+    kept = set(study.train["run_id"]) | set(study.diverged.get("run_id", ()))
+    kept -= set(set_aside(study)["run_id"])
+    summary = summary[summary["run_id"].isin(kept)]
+    outcomes = outcomes[outcomes["run_id"].isin(kept)]
     rows = []
     for norm in study.norms:
         norm_rows = _norm_lever_rows(
@@ -159,13 +166,63 @@ def _lever_row(
 def _training_outcomes(study: Study, summary: pd.DataFrame, keys: Sequence[str]) -> pd.DataFrame:
     """norm, seed, the group_by values and `trained` for every train run: False where it
     diverged (no final accuracy) or ended at chance."""
-    finished = summary[["norm", "seed", *keys]].assign(trained=_trained(summary).to_numpy())
+    finished = summary[["run_id", "norm", "seed", *keys]]
+    finished = finished.assign(trained=_trained(summary).to_numpy())
     if study.diverged.empty:
         return finished
-    diverged = study.diverged[["norm", "seed", *keys]].assign(trained=False)
+    diverged = study.diverged[["run_id", "norm", "seed", *keys]].assign(trained=False)
     for key in keys:
         diverged[key] = diverged[key].map(param_value)
     return pd.concat([finished, diverged], ignore_index=True)
+
+
+def set_aside(study: Study) -> pd.DataFrame:
+    """The train runs (diverged ones too) that the lever table leaves out: run_id, norm, seed
+    and `moved`, the training settings ("label_smoothing 0.05") that the run does not hold at
+    its norm's recipe, among those not grouped by that vary between the norm's runs. Such a
+    run is another lever's, swept in the same experiments; counted as the recipe, it would
+    pull the default row off the recipe."""
+    columns = ["run_id", "norm", "seed", "moved"]
+    runs = pd.concat([study.train, study.diverged])
+    if runs.empty or study.settings.empty:
+        return pd.DataFrame(columns=columns)
+    runs = runs[["run_id", "norm", "seed"]].merge(study.settings, on="run_id")
+    free = [name for name in TRAINING_SETTINGS if name not in study.group_by]
+    rows = []
+    for norm, group in runs.groupby("norm", sort=False):
+        recipe = TrainConfig(norm=norm).as_params()
+        moved = pd.Series([[] for _ in group.index], index=group.index, dtype=object)
+        for name in free:
+            # "": the run predates the setting, and so trained as its recipe does.
+            default = param_value(recipe[name])
+            values = group[name].map(param_value).replace("", default)
+            if values.nunique() < 2:
+                continue
+            for index in values.index[values != default]:
+                moved[index].append(f"{name} {values[index]}")
+        for index in moved.index[moved.map(bool)]:
+            row = group.loc[index]
+            rows.append([row["run_id"], norm, row["seed"], ", ".join(moved[index])])
+    return pd.DataFrame(rows, columns=columns)
+
+
+def set_aside_note(study: Study) -> str:
+    """One line that counts the runs the lever table left out, per norm and setting; "" where
+    it left out none."""
+    aside = set_aside(study)
+    if aside.empty:
+        return ""
+    counts = aside.groupby(["norm", "moved"], sort=False).size()
+    order = ordered_norms(aside["norm"])
+    parts = [
+        f"{norm} norm {count} run{'s' * (count != 1)} ({moved})"
+        for (norm, moved), count in sorted(counts.items(), key=lambda item: order.index(item[0][0]))
+    ]
+    return (
+        "Not in the table, a setting not grouped by away from the recipe: "
+        + "; ".join(parts)
+        + ". Group by it too to compare them."
+    )
 
 
 def _trained(summary: pd.DataFrame) -> pd.Series:

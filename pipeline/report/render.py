@@ -36,6 +36,7 @@ from pipeline.report.levers import (  # noqa: E402
     lever_table,
     readable_lever_table,
     readable_tta_table,
+    set_aside_note,
     tta_table,
 )
 from pipeline.report.robustness import robustness_section  # noqa: E402
@@ -149,14 +150,17 @@ def _lever_section(study: Study, directory: Path) -> list[str]:
     levers = lever_table(study)
     levers.to_csv(directory / "levers.csv", index=False)
     keys = ", ".join(f"`{key}`" for key in study.group_by)
+    note = set_aside_note(study)
     return [
         f"## Levers: runs grouped by {keys}",
         "",
         markdown_table(readable_lever_table(levers, study.group_by)),
         "",
+        *([note, ""] if note else []),
         "Ranked per norm by final validation accuracy, mean ± standard error over seeds. "
         "Val gain: the mean difference in points from the norm's default recipe (the row "
-        "marked *default*: every grouped parameter at `train`'s default), paired on the "
+        "marked *default*: every grouped parameter at `train`'s default, and every other "
+        "training setting that varies between the norm's runs at its recipe), paired on the "
         "seeds both ran on the same validation split, ± its standard error. *Adopt?*: yes "
         f"only where that gain exceeds {ADOPT_STANDARD_ERRORS:g} standard errors over "
         f"{ADOPT_MIN_SEEDS} or more seeds. The test accuracy is reported beside it and "
