@@ -178,7 +178,7 @@ def _training_outcomes(study: Study, summary: pd.DataFrame, keys: Sequence[str])
 
 def set_aside(study: Study) -> pd.DataFrame:
     """The train runs (diverged ones too) that the lever table leaves out: run_id, norm, seed
-    and `moved`, the training settings ("label_smoothing 0.05") that the run does not hold at
+    and `moved`, the training settings (as "<name> <value>") that the run does not hold at
     its norm's recipe, among those not grouped by that vary between the norm's runs. Such a
     run is another lever's, swept in the same experiments; counted as the recipe, it would
     pull the default row off the recipe."""
