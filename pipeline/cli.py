@@ -106,7 +106,7 @@ def train_options(*, exclude: tuple[str, ...] = (), only: tuple[str, ...] = ()):
 def config_options(config, *, exclude: tuple[str, ...] = (), only: tuple[str, ...] = ()):
     """The click options of a config's fields, made from their declarations (config.setting):
     `--muon-lr` and, as MLflow passes a parameter an entry point does not declare,
-    `--muon_lr`; a RECIPES parameter defaults to its "per norm" value (0 or auto)."""
+    `--muon_lr`; a RECIPES parameter defaults to its "per norm" value (0, -1 or auto)."""
     fields = [
         field
         for field in dataclasses.fields(config)

@@ -63,13 +63,16 @@ DEFAULT_VAL_SIZE = 5000
 VAL_SEED = 0
 PER_NORM = 0  # the value of a numeric RECIPES parameter that asks for the norm's recipe
 PER_NORM_CHOICE = f"{PER_NORM} (the norm's recipe)"  # how errors name it
-# Each RECIPES parameter's "per norm" value (the parameter's default): 0 or "auto".
+# translate 0 turns the shift off, so its "per norm" value is -1.
+PER_NORM_SHIFT = -1
+# Each RECIPES parameter's "per norm" value (the parameter's default): 0, -1 or "auto".
 PER_NORM_VALUES: dict[str, int | float | str] = {
     "activation": "auto",
     "batch_size": PER_NORM,
     "learning_rate": float(PER_NORM),
     "optimizer": "auto",
     "pool": "auto",
+    "translate": PER_NORM_SHIFT,
 }
 NORM_BATCH_CHOICE = "0 (the whole batch)"
 
@@ -183,9 +186,10 @@ class TrainConfig:
         check=int_range(0, 32),
     )
     translate: int = setting(
-        4,
-        "Largest random shift in pixels of each training image; 0 turns it off.",
-        check=int_range(0, 16),
+        PER_NORM_SHIFT,
+        "Largest random shift in pixels of each training image; 0 turns it off; "
+        + recipe_help("translate"),
+        check=int_range(0, 16, also=f"{PER_NORM_SHIFT} (the norm's recipe)"),
     )
     whiten: bool = setting(
         False, "Start C1 from PCA whitening filters of the training images' patches."

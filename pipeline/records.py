@@ -19,7 +19,15 @@ from datetime import datetime
 RESOLVED_PREFIX = "resolved."
 # The settings a run resolves from its config ("auto" and 0 to the norm's recipe), then what
 # its set-up resolved: the precision and the device it ran on.
-RESOLVED_SETTINGS = ("optimizer", "activation", "pool", "batch_size", "learning_rate", "muon_lr")
+RESOLVED_SETTINGS = (
+    "optimizer",
+    "activation",
+    "pool",
+    "batch_size",
+    "learning_rate",
+    "muon_lr",
+    "translate",
+)
 RESOLVED_PARAMS = (*RESOLVED_SETTINGS, "precision", "device")
 
 

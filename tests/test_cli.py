@@ -169,7 +169,7 @@ BAD_TRAIN = [
     (["--learning-rate=-1"], "learning_rate must be 0 (the norm's recipe) or in (0, 10]"),
     (["--learning-rate=fast"], "'fast' is not a valid float"),
     (["--device=tpu"], "device must be one of auto, cpu, cuda, mps (got 'tpu')"),
-    (["--translate=-1"], "translate must be between 0 and 16 (got -1)"),
+    (["--translate=-2"], "translate must be -1 (the norm's recipe) or between 0 and 16 (got -2)"),
     (["--whiten=maybe"], "'maybe' is not a valid boolean"),
     (["--tta=mirror"], "tta must be one of none, flip, flip-translate (got 'mirror')"),
     (["--optimizer=adam"], "'adam' is not one of 'auto', 'sgd', 'muon'"),
@@ -351,6 +351,7 @@ def test_a_training_logs_its_resolved_recipe_and_resume_takes_the_runs_own_setti
         "resolved.batch_size": "32",
         "resolved.learning_rate": params["learning_rate"],
         "resolved.muon_lr": "0.03",
+        "resolved.translate": "4",
         "resolved.precision": resolved["resolved.precision"],
         "resolved.device": "cpu",
     }

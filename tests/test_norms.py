@@ -64,7 +64,7 @@ def test_a_recipe_naming_a_parameter_that_is_not_per_norm_is_refused_at_the_entr
         norms.Norm("scaled", lambda channels, **_: None, "x", "tab:olive", recipe={"momentum": 0.8})
     assert str(refused.value) == (
         "norm 'scaled': recipe key(s) momentum are not per-norm parameters "
-        "(allowed: activation, batch_size, learning_rate, optimizer, pool)"
+        "(allowed: activation, batch_size, learning_rate, optimizer, pool, translate)"
     )
 
 
