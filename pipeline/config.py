@@ -63,8 +63,7 @@ DEFAULT_VAL_SIZE = 5000
 VAL_SEED = 0
 PER_NORM = 0  # the value of a numeric RECIPES parameter that asks for the norm's recipe
 PER_NORM_CHOICE = f"{PER_NORM} (the norm's recipe)"  # how errors name it
-# translate 0 turns the shift off, so its "per norm" value is -1.
-PER_NORM_SHIFT = -1
+PER_NORM_SHIFT = -1  # translate's: its 0 turns the shift off
 # Each RECIPES parameter's "per norm" value (the parameter's default): 0, -1 or "auto".
 PER_NORM_VALUES: dict[str, int | float | str] = {
     "activation": "auto",
@@ -187,8 +186,7 @@ class TrainConfig:
     )
     translate: int = setting(
         PER_NORM_SHIFT,
-        "Largest random shift in pixels of each training image; 0 turns it off; "
-        + recipe_help("translate"),
+        f"Largest random shift in pixels of a training image, 0: off; {recipe_help('translate')}",
         check=int_range(0, 16, also=f"{PER_NORM_SHIFT} (the norm's recipe)"),
     )
     whiten: bool = setting(
