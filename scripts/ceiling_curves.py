@@ -1,8 +1,9 @@
-"""Validation and training accuracy per epoch of finished `train` runs, overlaid: the 20-epoch
+"""Validation and training accuracy per epoch of `train` runs, overlaid: the 20-epoch
 runs of the study against the longer runs that measure the model's bound (docs/history.md).
 
     python scripts/ceiling_curves.py --out docs/bound.png RUN_ID [RUN_ID ...]
 
+A run still training is drawn up to its last logged epoch, and its row says how far it got.
 Each run is labelled by its norm, seed and epochs; the x axis is the epoch, so a 20-epoch run
 ends where the longer one's schedule is still at its peak learning rate. The left panel is the
 validation split, where choices are made (test, for runs trained before the split held one out);
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 
 import matplotlib
 
@@ -30,7 +32,7 @@ NORM_COLOURS = {"batch": "C0", "group": "C1", "layer": "C2"}
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python scripts/ceiling_curves.py")
-    parser.add_argument("run_ids", nargs="+", help="finished train runs")
+    parser.add_argument("run_ids", nargs="+", help="train runs (finished, or still training)")
     parser.add_argument("--out", required=True, help="the figure's path (PNG)")
     arguments = parser.parse_args(argv)
     client = MlflowClient()
@@ -80,11 +82,16 @@ def _plot_run(axes, run, records) -> str:
     if validated:
         best = max(range(len(records)), key=held_out.__getitem__)
         val, best_val = f"{100 * held_out[-1]:.2f}", f"{100 * held_out[best]:.2f} ({epochs[best]})"
-    minutes = (run.info.end_time - run.info.start_time) / 60_000
+    ended = run.info.end_time or time.time() * 1000
+    minutes = f"{(ended - run.info.start_time) / 60_000:.0f}"
+    epochs_cell = params["epochs"]
+    if run.info.end_time is None:  # still training: where it got to, and the time so far
+        epochs_cell = f"{epochs[-1]} of {params['epochs']} (running)"
+        minutes += " so far"
     return (
-        f"| `{run.info.run_id[:8]}` | {params['norm']} | {params['seed']} | {params['epochs']} | "
+        f"| `{run.info.run_id[:8]}` | {params['norm']} | {params['seed']} | {epochs_cell} | "
         f"{val} | {best_val} | {100 * records[-1].test_acc:.2f} | "
-        f"{100 * records[-1].train_acc:.2f} | {minutes:.0f} |"
+        f"{100 * records[-1].train_acc:.2f} | {minutes} |"
     )
 
 

@@ -43,3 +43,12 @@ def test_ceiling_curves_overlay_runs_of_any_length_and_tabulate_their_ends(
         f"| `{run_ids[1][:8]}` | batch | 1 | 5 | 88.00 | 90.00 (3) | 75.00 | 75.00 |"
     )
     assert figure.stat().st_size > 10_000
+    # A run still training is drawn up to its last epoch; its row says how far it got.
+    with tracking.run(run_name="train-running", tags={"step": "train"}) as running:
+        tracking.log_params({"norm": "group", "seed": "1", "epochs": "100"})
+        tracking.log_epoch(EpochMetrics(1, 1.0, 0.4, 1.0, 0.45, 0.1, 1.0, 1.0, 0.5))
+        capsys.readouterr()
+        assert _script("ceiling_curves", monkeypatch).main(["--out", str(figure), running]) == 0
+    (row,) = capsys.readouterr().out.splitlines()[2:]
+    assert row.startswith(f"| `{running[:8]}` | group | 1 | 1 of 100 (running) | 50.00 | 50.00 (1)")
+    assert row.endswith(" so far |")
