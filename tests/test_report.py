@@ -338,6 +338,25 @@ def test_lever_table_holds_the_levers_it_does_not_group_by_at_the_recipe(tmp_pat
     assert comparison.set_aside_note(both) == ""
 
 
+def test_runs_from_before_a_setting_existed_are_its_recipe_value_in_the_lever_table():
+    """The recipe's runs were trained before `muon_ns_steps` was a param, the lever's after:
+    the runs without it trained with what the setting's default keeps, so they are the
+    default row the lever pairs with, not a row of their own."""
+    runs, histories = _lever_runs(
+        {("layer", ""): [0.80, 0.81, 0.82], ("layer", "3"): [0.79, 0.80, 0.815]},
+        key="muon_ns_steps",
+    )
+    runs = [
+        dataclasses.replace(run, params={k: v for k, v in run.params.items() if v != ""})
+        for run in runs
+    ]
+    study = comparison.build_study(runs, histories, group_by=("muon_ns_steps",))
+    table = comparison.lever_table(study).set_index("muon_ns_steps")
+    assert list(table.index) == ["5", "3"] and table.loc["5", "default"]
+    assert table.loc["3", "gain_points"] == pytest.approx(-0.8333, abs=1e-4)
+    assert table.loc["3", "paired_seeds"] == 3
+
+
 def test_lever_table_takes_each_norms_own_recipe_as_its_default(monkeypatch):
     """batch_size is per norm (config.RECIPES): with a recipe of batch 256 for batch norm, 256 is
     batch norm's default and a lever for layer norm, whose default is 128."""

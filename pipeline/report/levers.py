@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-from pipeline.config import TTA_MODES, TrainConfig
+from pipeline.config import TTA_BEFORE_PARAM, TTA_MODES, TrainConfig
 from pipeline.model import NUM_CLASSES
 from pipeline.report.frame import TRAINING_SETTINGS, Study, ordered_norms
 from pipeline.report.tables import mean_of, percent_column, run_summary, standard_error
@@ -76,9 +76,9 @@ def lever_table(study: Study) -> pd.DataFrame:
     the split's digest never compares runs validated on different images.
     """
     keys = list(study.group_by)
-    summary = run_summary(study).merge(study.train[["run_id", *keys]], on="run_id")
-    for key in keys:
-        summary[key] = summary[key].map(param_value)
+    summary = _predating_at_recipe(
+        run_summary(study).merge(study.train[["run_id", *keys]], on="run_id"), keys
+    )
     outcomes = _training_outcomes(study, summary, keys)
     # Runs where a lever not grouped by moved away from the recipe belong to no row.
     kept = set(study.train["run_id"]) | set(study.diverged.get("run_id", ()))
@@ -171,9 +171,25 @@ def _training_outcomes(study: Study, summary: pd.DataFrame, keys: Sequence[str])
     if study.diverged.empty:
         return finished
     diverged = study.diverged[["run_id", "norm", "seed", *keys]].assign(trained=False)
+    return pd.concat([finished, _predating_at_recipe(diverged, keys)], ignore_index=True)
+
+
+def _predating_at_recipe(runs: pd.DataFrame, keys: Sequence[str]) -> pd.DataFrame:
+    """`runs` with each group_by value spelled one way (param_value), and where a run logged
+    none (it predates the setting) the value it trained with: its norm's recipe value, which
+    a new setting's default keeps; `tta` the one runs evaluated with before it was a param."""
+    runs = runs.copy()
+    fields = set(TrainConfig.__dataclass_fields__)
     for key in keys:
-        diverged[key] = diverged[key].map(param_value)
-    return pd.concat([finished, diverged], ignore_index=True)
+        runs[key] = runs[key].map(param_value)
+        if key not in fields:
+            continue
+        for norm in runs["norm"].unique():
+            before = param_value(
+                TTA_BEFORE_PARAM if key == "tta" else TrainConfig(norm=norm).as_params()[key]
+            )
+            runs.loc[(runs["norm"] == norm) & (runs[key] == ""), key] = before
+    return runs
 
 
 def set_aside(study: Study) -> pd.DataFrame:
