@@ -337,15 +337,13 @@ def train_runs(runs: Sequence[RunRecord], *, extra_params: Sequence[str] = ()) -
 
 def training_settings(runs: Sequence[RunRecord], run_ids: Sequence[str]) -> pd.DataFrame:
     """run_id and each of TRAINING_SETTINGS per run in `run_ids`, as the run resolved it;
-    "" where it logged no such param (it predates the setting), but `tta`: what runs
-    evaluated with before it was a param."""
+    "" where it logged no such param (it predates the setting)."""
     by_id = {run.run_id: run for run in runs}
     rows = []
     for run_id in run_ids:
         params = by_id[run_id].params
         row = {name: _unquote(recipe_value(params, name)) for name in TRAINING_SETTINGS}
         row = {name: "" if value is None else value for name, value in row.items()}
-        row["tta"] = row["tta"] or TTA_BEFORE_PARAM
         rows.append({"run_id": run_id, **row})
     return pd.DataFrame(rows, columns=["run_id", *TRAINING_SETTINGS], dtype=object)
 

@@ -81,10 +81,9 @@ def lever_table(study: Study) -> pd.DataFrame:
     )
     outcomes = _training_outcomes(study, summary, keys)
     # Runs where a lever not grouped by moved away from the recipe belong to no row.
-    kept = set(study.train["run_id"]) | set(study.diverged.get("run_id", ()))
-    kept -= set(set_aside(study)["run_id"])
-    summary = summary[summary["run_id"].isin(kept)]
-    outcomes = outcomes[outcomes["run_id"].isin(kept)]
+    aside = set(set_aside(study)["run_id"])
+    summary = summary[~summary["run_id"].isin(aside)]
+    outcomes = outcomes[~outcomes["run_id"].isin(aside)]
     rows = []
     for norm in study.norms:
         norm_rows = _norm_lever_rows(
@@ -175,20 +174,17 @@ def _training_outcomes(study: Study, summary: pd.DataFrame, keys: Sequence[str])
 
 
 def _predating_at_recipe(runs: pd.DataFrame, keys: Sequence[str]) -> pd.DataFrame:
-    """`runs` with each group_by value spelled one way (param_value), and where a run logged
+    """`runs` with the values of `keys` spelled one way (param_value), and where a run logged
     none (it predates the setting) the value it trained with: its norm's recipe value, which
     a new setting's default keeps; `tta` the one runs evaluated with before it was a param."""
     runs = runs.copy()
-    fields = set(TrainConfig.__dataclass_fields__)
     for key in keys:
         runs[key] = runs[key].map(param_value)
-        if key not in fields:
-            continue
-        for norm in runs["norm"].unique():
-            before = param_value(
-                TTA_BEFORE_PARAM if key == "tta" else TrainConfig(norm=norm).as_params()[key]
-            )
-            runs.loc[(runs["norm"] == norm) & (runs[key] == ""), key] = before
+    for norm in runs["norm"].unique():
+        recipe = {**TrainConfig(norm=norm).as_params(), "tta": TTA_BEFORE_PARAM}
+        of_norm = runs["norm"] == norm
+        for key in (key for key in keys if key in recipe):
+            runs.loc[of_norm & (runs[key] == ""), key] = param_value(recipe[key])
     return runs
 
 
@@ -202,16 +198,16 @@ def set_aside(study: Study) -> pd.DataFrame:
     runs = pd.concat([study.train, study.diverged])
     if runs.empty or study.settings.empty:
         return pd.DataFrame(columns=columns)
-    runs = runs[["run_id", "norm", "seed"]].merge(study.settings, on="run_id")
     free = [name for name in TRAINING_SETTINGS if name not in study.group_by]
+    runs = _predating_at_recipe(
+        runs[["run_id", "norm", "seed"]].merge(study.settings, on="run_id"), free
+    )
     rows = []
     for norm, group in runs.groupby("norm", sort=False):
         recipe = TrainConfig(norm=norm).as_params()
         moved = pd.Series([[] for _ in group.index], index=group.index, dtype=object)
         for name in free:
-            # "": the run predates the setting, and so trained as its recipe does.
-            default = param_value(recipe[name])
-            values = group[name].map(param_value).replace("", default)
+            default, values = param_value(recipe[name]), group[name]
             if values.nunique() < 2:
                 continue
             for index in values.index[values != default]:
