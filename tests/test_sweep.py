@@ -96,6 +96,14 @@ SWEEP_FILES = {
     "round4-average.yaml": {"ema"},
     "round4-augment.yaml": {"translate", "cutout", "label_smoothing"},
     "round4-muon.yaml": {"muon_ns_steps", "muon_pointwise"},
+    "round4-last.yaml": {
+        "muon_lr",
+        "batch_size",
+        "label_smoothing",
+        "activation",
+        "standardize",
+        "residual",
+    },
 }
 
 
